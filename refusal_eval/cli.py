@@ -1,0 +1,119 @@
+"""Command line: ``refusal-eval run | schema | validate`` (a thin layer over the public API)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+
+from pydantic import ValidationError
+
+from refusal_eval import __version__
+from refusal_eval.errors import RefusalEvalError
+
+EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refusal-eval", description="Find where a model's refusal lives.")
+    parser.add_argument("--version", action="version", version=f"refusal-eval {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="audit a model on harmful/benign pairs and write JSON + Markdown reports")
+    run.add_argument("--model", help="hub id, local folder or .gguf file (default: shipped tiny-refuser)")
+    run.add_argument("--dataset", help="pair JSONL (default: shipped datasets/refusal_pairs.jsonl)")
+    run.add_argument("--tricky", help="tricky-benign pair JSONL for over-refusal ('' to skip)")
+    run.add_argument("--split", choices=["eval", "train", "all"], default="eval")
+    run.add_argument("--out", default="reports", help="output folder; reports go to OUT/<model>/ (default: reports)")
+    run.add_argument("--components", type=_csv, default=None,
+                     help="comma-separated kinds: resid_pre,attn_out,mlp_out,head,resid_post "
+                     "(default: resid_pre,attn_out,mlp_out)")
+    run.add_argument("--positions", type=_csv, default=None,
+                     help="'all' (every position at once), 'each' (one at a time) or 'all,each' (default)")
+    run.add_argument("--direction", choices=["denoise", "noise"], default="denoise")
+    run.add_argument("--metric", choices=["logdiff", "logodds"], default="logdiff")
+    run.add_argument("--keep-all-pairs", action="store_true",
+                     help="keep pairs whose harmful side already scores below the benign side")
+    run.add_argument("--max-pairs", type=int, help="use only the first N pairs of the split")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    run.add_argument("--ci-level", type=float, default=0.95)
+    run.add_argument("--ci-method", choices=["BCa", "percentile", "basic"], default="BCa")
+    run.add_argument("--batch-rows", type=int, default=256, help="rows per forward pass (memory vs speed)")
+    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    run.add_argument("--device", default="cpu")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sub.add_parser("schema", help="print the JSON Schema of the audit report")
+    validate = sub.add_parser("validate", help="check that a report JSON matches the schema")
+    validate.add_argument("report")
+    return parser
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    from refusal_eval.audit import audit
+    from refusal_eval.config import AuditConfig
+    from refusal_eval.report.writers import write_reports
+
+    options = {
+        "model": args.model, "dataset": args.dataset, "tricky": args.tricky, "split": args.split,
+        "direction": args.direction, "metric": args.metric, "keep_all_pairs": args.keep_all_pairs,
+        "max_pairs": args.max_pairs, "seed": args.seed, "n_boot": args.n_boot, "ci_level": args.ci_level,
+        "ci_method": args.ci_method, "batch_rows": args.batch_rows, "dtype": args.dtype, "device": args.device,
+    }
+    if args.components is not None:
+        options["components"] = args.components
+    if args.positions is not None:
+        options["positions"] = args.positions
+    config = AuditConfig(**options)
+    command = shlex.join(["refusal-eval", *argv])
+    report = audit(config, command=command, progress=not args.quiet)
+    json_path, md_path = write_reports(report, args.out)
+    g = report.gap
+    print(f"refusal on harmful {report.behaviour.harmful_refusal.rate:.1%}, "
+          f"compliance on benign {report.behaviour.benign_compliance.rate:.1%}; "
+          f"gap {g.mean:.3f} [{g.ci_low:.3f}, {g.ci_high:.3f}]{'' if g.separated else ' (NOT separated)'}")
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"wrote {json_path}\nwrote {md_path}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``refusal-eval`` command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        if args.command == "run":
+            return _run(args, argv)
+        if args.command == "schema":
+            from refusal_eval.report.schema import report_json_schema
+
+            print(json.dumps(report_json_schema(), indent=2))
+            return EXIT_OK
+        if args.command == "validate":
+            from refusal_eval.report.schema import load_report
+
+            report = load_report(args.report)
+            print(f"{args.report}: valid audit report (schema {report.schema_version}, model {report.model.name}, "
+                  f"{len(report.components)} components)")
+            return EXIT_OK
+    except RefusalEvalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        print(f"error: invalid option: {problems}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""AuditConfig: every knob of an audit, validated, with defaults that audit the shipped model organism."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from refusal_eval.patching.components import DEFAULT_KINDS, KINDS
+
+
+class AuditConfig(BaseModel):
+    """What to audit and how; recorded verbatim in the report."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="hub id, local folder or .gguf file; None = shipped tiny-refuser")
+    dataset: str | None = Field(None, description="pair JSONL; None = shipped datasets/refusal_pairs.jsonl")
+    tricky: str | None = Field(
+        None, description="tricky-benign pair JSONL for over-refusal; None = shipped file, '' = skip"
+    )
+    split: Literal["eval", "train", "all"] = "eval"
+    components: list[str] = Field(default_factory=lambda: list(DEFAULT_KINDS))
+    positions: list[Literal["all", "each"]] = Field(
+        default_factory=lambda: ["all", "each"],
+        description="'all': patch every position at once; 'each': one position at a time",
+    )
+    direction: Literal["denoise", "noise"] = "denoise"
+    metric: Literal["logdiff", "logodds"] = "logdiff"
+    keep_all_pairs: bool = Field(False, description="keep pairs whose harmful side scores below the benign side")
+    max_pairs: int | None = Field(None, ge=1, description="use only the first N pairs of the split")
+    n_boot: int = Field(2000, ge=100)
+    ci_level: float = Field(0.95, gt=0.5, lt=1.0)
+    ci_method: Literal["BCa", "percentile", "basic"] = "BCa"
+    seed: int = 0
+    max_new_tokens: int = Field(24, ge=1)
+    batch_rows: int = Field(256, ge=1, description="rows (pairs x patched variants) per forward pass")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+
+    @field_validator("components")
+    @classmethod
+    def _known_kinds(cls, value: list[str]) -> list[str]:
+        unknown = [k for k in value if k not in KINDS]
+        if unknown:
+            raise ValueError(f"unknown component kind(s) {unknown}; choose from {', '.join(KINDS)}")
+        if not value:
+            raise ValueError("at least one component kind is needed")
+        return value
+
+    @field_validator("positions")
+    @classmethod
+    def _some_positions(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("choose 'all', 'each' or both")
+        return value

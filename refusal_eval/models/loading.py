@@ -1,0 +1,114 @@
+"""Load any transformers causal LM (hub id, local folder or GGUF file) with its tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from refusal_eval.errors import ModelError
+from refusal_eval.models.adapters import Adapter, get_adapter
+
+SHIPPED_MODEL = "tiny-refuser"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def shipped_model_path(name: str = SHIPPED_MODEL) -> Path:
+    """Folder of a model organism shipped inside the package."""
+    path = Path(__file__).resolve().parent / "assets" / name
+    if not (path / "config.json").is_file():
+        raise ModelError(f"shipped model '{name}' is missing at {path}; reinstall the package")
+    return path
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer, its adapter and the identity facts a report records."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    adapter: Adapter
+    name: str
+    source: str
+    dtype: str
+    device: str
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers(self.model)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.model.config.num_attention_heads)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return int(getattr(self.model.config, "num_key_value_heads", None) or self.n_heads)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def weights_sha256(self) -> str:
+        """sha256 over parameter names, dtypes, shapes and bytes, in name order (format-independent)."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            t = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return digest.hexdigest()
+
+
+def resolve_model_spec(spec: str | None) -> tuple[str, str]:
+    """Map a --model value to (display name, source); None means the shipped tiny refuser."""
+    if spec is None or spec == SHIPPED_MODEL:
+        return SHIPPED_MODEL, str(shipped_model_path())
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        return path.stem, str(path)
+    if path.exists():
+        return path.resolve().name, str(path)
+    return spec.rstrip("/").split("/")[-1], spec
+
+
+def load_model(spec: str | None = None, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Load a causal LM and tokenizer by hub id, local path or .gguf file; None = shipped tiny refuser."""
+    if dtype not in _DTYPES:
+        raise ModelError(f"unknown dtype '{dtype}'; choose one of {', '.join(_DTYPES)}")
+    name, source = resolve_model_spec(spec)
+    kwargs: dict = {}
+    location = source
+    if source.endswith(".gguf"):
+        gguf = Path(source)
+        if not gguf.is_file():
+            raise ModelError(f"GGUF file not found: {gguf}")
+        location, kwargs["gguf_file"] = str(gguf.parent), gguf.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=_DTYPES[dtype], **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelError(
+            f"could not load model '{spec}' from {location}: {exc}\n"
+            "Pass a local folder with config.json and weights, a .gguf file, or a hub id this machine can reach."
+        ) from exc
+    model.to(device)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ModelError(
+            f"the tokenizer of '{name}' has no chat template; refusal is measured on chat-formatted prompts"
+        )
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        adapter=get_adapter(model),
+        name=name,
+        source=source,
+        dtype=dtype,
+        device=device,
+    )

@@ -1,0 +1,74 @@
+"""Components: what gets patched, with stable TransformerLens-style ids."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["resid_pre", "attn_out", "mlp_out", "head", "resid_post"]
+KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "head", "resid_post")
+DEFAULT_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
+
+
+@dataclass(frozen=True, order=True)
+class Component:
+    """One patchable activation: kind, layer, optional head, optional position.
+
+    ``position`` counts from the end of the prompt (-1 = last prompt token, where the refusal score is
+    read); None patches every position at once.
+    """
+
+    kind: str
+    layer: int
+    head: int | None = None
+    position: int | None = None
+
+    @property
+    def hook_name(self) -> str:
+        return {
+            "resid_pre": f"blocks.{self.layer}.hook_resid_pre",
+            "attn_out": f"blocks.{self.layer}.hook_attn_out",
+            "mlp_out": f"blocks.{self.layer}.hook_mlp_out",
+            "head": f"blocks.{self.layer}.attn.hook_z",
+            "resid_post": f"blocks.{self.layer}.hook_resid_post",
+        }[self.kind]
+
+    @property
+    def id(self) -> str:
+        """Stable id: hook name, ``[head]`` for heads, ``@pos`` for one position (e.g. ``@-1``)."""
+        head = f"[{self.head}]" if self.head is not None else ""
+        pos = f"@{self.position}" if self.position is not None else ""
+        return f"{self.hook_name}{head}{pos}"
+
+    @property
+    def point(self) -> tuple[str, int]:
+        """The hook point (kind, layer) whose activation this component patches."""
+        return self.kind, self.layer
+
+
+def enumerate_components(
+    kinds: Iterable[str],
+    n_layers: int,
+    n_heads: int,
+    max_positions: int,
+    per_position: bool = True,
+    all_positions: bool = True,
+) -> list[Component]:
+    """Every component of the given kinds: each layer (and head), all positions and/or each position."""
+    positions: list[int | None] = []
+    if all_positions:
+        positions.append(None)
+    if per_position:
+        positions.extend(range(-max_positions, 0))
+    out: list[Component] = []
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"unknown component kind '{kind}'; choose from {', '.join(KINDS)}")
+        layers = [n_layers - 1] if kind == "resid_post" else range(n_layers)
+        for layer in layers:
+            heads: list[int | None] = list(range(n_heads)) if kind == "head" else [None]
+            for head in heads:
+                for position in positions:
+                    out.append(Component(kind, layer, head, position))
+    return out

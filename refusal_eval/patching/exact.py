@@ -1,0 +1,258 @@
+"""Exact activation patching, batched: many patched variants of many pairs in one forward pass.
+
+Definition (one forward per cell): run the *target* side of every pair with one component's activation
+replaced by its value from the *source* side, and read the refusal score at the last prompt token.
+Denoising: target = benign, source = harmful. Noising: target = harmful, source = benign.
+
+Both sides of a pair have the same token length (pairs that do not are excluded upstream), so after
+left padding a position index means the same token slot on both sides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from refusal_eval.models.loading import LoadedModel
+from refusal_eval.patching.components import Component
+
+Point = tuple[str, int]
+
+
+@dataclass
+class PairBatch:
+    """Tokenised pairs, left-padded to a common length; both sides share one attention mask."""
+
+    harmful_ids: torch.Tensor  # [N, T]
+    benign_ids: torch.Tensor  # [N, T]
+    attention_mask: torch.Tensor  # [N, T], 1 on real tokens
+    pair_ids: list[str]
+
+    @property
+    def n_pairs(self) -> int:
+        return self.harmful_ids.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.harmful_ids.shape[1]
+
+    def select(self, rows: slice) -> PairBatch:
+        """A sub-batch of pairs, trimmed of columns that are padding for every kept pair."""
+        mask = self.attention_mask[rows]
+        start = int((mask.sum(0) == 0).sum())  # left padding shared by all kept rows
+        return PairBatch(
+            self.harmful_ids[rows, start:],
+            self.benign_ids[rows, start:],
+            mask[:, start:],
+            self.pair_ids[rows],
+        )
+
+
+def build_pair_batch(
+    tokenized: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, pair_ids: Sequence[str]
+) -> PairBatch:
+    """Left-pad equal-length (harmful, benign) token lists into one PairBatch."""
+    if not tokenized:
+        raise ValueError("no pairs to batch")
+    width = max(len(h) for h, _ in tokenized)
+    n = len(tokenized)
+    harmful = torch.full((n, width), pad_id, dtype=torch.long)
+    benign = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, (h, b) in enumerate(tokenized):
+        if len(h) != len(b):
+            raise ValueError(f"pair {pair_ids[i]}: sides have {len(h)} and {len(b)} tokens; need equal lengths")
+        harmful[i, width - len(h) :] = torch.tensor(h, dtype=torch.long)
+        benign[i, width - len(b) :] = torch.tensor(b, dtype=torch.long)
+        mask[i, width - len(h) :] = 1
+    return PairBatch(harmful, benign, mask, list(pair_ids))
+
+
+class PatchEngine:
+    """Runs clean and patched forward passes of one model and returns refusal scores."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        score_fn: Callable[[torch.Tensor], torch.Tensor],
+        max_rows: int = 256,
+        progress: bool = False,
+    ) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.adapter = loaded.adapter
+        self.score_fn = score_fn
+        self.max_rows = max(1, int(max_rows))
+        self.progress = progress
+        self.device = next(self.model.parameters()).device
+        self.head_dim = self.adapter.o_proj(self.adapter.layers(self.model)[0]).in_features // loaded.n_heads
+
+    # -- hook points -------------------------------------------------------------------------------------
+    def _module(self, point: Point) -> tuple[nn.Module, str]:
+        kind, layer = point
+        block = self.adapter.layers(self.model)[layer]
+        if kind == "resid_pre":
+            return block, "pre"
+        if kind == "resid_post":
+            return block, "out"
+        if kind == "attn_out":
+            return self.adapter.attn(block), "out"
+        if kind == "mlp_out":
+            return self.adapter.mlp(block), "out"
+        if kind == "head":
+            return self.adapter.o_proj(block), "pre"
+        raise ValueError(f"unknown component kind '{kind}'")
+
+    @contextmanager
+    def _hooks(self, transforms: dict[Point, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+        """Apply ``transform(activation) -> activation`` at each hook point for the duration."""
+        handles = []
+        try:
+            for point, fn in transforms.items():
+                module, where = self._module(point)
+                if where == "pre":
+
+                    def pre(_m, args, kwargs, fn=fn):
+                        if args:
+                            return (fn(args[0]), *args[1:]), kwargs
+                        kwargs = dict(kwargs)
+                        kwargs["hidden_states"] = fn(kwargs["hidden_states"])
+                        return args, kwargs
+
+                    handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                else:
+
+                    def post(_m, _args, output, fn=fn):
+                        if isinstance(output, tuple):
+                            return (fn(output[0]), *output[1:])
+                        return fn(output)
+
+                    handles.append(module.register_forward_hook(post))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # -- forward passes ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def scores(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        transforms: dict[Point, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """Refusal score at the last position for each row of a left-padded batch (float32, on CPU)."""
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        with self._hooks(transforms or {}):
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1, use_cache=False
+            )
+        return self.score_fn(out.logits[:, -1, :]).float().cpu()
+
+    @torch.inference_mode()
+    def cache(self, ids: torch.Tensor, mask: torch.Tensor, points: Sequence[Point]) -> dict[Point, torch.Tensor]:
+        """Activations at the given hook points for a batch (one clean forward)."""
+        store: dict[Point, torch.Tensor] = {}
+
+        def recorder(point: Point) -> Callable[[torch.Tensor], torch.Tensor]:
+            def fn(x: torch.Tensor) -> torch.Tensor:
+                store[point] = x.detach().clone()
+                return x
+
+            return fn
+
+        self.scores(ids, mask, {p: recorder(p) for p in points})
+        return store
+
+    def baseline(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unpatched refusal scores (harmful, benign) for every pair."""
+        harmful, benign = [], []
+        for rows in self._pair_chunks(batch.n_pairs):
+            sub = batch.select(rows)
+            harmful.append(self.scores(sub.harmful_ids, sub.attention_mask))
+            benign.append(self.scores(sub.benign_ids, sub.attention_mask))
+        return torch.cat(harmful), torch.cat(benign)
+
+    def _pair_chunks(self, n: int) -> list[slice]:
+        return [slice(i, min(n, i + self.max_rows)) for i in range(0, n, self.max_rows)]
+
+    def patch(self, batch: PairBatch, components: Sequence[Component], direction: str = "denoise") -> torch.Tensor:
+        """Patched refusal score of the target side, shape [len(components), n_pairs]."""
+        if direction not in ("denoise", "noise"):
+            raise ValueError(f"direction must be 'denoise' or 'noise', not '{direction}'")
+        result = torch.empty(len(components), batch.n_pairs)
+        points = sorted({c.point for c in components})
+        pair_chunks = self._pair_chunks(batch.n_pairs)
+        n_variants = max(1, self.max_rows // min(batch.n_pairs, self.max_rows))
+        total = len(pair_chunks) * ((len(components) + n_variants - 1) // n_variants)
+        bar = tqdm(total=total, desc="patching", unit="batch", disable=not self.progress, leave=False)
+        for rows in pair_chunks:
+            sub = batch.select(rows)
+            target = sub.benign_ids if direction == "denoise" else sub.harmful_ids
+            source = sub.harmful_ids if direction == "denoise" else sub.benign_ids
+            source_cache = self.cache(source, sub.attention_mask, points)
+            masks = self._position_masks(sub.attention_mask, components)
+            for start in range(0, len(components), n_variants):
+                chunk = components[start : start + n_variants]
+                transforms = self._patch_transforms(chunk, source_cache, masks)
+                v = len(chunk)
+                ids = target.repeat(v, 1)
+                mask = sub.attention_mask.repeat(v, 1)
+                values = self.scores(ids, mask, transforms).view(v, -1)
+                result[start : start + v, rows] = values
+                bar.update(1)
+        bar.close()
+        return result
+
+    @staticmethod
+    def _position_masks(mask: torch.Tensor, components: Sequence[Component]) -> dict[int | None, torch.Tensor]:
+        """Boolean [n, T] masks: every real token (None) or the one slot at offset -k from the end."""
+        real = mask.bool()
+        out: dict[int | None, torch.Tensor] = {None: real}
+        width = mask.shape[1]
+        for position in {c.position for c in components if c.position is not None}:
+            m = torch.zeros_like(real)
+            if -position <= width:
+                m[:, width + position] = real[:, width + position]
+            out[position] = m
+        return out
+
+    def _patch_transforms(
+        self,
+        chunk: Sequence[Component],
+        source_cache: dict[Point, torch.Tensor],
+        masks: dict[int | None, torch.Tensor],
+    ) -> dict[Point, Callable[[torch.Tensor], torch.Tensor]]:
+        by_point: dict[Point, list[tuple[int, Component]]] = {}
+        for v, component in enumerate(chunk):
+            by_point.setdefault(component.point, []).append((v, component))
+        n_variants = len(chunk)
+        n_heads = self.loaded.n_heads
+        head_dim = self.head_dim
+
+        def make(point: Point, entries: list[tuple[int, Component]]) -> Callable[[torch.Tensor], torch.Tensor]:
+            src = source_cache[point]
+
+            def fn(x: torch.Tensor) -> torch.Tensor:
+                x = x.clone()
+                n, width = src.shape[0], src.shape[1]
+                view = x.view(n_variants, n, width, -1)
+                for v, component in entries:
+                    m = masks[component.position].to(x.device)[..., None]
+                    if component.head is None:
+                        view[v] = torch.where(m, src, view[v])
+                    else:
+                        h = slice(component.head * head_dim, (component.head + 1) * head_dim)
+                        view[v, :, :, h] = torch.where(m, src[:, :, h], view[v, :, :, h])
+                return x
+
+            return fn
+
+        assert n_heads > 0
+        return {point: make(point, entries) for point, entries in by_point.items()}

@@ -1,0 +1,64 @@
+"""Shared fixtures: random-weight tiny Llama models and token-level pair batches (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from refusal_eval.metrics import refusal_score
+from refusal_eval.models.adapters import get_adapter
+from refusal_eval.models.loading import LoadedModel
+from refusal_eval.patching import PatchEngine, build_pair_batch
+
+REFUSAL_IDS = torch.tensor([1, 2])
+COMPLIANCE_IDS = torch.tensor([3, 4])
+
+
+def score_fn(logits: torch.Tensor) -> torch.Tensor:
+    return refusal_score(logits, REFUSAL_IDS, COMPLIANCE_IDS)
+
+
+def random_llama(seed: int = 0, layers: int = 3, heads: int = 4, kv_heads: int = 2) -> LoadedModel:
+    """A random-weight Llama (GQA) wrapped as a LoadedModel; tokenizer-free (token ids are built directly)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(config).eval()
+    return LoadedModel(model, None, get_adapter(model), "random-llama", "random", "float32", "cpu")
+
+
+def random_pairs(n: int = 6, seed: int = 1, min_len: int = 5, max_len: int = 11, prefix: int = 2):
+    """Token-id pairs of varied length; each pair differs in one token after a shared prefix."""
+    gen = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=gen))
+        harmful = torch.randint(5, 97, (length,), generator=gen).tolist()
+        benign = list(harmful)
+        k = int(torch.randint(prefix, length - 1, (1,), generator=gen))
+        benign[k] = 5 + (harmful[k] - 5 + 7) % 92
+        pairs.append((harmful, benign))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def llama() -> LoadedModel:
+    return random_llama()
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return random_pairs()
+
+
+@pytest.fixture(scope="module")
+def batch(pairs):
+    return build_pair_batch(pairs, 0, [f"p{i}" for i in range(len(pairs))])
+
+
+@pytest.fixture(scope="module")
+def engine(llama) -> PatchEngine:
+    return PatchEngine(llama, score_fn, max_rows=64)

@@ -1,0 +1,81 @@
+"""Pair loading: the shipped datasets are valid and complete; every bad input gets a precise error."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from refusal_eval.data import load_pairs, shipped_dataset
+from refusal_eval.errors import DataError
+
+GOOD = {"id": "a-1", "category": "x", "harmful": "How can I poison a cake?", "benign": "How can I bake a cake?",
+        "source": "test", "split": "eval"}
+
+
+def write(tmp_path, lines):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_shipped_pairs_meet_the_datasheet():
+    pairs = load_pairs(shipped_dataset())
+    assert len(pairs) >= 150
+    categories = Counter(p.category for p in pairs)
+    assert len(categories) >= 10
+    splits = Counter(p.split for p in pairs)
+    assert splits["eval"] >= 60 and splits["train"] > 0 and splits["train"] + splits["eval"] == len(pairs)
+    train = {p.harmful for p in pairs if p.split == "train"} | {p.benign for p in pairs if p.split == "train"}
+    evals = {p.harmful for p in pairs if p.split == "eval"} | {p.benign for p in pairs if p.split == "eval"}
+    assert not train & evals, "an eval prompt also appears in the train split"
+
+
+def test_shipped_tricky_benign():
+    tricky = load_pairs(shipped_dataset("tricky_benign.jsonl"))
+    assert len(tricky) >= 40
+    main_ids = {p.id for p in load_pairs(shipped_dataset())}
+    assert not main_ids & {p.id for p in tricky}
+
+
+def test_split_filter(tmp_path):
+    path = write(tmp_path, [json.dumps(GOOD), json.dumps({**GOOD, "id": "a-2", "split": "train"})])
+    assert [p.id for p in load_pairs(path, split="eval")] == ["a-1"]
+    assert len(load_pairs(path)) == 2
+    with pytest.raises(DataError, match="no pair has split 'train'"):
+        load_pairs(write(tmp_path, [json.dumps(GOOD)]), split="train")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"id": "a-2", "category": ', "malformed JSON"),
+        (json.dumps({k: v for k, v in GOOD.items() if k != "benign"} | {"id": "a-2"}),
+         "field 'benign': required field is missing"),
+        (json.dumps({**GOOD, "id": "a-2", "harmful": "   "}), "field 'harmful'.*non-empty"),
+        (json.dumps({**GOOD, "id": "a-2", "benign": GOOD["harmful"]}), "identical"),
+        (json.dumps(GOOD), "duplicate id 'a-1' \\(first used on line 1\\)"),
+        (json.dumps({**GOOD, "id": "a-2", "split": "test"}), "field 'split'"),
+        (json.dumps({**GOOD, "id": "a-2", "colour": "red"}), "unknown field"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
+def test_bad_line_names_file_line_and_problem(tmp_path, line, message):
+    path = write(tmp_path, [json.dumps(GOOD), "", line])
+    with pytest.raises(DataError, match=f"pairs.jsonl:3: .*{message}"):
+        load_pairs(path)
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    path = write(tmp_path, ["{bad", json.dumps(GOOD), json.dumps(GOOD)])
+    with pytest.raises(DataError) as info:
+        load_pairs(path)
+    assert "2 problem(s)" in str(info.value) and ":1:" in str(info.value) and ":3:" in str(info.value)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(DataError, match="no such pair file"):
+        load_pairs(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match="holds no pairs"):
+        load_pairs(write(tmp_path, [""]))

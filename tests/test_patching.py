@@ -1,0 +1,151 @@
+"""The exact patching engine against the sanity identities of DESIGN.md and a naive reference loop."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from refusal_eval.patching import Component, PatchEngine, build_pair_batch, enumerate_components
+
+from .conftest import random_llama, random_pairs, score_fn
+
+KINDS = ["resid_pre", "attn_out", "mlp_out", "head", "resid_post"]
+
+
+def effects(engine, batch, components, direction="denoise"):
+    base_h, base_b = engine.baseline(batch)
+    patched = engine.patch(batch, components, direction)
+    return (patched - base_b) if direction == "denoise" else (base_h - patched), base_h - base_b
+
+
+def naive_patched_score(loaded, harmful, benign, component: Component, direction: str) -> float:
+    """One unpadded forward per cell, with hooks written directly on the HF Llama modules."""
+    model = loaded.model
+    target, source = (benign, harmful) if direction == "denoise" else (harmful, benign)
+    block = model.model.layers[component.layer]
+    module, pre = {
+        "resid_pre": (block, True),
+        "resid_post": (block, False),
+        "attn_out": (block.self_attn, False),
+        "mlp_out": (block.mlp, False),
+        "head": (block.self_attn.o_proj, True),
+    }[component.kind]
+    length = len(target)
+    positions = range(length) if component.position is None else [length + component.position]
+    positions = [p for p in positions if 0 <= p < length]
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    cols = (slice(None) if component.head is None
+            else slice(component.head * head_dim, (component.head + 1) * head_dim))
+    saved = {}
+
+    def grab(x):
+        saved["x"] = x.detach().clone()
+        return x
+
+    def put(x):
+        x = x.clone()
+        for p in positions:
+            x[0, p, cols] = saved["x"][0, p, cols]
+        return x
+
+    def run(ids, fn):
+        if pre:
+            handle = module.register_forward_pre_hook(lambda m, args: (fn(args[0]), *args[1:]))
+        else:
+            handle = module.register_forward_hook(
+                lambda m, a, out: (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
+            )
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        finally:
+            handle.remove()
+        return float(score_fn(logits))
+
+    run(source, grab)
+    return run(target, put)
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_full_replacements_recover_the_other_run(engine, batch, direction):
+    comps = [Component("resid_pre", 0), Component("resid_post", 2, position=-1)]
+    eff, gap = effects(engine, batch, comps, direction)
+    torch.testing.assert_close(eff[0], gap, atol=1e-5, rtol=0)
+    torch.testing.assert_close(eff[1], gap, atol=1e-5, rtol=0)
+
+
+def test_layer0_resid_pre_is_zero_where_tokens_agree(engine, batch, pairs):
+    comps = [Component("resid_pre", 0, position=-k) for k in range(1, batch.width + 1)]
+    eff, _ = effects(engine, batch, comps)
+    for i, (h, b) in enumerate(pairs):
+        for j, comp in enumerate(comps):
+            p = len(h) + comp.position
+            if p < 0 or h[p] == b[p]:
+                assert eff[j, i] == 0.0, (comp.id, i)
+    # and the differing position is where the whole effect is
+    assert (eff.abs().sum(0) > 0).all()
+
+
+def test_self_patching_changes_nothing(engine, pairs):
+    same = build_pair_batch([(h, h) for h, _ in pairs], 0, [str(i) for i in range(len(pairs))])
+    comps = enumerate_components(KINDS, 3, 4, same.width)
+    eff, gap = effects(engine, same, comps)
+    assert gap.abs().max() == 0
+    assert eff.abs().max() < 1e-6
+
+
+def test_unpatched_scores_equal_plain_transformers(llama, engine, pairs):
+    for h, _ in pairs:
+        with torch.no_grad():
+            logits = llama.model(input_ids=torch.tensor([h])).logits[0, -1]
+        ids = torch.tensor([h])
+        ours = engine.scores(ids, torch.ones_like(ids))
+        torch.testing.assert_close(ours[0], score_fn(logits), atol=1e-5, rtol=0)
+
+
+def test_engine_equals_naive_one_forward_per_cell(llama, engine, batch, pairs):
+    comps = enumerate_components(KINDS, 3, 4, batch.width)
+    rng = random.Random(0)
+    sample = rng.sample(comps, 40) + [c for c in comps if c.position is None]
+    for direction in ("denoise", "noise"):
+        patched = engine.patch(batch, sample, direction)
+        for k, comp in enumerate(sample):
+            for i, (h, b) in enumerate(pairs):
+                expected = naive_patched_score(llama, h, b, comp, direction)
+                assert abs(float(patched[k, i]) - expected) < 1e-4, (direction, comp.id, i)
+
+
+def test_results_do_not_depend_on_batching_or_order(llama, batch):
+    comps = enumerate_components(KINDS, 3, 4, batch.width)
+    wide = PatchEngine(llama, score_fn, max_rows=10_000).patch(batch, comps)
+    narrow = PatchEngine(llama, score_fn, max_rows=1).patch(batch, comps)
+    torch.testing.assert_close(wide, narrow, atol=1e-5, rtol=0)
+    order = list(range(len(comps)))
+    random.Random(1).shuffle(order)
+    shuffled = PatchEngine(llama, score_fn, max_rows=37).patch(batch, [comps[i] for i in order])
+    torch.testing.assert_close(shuffled, wide[order], atol=1e-5, rtol=0)
+
+
+def test_padding_does_not_change_scores(llama, engine):
+    short, long_ = random_pairs(1, seed=5, min_len=4, max_len=4)[0], random_pairs(1, seed=6, min_len=12, max_len=12)[0]
+    together = build_pair_batch([short, long_], 0, ["s", "l"])
+    alone = build_pair_batch([short], 0, ["s"])
+    comps = enumerate_components(["resid_pre", "head"], 3, 4, 4)
+    torch.testing.assert_close(engine.patch(together, comps)[:, :1], engine.patch(alone, comps), atol=1e-5, rtol=0)
+
+
+def test_other_seed_and_mha_model():
+    """A second random model without GQA (heads == kv heads) satisfies the identities too."""
+    loaded = random_llama(seed=3, layers=2, heads=2, kv_heads=2)
+    pairs = random_pairs(4, seed=9)
+    batch = build_pair_batch(pairs, 0, list("abcd"))
+    engine = PatchEngine(loaded, score_fn, max_rows=5)
+    heads_all = [Component("head", 1, head=h) for h in range(2)]
+    eff, gap = effects(engine, batch, [Component("resid_pre", 0), *heads_all])
+    torch.testing.assert_close(eff[0], gap, atol=1e-5, rtol=0)
+    for k, comp in enumerate(heads_all, start=1):
+        for i, (h, b) in enumerate(pairs):
+            ref = naive_patched_score(loaded, h, b, comp, "denoise")
+            assert abs(float(eff[k, i] + engine.baseline(batch)[1][i]) - ref) < 1e-4

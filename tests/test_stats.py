@@ -1,0 +1,81 @@
+"""Bootstrap shares and intervals against independent computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+
+from refusal_eval.stats import mean_interval, ratio_of_sums, share_intervals, wilson_interval
+
+
+def synthetic(n: int, components: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    gaps = rng.gamma(4.0, 0.5, n)
+    true_share = np.linspace(0.1, 0.7, components)
+    effects = true_share[:, None] * gaps + rng.normal(0, 0.4, (components, n))
+    return effects, gaps
+
+
+def test_ratio_of_sums_is_not_mean_of_ratios():
+    effects = np.array([[1.0, 0.001]])
+    gaps = np.array([2.0, 0.0001])
+    assert ratio_of_sums(effects, gaps)[0] == (1.001 / 2.0001)
+
+
+def test_vectorised_intervals_match_scipy_paired_bootstrap_per_component():
+    effects, gaps = synthetic(40)
+    ours = share_intervals(effects, gaps, n_resamples=1500, seed=7)
+    for k in range(effects.shape[0]):
+        ref = stats.bootstrap(
+            (effects[k], gaps), lambda e, g, axis=-1: e.sum(axis) / g.sum(axis), paired=True, vectorized=True,
+            n_resamples=1500, method="BCa", rng=np.random.default_rng(7),
+        )
+        assert math.isclose(ours.low[k], ref.confidence_interval.low, rel_tol=1e-9)
+        assert math.isclose(ours.high[k], ref.confidence_interval.high, rel_tol=1e-9)
+        assert math.isclose(ours.estimate[k], effects[k].sum() / gaps.sum(), rel_tol=1e-12)
+
+
+def test_interval_contains_estimate_and_narrows_with_more_pairs():
+    widths = []
+    for n in (20, 80, 320):
+        effects, gaps = synthetic(n, seed=n)
+        iv = share_intervals(effects, gaps, n_resamples=1000, seed=0)
+        assert np.all(iv.low <= iv.estimate) and np.all(iv.estimate <= iv.high)
+        widths.append(float(np.mean(iv.high - iv.low)))
+    assert widths[0] > widths[1] > widths[2]
+    assert widths[2] < widths[0] / 2.5  # ~ 1/sqrt(n): a 16x larger sample gives ~4x narrower
+
+
+def test_percentile_method_and_zero_components():
+    effects, gaps = synthetic(30)
+    effects[0] = 0.0
+    effects[1] = gaps  # share exactly 1 in every resample
+    iv = share_intervals(effects, gaps, n_resamples=500, method="percentile")
+    assert iv.low[0] == iv.high[0] == iv.estimate[0] == 0.0
+    assert np.allclose([iv.low[1], iv.high[1], iv.estimate[1]], 1.0)
+    assert np.all(np.isfinite(iv.low)) and np.all(np.isfinite(iv.high))
+
+
+def test_same_seed_same_interval():
+    effects, gaps = synthetic(25)
+    a = share_intervals(effects, gaps, n_resamples=700, seed=3)
+    b = share_intervals(effects, gaps, n_resamples=700, seed=3)
+    assert np.array_equal(a.low, b.low) and np.array_equal(a.high, b.high)
+
+
+def test_mean_interval_covers_mean():
+    values = np.random.default_rng(1).normal(2.0, 1.0, 50)
+    iv = mean_interval(values, n_resamples=1000)
+    assert iv.low < values.mean() < iv.high
+    assert iv.low > 1.3 and iv.high < 2.7
+
+
+def test_wilson_closed_form():
+    k, n, z = 17, 20, stats.norm.ppf(0.975)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    low, high = wilson_interval(k, n)
+    assert math.isclose(low, centre - half, rel_tol=1e-9) and math.isclose(high, centre + half, rel_tol=1e-9)
