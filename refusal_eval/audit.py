@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from refusal_eval import __version__
 from refusal_eval.config import AuditConfig
-from refusal_eval.data.pairs import PromptPair, file_sha256, load_pairs, shipped_dataset
+from refusal_eval.data.pairs import file_sha256, load_pairs, shipped_dataset
+from refusal_eval.errors import DataError, MetricError
 from refusal_eval.metrics import derive_token_sets, is_refusal, refusal_score
 from refusal_eval.models.loading import LoadedModel, load_model
 from refusal_eval.patching.components import enumerate_components
@@ -156,7 +157,7 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
     m_h, m_b = side_scores(harmful_ids), side_scores(benign_ids)
     for value, pair in zip(m_h + m_b, pairs + pairs, strict=True):
         if not np.isfinite(value):
-            raise ValueError(f"pair {pair.id}: refusal score is not finite ({value}); check the model's dtype")
+            raise MetricError(f"pair {pair.id}: refusal score is not finite ({value}); check the model's dtype")
     exclusions: list[rs.Exclusion] = []
     used: list[int] = []
     for i, pair in enumerate(pairs):
@@ -178,7 +179,7 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
             "excluded from patching: " + ", ".join(f"{n} pair(s) {reason}" for reason, n in sorted(counts.items()))
         )
     if len(used) < 2:
-        raise ValueError(
+        raise DataError(
             f"only {len(used)} usable pair(s) after exclusions {counts}; patching needs at least 2. "
             "Use more pairs, pairs of equal token length, or --keep-all-pairs."
         )
@@ -210,7 +211,7 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
     bad = ~np.isfinite(effects)
     if bad.any():
         c, p = np.argwhere(bad)[0]
-        raise ValueError(f"non-finite patched score for pair {batch.pair_ids[p]}, component {components[c].id}")
+        raise MetricError(f"non-finite patched score for pair {batch.pair_ids[p]}, component {components[c].id}")
     intervals = share_intervals(effects, gaps, level, config.n_boot, config.ci_method, config.seed)
 
     results = [

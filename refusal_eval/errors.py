@@ -21,3 +21,7 @@ class ModelError(RefusalEvalError):
 
 class ReportError(RefusalEvalError):
     """A report file does not validate against the schema."""
+
+
+class MetricError(RefusalEvalError):
+    """A refusal score came out NaN or infinite; the message names the pair and component."""

@@ -90,21 +90,22 @@ class PatchEngine:
         self.max_rows = max(1, int(max_rows))
         self.progress = progress
         self.device = next(self.model.parameters()).device
-        self.head_dim = self.adapter.o_proj(self.adapter.layers(self.model)[0]).in_features // loaded.n_heads
+        self.head_dim = self.adapter.head_dim(self.model.config)
 
     # -- hook points -------------------------------------------------------------------------------------
     def _module(self, point: Point) -> tuple[nn.Module, str]:
         kind, layer = point
+        self.adapter.require(kind)  # ModelError where this family cannot patch the kind exactly
         block = self.adapter.layers(self.model)[layer]
-        if kind == "resid_pre":
+        if kind == "resid_pre":  # input of the decoder layer
             return block, "pre"
-        if kind == "resid_post":
+        if kind == "resid_post":  # output of the decoder layer
             return block, "out"
-        if kind == "attn_out":
-            return self.adapter.attn(block), "out"
+        if kind == "attn_out":  # output of the module whose output is added to the residual
+            return self.adapter.attn_out(block), "out"
         if kind == "mlp_out":
-            return self.adapter.mlp(block), "out"
-        if kind == "head":
+            return self.adapter.mlp_out(block), "out"
+        if kind == "head":  # input of the output projection: concatenated per-head outputs (hook_z)
             return self.adapter.o_proj(block), "pre"
         raise ValueError(f"unknown component kind '{kind}'")
 
@@ -237,7 +238,7 @@ class PatchEngine:
         head_dim = self.head_dim
 
         def make(point: Point, entries: list[tuple[int, Component]]) -> Callable[[torch.Tensor], torch.Tensor]:
-            src = source_cache[point]
+            src = source_cache[point].view(*masks[None].shape, -1)  # [n, T, d] also where tokens come flat (OPT fc2)
 
             def fn(x: torch.Tensor) -> torch.Tensor:
                 x = x.clone()

@@ -20,13 +20,21 @@ def _pct(value: float | None) -> str:
 def _rate_row(label: str, rate: Rate | None) -> str:
     if rate is None:
         return f"| {label} | – | – | – |"
-    return f"| {label} | {rate.successes}/{rate.total} | {_pct(rate.rate)} | [{_pct(rate.ci_low)}, {_pct(rate.ci_high)}] |"
+    interval = f"[{_pct(rate.ci_low)}, {_pct(rate.ci_high)}]"
+    return f"| {label} | {rate.successes}/{rate.total} | {_pct(rate.rate)} | {interval} |"
 
 
 def _share(c: ComponentResult) -> str:
     if c.share is None:
         return "undefined"
     return f"{c.share:.3f} [{c.ci_low:.3f}, {c.ci_high:.3f}]"
+
+
+def _short(value: float | None) -> str:
+    if value is None:
+        return "–"
+    text = f"{value:.2f}"
+    return "0.00" if text == "-0.00" else text
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -41,7 +49,12 @@ def render_markdown(report: AuditReport, top_k: int = 15) -> str:
     level = f"{r.stats.level:.0%}"
     lines = [f"# Refusal audit: {r.model.name}", ""]
     all_pos = [c for c in r.components if c.position is None]
-    ranked = sorted((c for c in r.components if c.share is not None), key=lambda c: -abs(c.share or 0))
+    # resid_pre patched at every position replaces the whole input of the layer: share 1 by construction,
+    # so it is a sanity check (kept in the per-layer table), not a finding to rank.
+    ranked = sorted(
+        (c for c in r.components if c.share is not None and not (c.kind == "resid_pre" and c.position is None)),
+        key=lambda c: -abs(c.share or 0),
+    )
     # Summary ------------------------------------------------------------------------------------------------
     lines += [
         "## Summary",
@@ -62,10 +75,10 @@ def render_markdown(report: AuditReport, top_k: int = 15) -> str:
         + ("" if r.gap.separated else " — **does not separate harmful from benign: shares undefined**"),
     ]
     if r.gap.separated:
-        movers = [c for c in ranked if c.position is None and c.kind != "resid_pre"][:3]
+        movers = [c for c in ranked if c.position is None][:3]
         if movers:
             lines.append(
-                "- Largest all-position components (excluding resid_pre): "
+                "- Largest all-position components: "
                 + ", ".join(f"`{c.id}` {_share(c)}" for c in movers)
             )
     lines.append("")
@@ -121,15 +134,24 @@ def render_markdown(report: AuditReport, top_k: int = 15) -> str:
                      and c.head is None}
             if not cells:
                 continue
-            offsets = sorted({p for _, p in cells})
-            lines += [f"## {kind}: layer × position (share; positions count from the end of the prompt)", ""]
+            first = min((p.first_diff_offset for p in r.pairs if p.used and p.first_diff_offset is not None),
+                        default=-1)
+            offsets = sorted(p for p in {p for _, p in cells} if p >= first)
+            lines += [
+                f"## {kind}: layer × position",
+                "",
+                "Share per position, counted from the end of the prompt (-1 = last prompt token); the token shown "
+                f"is the most common harmful-side token there. Positions before {first} precede every pair's first "
+                "differing token, where both runs are identical, so their shares are exactly 0 and are not shown.",
+                "",
+            ]
             header = ["layer"] + [
                 f"{p} `{pos_labels[p].harmful_text.strip() or '␣'}`" if p in pos_labels else str(p) for p in offsets
             ]
             rows = []
             for layer in sorted({layer for layer, _ in cells}):
                 rows.append([str(layer)] + [
-                    f"{cells[(layer, p)].share:.2f}" if (layer, p) in cells else "–" for p in offsets
+                    _short(cells[(layer, p)].share) if (layer, p) in cells else "–" for p in offsets
                 ])
             lines += _table(header, rows) + [""]
     # Exclusions and reproduction -----------------------------------------------------------------------------
