@@ -22,7 +22,7 @@ from refusal_eval.data.pairs import file_sha256, load_pairs, shipped_dataset
 from refusal_eval.errors import DataError, MetricError
 from refusal_eval.metrics import derive_token_sets, is_refusal, refusal_score
 from refusal_eval.models.loading import LoadedModel, load_model
-from refusal_eval.patching.components import enumerate_components
+from refusal_eval.patching.components import components_at
 from refusal_eval.patching.exact import PatchEngine, build_pair_batch
 from refusal_eval.report import schema as rs
 from refusal_eval.stats import mean_interval, share_intervals, wilson_interval
@@ -36,6 +36,14 @@ def format_prompt(tokenizer, text: str) -> list[int]:
         [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
     )
     return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+def common_suffix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of trailing tokens the two sequences share (the chat-template suffix and more)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,13 +166,17 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
     for value, pair in zip(m_h + m_b, pairs + pairs, strict=True):
         if not np.isfinite(value):
             raise MetricError(f"pair {pair.id}: refusal score is not finite ({value}); check the model's dtype")
+    # Patching every position (or all at once) needs both sides to have the same length; the suffix and
+    # last-token modes right-align pairs instead, so unequal pairs stay in.
+    full_alignment = bool({"all", "each"} & set(config.positions))
     exclusions: list[rs.Exclusion] = []
     used: list[int] = []
     for i, pair in enumerate(pairs):
-        if len(harmful_ids[i]) != len(benign_ids[i]):
+        if full_alignment and len(harmful_ids[i]) != len(benign_ids[i]):
             exclusions.append(rs.Exclusion(
                 pair_id=pair.id, reason="unequal_token_length",
-                detail=f"harmful side {len(harmful_ids[i])} tokens, benign side {len(benign_ids[i])} tokens",
+                detail=f"harmful side {len(harmful_ids[i])} tokens, benign side {len(benign_ids[i])} tokens; "
+                "use --positions suffix,last to keep such pairs (right-aligned)",
             ))
         elif m_h[i] <= m_b[i] and not config.keep_all_pairs:
             exclusions.append(rs.Exclusion(
@@ -199,11 +211,19 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
 
     # -- patching -------------------------------------------------------------------------------------------
     batch = build_pair_batch([(harmful_ids[i], benign_ids[i]) for i in used], tok.pad_token_id,
-                             [pairs[i].id for i in used])
-    components = enumerate_components(
-        config.components, loaded.n_layers, loaded.n_heads, batch.width,
-        per_position="each" in config.positions, all_positions="all" in config.positions,
-    )
+                             [pairs[i].id for i in used], allow_unequal=not full_alignment)
+    suffix = min(common_suffix(harmful_ids[i], benign_ids[i]) for i in used)
+    wanted: set[int | None] = set()
+    if "all" in config.positions:
+        wanted.add(None)
+    if "each" in config.positions:
+        wanted.update(range(-batch.width, 0))
+    if "suffix" in config.positions:
+        wanted.update(range(-suffix, 0))
+    if "last" in config.positions:
+        wanted.add(-1)
+    positions_wanted = sorted(wanted, key=lambda p: (p is not None, p or 0))
+    components = components_at(config.components, loaded.n_layers, loaded.n_heads, positions_wanted)
     log.info("patching %d components x %d pairs", len(components), len(used))
     patched = engine.patch(batch, components, config.direction).numpy().astype(np.float64)
     base_h, base_b = np.array([m_h[i] for i in used]), np.array([m_b[i] for i in used])
@@ -212,14 +232,16 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
     if bad.any():
         c, p = np.argwhere(bad)[0]
         raise MetricError(f"non-finite patched score for pair {batch.pair_ids[p]}, component {components[c].id}")
-    intervals = share_intervals(effects, gaps, level, config.n_boot, config.ci_method, config.seed)
+    intervals = None
+    if separated:
+        intervals = share_intervals(effects, gaps, level, config.n_boot, config.ci_method, config.seed)
 
     results = [
         rs.ComponentResult(
             id=c.id, hook_name=c.hook_name, kind=c.kind, layer=c.layer, head=c.head, position=c.position,
-            share=float(intervals.estimate[k]) if separated else None,
-            ci_low=float(intervals.low[k]) if separated else None,
-            ci_high=float(intervals.high[k]) if separated else None,
+            share=float(intervals.estimate[k]) if intervals else None,
+            ci_low=float(intervals.low[k]) if intervals else None,
+            ci_high=float(intervals.high[k]) if intervals else None,
             effects=[round(float(v), 6) for v in effects[k]],
         )
         for k, c in enumerate(components)
@@ -229,7 +251,7 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
     positions = []
     for offset in range(-batch.width, 0):
         col = batch.width + offset
-        real = batch.attention_mask[:, col].bool()
+        real = batch.harmful_mask[:, col].bool() & batch.benign_mask[:, col].bool()
         if not real.any():
             continue
         h_tokens = batch.harmful_ids[real, col].tolist()
@@ -251,6 +273,7 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
             m_harmful=m_h[i], m_benign=m_b[i], harmful_reply=reply_h[i], benign_reply=reply_b[i],
             harmful_refused=refused_h[i], benign_refused=refused_b[i], used=i in used_set,
             first_diff_offset=None if diff is None or len(h) != len(b) else diff - len(h),
+            common_suffix=common_suffix(h, b),
         ))
 
     def token_infos(ids: list[int], counts_: dict[int, int]) -> list[rs.TokenInfo]:
@@ -271,6 +294,8 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
         dataset=rs.DatasetInfo(
             path=str(dataset_path), sha256=file_sha256(dataset_path), split=config.split, n_pairs=len(pairs),
             n_used=len(used), exclusions=exclusions, exclusion_counts=counts,
+            alignment="full" if full_alignment else "right", n_aligned_positions=batch.width if full_alignment
+            else suffix,
             tricky_path=str(tricky_path) if tricky_path else None,
             tricky_sha256=file_sha256(tricky_path) if tricky_path else None, n_tricky=len(tricky),
         ),

@@ -21,9 +21,13 @@ class AuditConfig(BaseModel):
     )
     split: Literal["eval", "train", "all"] = "eval"
     components: list[str] = Field(default_factory=lambda: list(DEFAULT_KINDS))
-    positions: list[Literal["all", "each"]] = Field(
+    positions: list[Literal["all", "each", "suffix", "last"]] = Field(
         default_factory=lambda: ["all", "each"],
-        description="'all': patch every position at once; 'each': one position at a time",
+        description=(
+            "'all': every position at once; 'each': every position, one at a time; 'suffix': each position of "
+            "the shared chat-template suffix; 'last': the last prompt token only. With only 'suffix'/'last', "
+            "pairs of unequal token length are right-aligned and kept instead of excluded"
+        ),
     )
     direction: Literal["denoise", "noise"] = "denoise"
     metric: Literal["logdiff", "logodds"] = "logdiff"
@@ -52,5 +56,5 @@ class AuditConfig(BaseModel):
     @classmethod
     def _some_positions(cls, value: list[str]) -> list[str]:
         if not value:
-            raise ValueError("choose 'all', 'each' or both")
+            raise ValueError("choose at least one of 'all', 'each', 'suffix', 'last'")
         return value

@@ -11,6 +11,9 @@ from refusal_eval.models.adapters import get_adapter
 from refusal_eval.models.loading import LoadedModel
 from refusal_eval.patching import PatchEngine, build_pair_batch
 
+# Tiny models run fastest on one thread, and a second thread only contends with other work on 2-core CI.
+torch.set_num_threads(1)
+
 REFUSAL_IDS = torch.tensor([1, 2])
 COMPLIANCE_IDS = torch.tensor([3, 4])
 

@@ -16,7 +16,7 @@ from refusal_eval.patching import Component, PatchEngine, build_pair_batch, enum
 
 from .conftest import random_pairs, score_fn
 
-KINDS = ["resid_pre", "attn_out", "mlp_out", "head", "resid_post"]
+KINDS = ["embed", "resid_pre", "attn_out", "mlp_out", "head", "resid_post"]
 LAYERS, HEADS, KV = 2, 4, 2
 # initializer_range 0.2 (HF default 0.02) so that random models give clearly different scores per pair.
 COMMON = dict(
@@ -167,7 +167,7 @@ def test_self_patching_changes_nothing(loaded, pairs):
 
 
 def test_results_do_not_depend_on_batching(loaded, batch):
-    assert batch.attention_mask.sum(1).unique().numel() > 1  # padding is exercised
+    assert batch.harmful_mask.sum(1).unique().numel() > 1  # padding is exercised
     comps = enumerate_components(KINDS, LAYERS, HEADS, batch.width)
     wide = PatchEngine(loaded, score_fn, max_rows=10_000).patch(batch, comps)
     narrow = PatchEngine(loaded, score_fn, max_rows=1).patch(batch, comps)

@@ -11,7 +11,7 @@ from refusal_eval.patching import Component, PatchEngine, build_pair_batch, enum
 
 from .conftest import random_llama, random_pairs, score_fn
 
-KINDS = ["resid_pre", "attn_out", "mlp_out", "head", "resid_post"]
+KINDS = ["embed", "resid_pre", "attn_out", "mlp_out", "head", "resid_post"]
 
 
 def effects(engine, batch, components, direction="denoise"):
@@ -26,6 +26,7 @@ def naive_patched_score(loaded, harmful, benign, component: Component, direction
     target, source = (benign, harmful) if direction == "denoise" else (harmful, benign)
     block = model.model.layers[component.layer]
     module, pre = {
+        "embed": (model.model.embed_tokens, False),
         "resid_pre": (block, True),
         "resid_post": (block, False),
         "attn_out": (block.self_attn, False),

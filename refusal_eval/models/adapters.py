@@ -49,8 +49,6 @@ from refusal_eval.errors import ModelError
 
 ENTRY_POINT_GROUP = "refusal_eval.adapters"
 
-KINDS = ("resid_pre", "attn_out", "mlp_out", "head", "resid_post")
-
 
 @dataclass(frozen=True)
 class Adapter:

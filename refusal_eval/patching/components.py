@@ -6,8 +6,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-Kind = Literal["resid_pre", "attn_out", "mlp_out", "head", "resid_post"]
-KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "head", "resid_post")
+Kind = Literal["embed", "resid_pre", "attn_out", "mlp_out", "head", "resid_post"]
+KINDS: tuple[str, ...] = ("embed", "resid_pre", "attn_out", "mlp_out", "head", "resid_post")
 DEFAULT_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
 
 
@@ -15,6 +15,7 @@ DEFAULT_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
 class Component:
     """One patchable activation: kind, layer, optional head, optional position.
 
+    ``embed`` (token embeddings) has layer 0; ``resid_post`` is offered for the last layer only.
     ``position`` counts from the end of the prompt (-1 = last prompt token, where the refusal score is
     read); None patches every position at once.
     """
@@ -27,6 +28,7 @@ class Component:
     @property
     def hook_name(self) -> str:
         return {
+            "embed": "hook_embed",
             "resid_pre": f"blocks.{self.layer}.hook_resid_pre",
             "attn_out": f"blocks.{self.layer}.hook_attn_out",
             "mlp_out": f"blocks.{self.layer}.hook_mlp_out",
@@ -61,11 +63,19 @@ def enumerate_components(
         positions.append(None)
     if per_position:
         positions.extend(range(-max_positions, 0))
+    return components_at(kinds, n_layers, n_heads, positions)
+
+
+def components_at(
+    kinds: Iterable[str], n_layers: int, n_heads: int, positions: Iterable[int | None]
+) -> list[Component]:
+    """Every component of the given kinds at each given position (None = all positions at once)."""
+    positions = list(positions)
     out: list[Component] = []
     for kind in kinds:
         if kind not in KINDS:
             raise ValueError(f"unknown component kind '{kind}'; choose from {', '.join(KINDS)}")
-        layers = [n_layers - 1] if kind == "resid_post" else range(n_layers)
+        layers = {"resid_post": [n_layers - 1], "embed": [0]}.get(kind, range(n_layers))
         for layer in layers:
             heads: list[int | None] = list(range(n_heads)) if kind == "head" else [None]
             for head in heads:

@@ -4,8 +4,10 @@ Definition (one forward per cell): run the *target* side of every pair with one 
 replaced by its value from the *source* side, and read the refusal score at the last prompt token.
 Denoising: target = benign, source = harmful. Noising: target = harmful, source = benign.
 
-Both sides of a pair have the same token length (pairs that do not are excluded upstream), so after
-left padding a position index means the same token slot on both sides.
+Sides are left-padded, so position offsets count from the end of the prompt (-1 = last prompt token) and
+mean the same slot on both sides. Pairs of equal token length are fully aligned: any position, or all of
+them at once, can be patched. Pairs of unequal length are *right-aligned*: only offsets inside both sides
+(in practice the shared chat-template suffix) can be patched, and an all-positions patch is refused.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ Point = tuple[str, int]
 
 @dataclass
 class PairBatch:
-    """Tokenised pairs, left-padded to a common length; both sides share one attention mask."""
+    """Tokenised pairs, each side left-padded to a common width with its own attention mask."""
 
     harmful_ids: torch.Tensor  # [N, T]
     benign_ids: torch.Tensor  # [N, T]
-    attention_mask: torch.Tensor  # [N, T], 1 on real tokens
+    harmful_mask: torch.Tensor  # [N, T], 1 on real tokens
+    benign_mask: torch.Tensor  # [N, T]
     pair_ids: list[str]
 
     @property
@@ -41,36 +44,44 @@ class PairBatch:
     def width(self) -> int:
         return self.harmful_ids.shape[1]
 
+    @property
+    def equal_lengths(self) -> bool:
+        return bool(torch.equal(self.harmful_mask, self.benign_mask))
+
+    def side(self, harmful: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) of one side."""
+        return (self.harmful_ids, self.harmful_mask) if harmful else (self.benign_ids, self.benign_mask)
+
     def select(self, rows: slice) -> PairBatch:
-        """A sub-batch of pairs, trimmed of columns that are padding for every kept pair."""
-        mask = self.attention_mask[rows]
-        start = int((mask.sum(0) == 0).sum())  # left padding shared by all kept rows
+        """A sub-batch of pairs, trimmed of columns that are padding on both sides of every kept pair."""
+        real = self.harmful_mask[rows] | self.benign_mask[rows]
+        start = int((real.sum(0) == 0).sum())
         return PairBatch(
-            self.harmful_ids[rows, start:],
-            self.benign_ids[rows, start:],
-            mask[:, start:],
-            self.pair_ids[rows],
+            self.harmful_ids[rows, start:], self.benign_ids[rows, start:],
+            self.harmful_mask[rows, start:], self.benign_mask[rows, start:], self.pair_ids[rows],
         )
 
 
 def build_pair_batch(
-    tokenized: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, pair_ids: Sequence[str]
+    tokenized: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, pair_ids: Sequence[str],
+    allow_unequal: bool = False,
 ) -> PairBatch:
-    """Left-pad equal-length (harmful, benign) token lists into one PairBatch."""
+    """Left-pad (harmful, benign) token lists into one PairBatch (right-aligned if lengths differ)."""
     if not tokenized:
         raise ValueError("no pairs to batch")
-    width = max(len(h) for h, _ in tokenized)
+    width = max(max(len(h), len(b)) for h, b in tokenized)
     n = len(tokenized)
-    harmful = torch.full((n, width), pad_id, dtype=torch.long)
-    benign = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, (h, b) in enumerate(tokenized):
-        if len(h) != len(b):
-            raise ValueError(f"pair {pair_ids[i]}: sides have {len(h)} and {len(b)} tokens; need equal lengths")
-        harmful[i, width - len(h) :] = torch.tensor(h, dtype=torch.long)
-        benign[i, width - len(b) :] = torch.tensor(b, dtype=torch.long)
-        mask[i, width - len(h) :] = 1
-    return PairBatch(harmful, benign, mask, list(pair_ids))
+    ids = {side: torch.full((n, width), pad_id, dtype=torch.long) for side in (0, 1)}
+    masks = {side: torch.zeros((n, width), dtype=torch.long) for side in (0, 1)}
+    for i, pair in enumerate(tokenized):
+        if len(pair[0]) != len(pair[1]) and not allow_unequal:
+            raise ValueError(
+                f"pair {pair_ids[i]}: sides have {len(pair[0])} and {len(pair[1])} tokens; need equal lengths"
+            )
+        for side, tokens in enumerate(pair):
+            ids[side][i, width - len(tokens) :] = torch.tensor(list(tokens), dtype=torch.long)
+            masks[side][i, width - len(tokens) :] = 1
+    return PairBatch(ids[0], ids[1], masks[0], masks[1], list(pair_ids))
 
 
 class PatchEngine:
@@ -96,7 +107,9 @@ class PatchEngine:
     def _module(self, point: Point) -> tuple[nn.Module, str]:
         kind, layer = point
         self.adapter.require(kind)  # ModelError where this family cannot patch the kind exactly
-        block = self.adapter.layers(self.model)[layer]
+        block = self.adapter.layers(self.model)[layer] if kind != "embed" else None
+        if kind == "embed":  # token embeddings (TransformerLens hook_embed)
+            return self.model.get_input_embeddings(), "out"
         if kind == "resid_pre":  # input of the decoder layer
             return block, "pre"
         if kind == "resid_post":  # output of the decoder layer
@@ -176,8 +189,8 @@ class PatchEngine:
         harmful, benign = [], []
         for rows in self._pair_chunks(batch.n_pairs):
             sub = batch.select(rows)
-            harmful.append(self.scores(sub.harmful_ids, sub.attention_mask))
-            benign.append(self.scores(sub.benign_ids, sub.attention_mask))
+            harmful.append(self.scores(*sub.side(harmful=True)))
+            benign.append(self.scores(*sub.side(harmful=False)))
         return torch.cat(harmful), torch.cat(benign)
 
     def _pair_chunks(self, n: int) -> list[slice]:
@@ -187,40 +200,61 @@ class PatchEngine:
         """Patched refusal score of the target side, shape [len(components), n_pairs]."""
         if direction not in ("denoise", "noise"):
             raise ValueError(f"direction must be 'denoise' or 'noise', not '{direction}'")
+        if not batch.equal_lengths and any(c.position is None for c in components):
+            raise ValueError("an all-positions patch needs pairs of equal token length on both sides")
         result = torch.empty(len(components), batch.n_pairs)
         points = sorted({c.point for c in components})
         pair_chunks = self._pair_chunks(batch.n_pairs)
         n_variants = max(1, self.max_rows // min(batch.n_pairs, self.max_rows))
-        total = len(pair_chunks) * ((len(components) + n_variants - 1) // n_variants)
-        bar = tqdm(total=total, desc="patching", unit="batch", disable=not self.progress, leave=False)
+        bar = tqdm(total=len(components) * len(pair_chunks), desc="patching", unit="component",
+                   disable=not self.progress, leave=False)
         for rows in pair_chunks:
             sub = batch.select(rows)
-            target = sub.benign_ids if direction == "denoise" else sub.harmful_ids
-            source = sub.harmful_ids if direction == "denoise" else sub.benign_ids
-            source_cache = self.cache(source, sub.attention_mask, points)
-            masks = self._position_masks(sub.attention_mask, components)
-            for start in range(0, len(components), n_variants):
-                chunk = components[start : start + n_variants]
+            target, target_mask = sub.side(harmful=direction == "noise")
+            source, source_mask = sub.side(harmful=direction == "denoise")
+            masks = self._position_masks(target, target_mask, source, source_mask, components)
+            # A patch that touches no slot (every chosen position precedes the pair's first differing token,
+            # where both runs are identical, or lies outside the prompt) leaves the target run unchanged.
+            active = [k for k, c in enumerate(components) if masks[c.position].any()]
+            idle = [k for k in range(len(components)) if not masks[components[k].position].any()]
+            if idle:
+                result[idle, rows] = self.scores(target, target_mask)
+                bar.update(len(idle))
+            if not active:
+                continue
+            source_cache = self.cache(source, source_mask, points)
+            for start in range(0, len(active), n_variants):
+                ks = active[start : start + n_variants]
+                chunk = [components[k] for k in ks]
                 transforms = self._patch_transforms(chunk, source_cache, masks)
                 v = len(chunk)
-                ids = target.repeat(v, 1)
-                mask = sub.attention_mask.repeat(v, 1)
-                values = self.scores(ids, mask, transforms).view(v, -1)
-                result[start : start + v, rows] = values
-                bar.update(1)
+                values = self.scores(target.repeat(v, 1), target_mask.repeat(v, 1), transforms).view(v, -1)
+                result[ks, rows] = values
+                bar.update(v)
         bar.close()
         return result
 
     @staticmethod
-    def _position_masks(mask: torch.Tensor, components: Sequence[Component]) -> dict[int | None, torch.Tensor]:
-        """Boolean [n, T] masks: every real token (None) or the one slot at offset -k from the end."""
-        real = mask.bool()
+    def _position_masks(
+        target: torch.Tensor,
+        target_mask: torch.Tensor,
+        source: torch.Tensor,
+        source_mask: torch.Tensor,
+        components: Sequence[Component],
+    ) -> dict[int | None, torch.Tensor]:
+        """Boolean [n, T] masks of the slots each position patches: every real token (None) or the slot at
+        offset -k, where both sides have a token and the pair has already diverged (earlier slots hold
+        identical activations in both runs, so patching them is a no-op)."""
+        real = target_mask.bool() & source_mask.bool()
+        differs = (target != source) | (target_mask != source_mask)
+        width = real.shape[1]
+        diverged = differs.cumsum(1) > 0  # True from the pair's first differing slot on
         out: dict[int | None, torch.Tensor] = {None: real}
-        width = mask.shape[1]
         for position in {c.position for c in components if c.position is not None}:
             m = torch.zeros_like(real)
             if -position <= width:
-                m[:, width + position] = real[:, width + position]
+                col = width + position
+                m[:, col] = real[:, col] & diverged[:, col]
             out[position] = m
         return out
 

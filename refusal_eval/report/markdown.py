@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
+from refusal_eval.patching.components import KINDS
 from refusal_eval.report.schema import AuditReport, ComponentResult, Rate
-
-KIND_LABEL = {
-    "resid_pre": "resid_pre",
-    "attn_out": "attn_out",
-    "mlp_out": "mlp_out",
-    "head": "head",
-    "resid_post": "resid_post",
-}
 
 
 def _pct(value: float | None) -> str:
@@ -28,6 +21,11 @@ def _share(c: ComponentResult) -> str:
     if c.share is None:
         return "undefined"
     return f"{c.share:.3f} [{c.ci_low:.3f}, {c.ci_high:.3f}]"
+
+
+def _token(text: str) -> str:
+    """A token's text, visible in a table cell: newlines escaped, a bare space shown as ␣."""
+    return text.replace("\n", "\\n").replace("|", "\\|").strip() or "␣"
 
 
 def _short(value: float | None) -> str:
@@ -62,7 +60,10 @@ def render_markdown(report: AuditReport, top_k: int = 15) -> str:
         f"- Model: `{r.model.name}` ({r.model.architecture}, {r.model.n_layers} layers, {r.model.n_heads} heads, "
         f"{r.model.n_kv_heads} KV heads, {r.model.n_params:,} parameters, {r.model.dtype} on {r.model.device})",
         f"- Dataset: `{r.dataset.path}` split `{r.dataset.split}`: {r.dataset.n_pairs} pairs, "
-        f"{r.dataset.n_used} used for patching",
+        f"{r.dataset.n_used} used for patching ("
+        + ("equal token length, every position aligned" if r.dataset.alignment == "full"
+           else f"right-aligned, {r.dataset.n_aligned_positions} shared suffix positions")
+        + ")",
         f"- Direction: **{r.direction}** ("
         + ("benign run, harmful activation patched in: sufficiency" if r.direction == "denoise"
            else "harmful run, benign activation patched in: necessity")
@@ -116,7 +117,7 @@ def render_markdown(report: AuditReport, top_k: int = 15) -> str:
                 for c in ranked[:top_k]]
         lines += _table(["component", "kind", "layer", "position", "share [CI]"], rows) + [""]
         # Per layer, all positions patched together.
-        kinds = [k for k in KIND_LABEL if any(c.kind == k for c in all_pos)]
+        kinds = [k for k in KINDS if k != "head" and any(c.kind == k for c in all_pos)]
         if kinds:
             lines += ["## Per layer (all positions patched together)", ""]
             rows = []
@@ -127,9 +128,17 @@ def render_markdown(report: AuditReport, top_k: int = 15) -> str:
                     row.append(_share(found[0]) if found else "–")
                 rows.append(row)
             lines += _table(["layer"] + kinds, rows) + [""]
+        # Layer x head, all positions patched together.
+        heads = {(c.layer, c.head): c for c in all_pos if c.kind == "head"}
+        if heads:
+            lines += ["## Attention heads (hook_z, all positions patched together): layer × head", ""]
+            n_heads = max(h for _, h in heads) + 1
+            rows = [[str(layer)] + [_share(heads[(layer, h)]) if (layer, h) in heads else "–" for h in range(n_heads)]
+                    for layer in sorted({layer for layer, _ in heads})]
+            lines += _table(["layer"] + [f"head {h}" for h in range(n_heads)], rows) + [""]
         # Layer x position heatmap tables, one per kind.
         pos_labels = {p.position: p for p in r.positions}
-        for kind in KIND_LABEL:
+        for kind in KINDS:
             cells = {(c.layer, c.position): c for c in r.components if c.kind == kind and c.position is not None
                      and c.head is None}
             if not cells:
@@ -146,7 +155,7 @@ def render_markdown(report: AuditReport, top_k: int = 15) -> str:
                 "",
             ]
             header = ["layer"] + [
-                f"{p} `{pos_labels[p].harmful_text.strip() or '␣'}`" if p in pos_labels else str(p) for p in offsets
+                f"{p} `{_token(pos_labels[p].harmful_text)}`" if p in pos_labels else str(p) for p in offsets
             ]
             rows = []
             for layer in sorted({layer for layer, _ in cells}):

