@@ -242,6 +242,9 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
             share=float(intervals.estimate[k]) if intervals else None,
             ci_low=float(intervals.low[k]) if intervals else None,
             ci_high=float(intervals.high[k]) if intervals else None,
+            fw_low=float(intervals.fw_low[k]) if intervals else None,
+            fw_high=float(intervals.fw_high[k]) if intervals else None,
+            significant=bool(intervals.fw_low[k] > 0 or intervals.fw_high[k] < 0) if intervals else None,
             effects=[round(float(v), 6) for v in effects[k]],
         )
         for k, c in enumerate(components)
@@ -313,7 +316,8 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
         direction=config.direction,
         behaviour=behaviour,
         gap=gap,
-        stats=rs.StatsInfo(method=config.ci_method, level=level, n_resamples=config.n_boot, seed=config.seed),
+        stats=rs.StatsInfo(method=config.ci_method, level=level, n_resamples=config.n_boot, seed=config.seed,
+                           n_components=len(components)),
         pairs=pair_results,
         used_pair_ids=batch.pair_ids,
         positions=positions,

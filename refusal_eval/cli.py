@@ -50,9 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    sub.add_parser("schema", help="print the JSON Schema of the audit report")
+    run.set_defaults(handler=_run)
+
+    sub.add_parser("schema", help="print the JSON Schema of the audit report").set_defaults(handler=_schema)
     validate = sub.add_parser("validate", help="check that a report JSON matches the schema")
     validate.add_argument("report")
+    validate.set_defaults(handler=_validate)
+    # Further commands live in their own modules and register a sub-parser with a `handler` default
+    # (a function (args, argv) -> exit code).
     return parser
 
 
@@ -85,26 +90,29 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     return EXIT_OK
 
 
+def _schema(args: argparse.Namespace, argv: list[str]) -> int:
+    from refusal_eval.report.schema import report_json_schema
+
+    print(json.dumps(report_json_schema(), indent=2))
+    return EXIT_OK
+
+
+def _validate(args: argparse.Namespace, argv: list[str]) -> int:
+    from refusal_eval.report.schema import load_report
+
+    report = load_report(args.report)
+    print(f"{args.report}: valid audit report (schema {report.schema_version}, model {report.model.name}, "
+          f"{len(report.components)} components)")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``refusal-eval`` command; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        if args.command == "run":
-            return _run(args, argv)
-        if args.command == "schema":
-            from refusal_eval.report.schema import report_json_schema
-
-            print(json.dumps(report_json_schema(), indent=2))
-            return EXIT_OK
-        if args.command == "validate":
-            from refusal_eval.report.schema import load_report
-
-            report = load_report(args.report)
-            print(f"{args.report}: valid audit report (schema {report.schema_version}, model {report.model.name}, "
-                  f"{len(report.components)} components)")
-            return EXIT_OK
+        return int(args.handler(args, argv))
     except RefusalEvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -112,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         print(f"error: invalid option: {problems}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -11,11 +11,17 @@ from scipy import stats
 
 @dataclass
 class Interval:
-    """Point estimate with a confidence interval (arrays when vectorised over components)."""
+    """Point estimate with a confidence interval (arrays when vectorised over components).
+
+    ``fw_low``/``fw_high``: family-wise (simultaneous) interval over all components of the call, when
+    computed: every true share lies inside its family-wise interval with probability ``level`` jointly.
+    """
 
     estimate: np.ndarray
     low: np.ndarray
     high: np.ndarray
+    fw_low: np.ndarray | None = None
+    fw_high: np.ndarray | None = None
 
 
 def _counts(indices: np.ndarray, n: int) -> np.ndarray:
@@ -53,6 +59,7 @@ def share_intervals(
     estimate = ratio_of_sums(effects, gaps)
     low = np.full(effects.shape[0], np.nan)
     high = np.full(effects.shape[0], np.nan)
+    fw_low, fw_high = estimate.copy(), estimate.copy()
     # A component that never moves the score has share exactly 0 in every resample.
     constant = np.all(effects == 0.0, axis=1)
     low[constant] = high[constant] = 0.0
@@ -85,7 +92,24 @@ def share_intervals(
             lo[bad] = np.quantile(dist, tail, axis=-1)
             hi[bad] = np.quantile(dist, 1 - tail, axis=-1)
         low[todo], high[todo] = lo, hi
-    return Interval(estimate, low, high)
+        fw_low[todo], fw_high[todo] = _max_t_band(estimate[todo], np.atleast_2d(result.bootstrap_distribution), level)
+    return Interval(estimate, low, high, fw_low, fw_high)
+
+
+def _max_t_band(estimate: np.ndarray, dist: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Simultaneous intervals estimate ± q·se from the bootstrap distribution [C, B] of C statistics.
+
+    q is the ``level`` quantile of max_c |T*_c − T̂_c| / se_c over resamples (the max-t method): the band
+    covers all C true values at once with probability ``level``, under the bootstrap approximation.
+    """
+    se = dist.std(axis=1, ddof=1)
+    spread = se > 0
+    if not spread.any():
+        return estimate.copy(), estimate.copy()
+    t = np.abs(dist[spread] - estimate[spread, None]) / se[spread, None]
+    q = float(np.quantile(t.max(axis=0), level))
+    half = np.where(spread, q * se, 0.0)
+    return estimate - half, estimate + half
 
 
 def mean_interval(

@@ -113,9 +113,18 @@ def render_markdown(report: AuditReport, top_k: int = 15) -> str:
     if not r.gap.separated:
         lines += ["Shares are undefined because the gap is not separated from 0.", ""]
     else:
-        rows = [[f"`{c.id}`", c.kind, str(c.layer), "all" if c.position is None else str(c.position), _share(c)]
+        rows = [[f"`{c.id}`", c.kind, str(c.layer), "all" if c.position is None else str(c.position), _share(c),
+                 f"[{c.fw_low:.3f}, {c.fw_high:.3f}]", "yes" if c.significant else "no"]
                 for c in ranked[:top_k]]
-        lines += _table(["component", "kind", "layer", "position", "share [CI]"], rows) + [""]
+        n_sig = sum(bool(c.significant) for c in r.components)
+        lines += [
+            f"Family-wise intervals hold simultaneously for all {r.stats.n_components} components "
+            f"({r.stats.familywise}); a component is significant when its family-wise interval excludes 0: "
+            f"{n_sig} are.",
+            "",
+        ]
+        lines += _table(["component", "kind", "layer", "position", "share [CI]", "family-wise CI", "significant"],
+                        rows) + [""]
         # Per layer, all positions patched together.
         kinds = [k for k in KINDS if k != "head" and any(c.kind == k for c in all_pos)]
         if kinds:

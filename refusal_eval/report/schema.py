@@ -95,6 +95,8 @@ class StatsInfo(_Model):
     seed: int
     unit: str = "pair"
     estimator: str = "ratio of sums over pairs"
+    familywise: str = "max-t bootstrap band over all components of the report"
+    n_components: int = Field(description="size of the family for the family-wise intervals")
 
 
 class Gap(_Model):
@@ -139,6 +141,9 @@ class ComponentResult(_Model):
     share: float | None = Field(description="null when the gap is not separated from 0")
     ci_low: float | None
     ci_high: float | None
+    fw_low: float | None = Field(description="family-wise (simultaneous over all components) interval")
+    fw_high: float | None
+    significant: bool | None = Field(description="the family-wise interval excludes 0")
     effects: list[float] = Field(description="per used pair: signed change in refusal score, same order as pairs")
 
 
