@@ -7,7 +7,7 @@ import math
 import numpy as np
 from scipy import stats
 
-from refusal_eval.stats import mean_interval, ratio_of_sums, share_intervals, wilson_interval
+from refusal_eval.stats import expanded_level, mean_interval, ratio_of_sums, share_intervals, wilson_interval
 
 
 def synthetic(n: int, components: int = 4, seed: int = 0):
@@ -26,15 +26,40 @@ def test_ratio_of_sums_is_not_mean_of_ratios():
 
 def test_vectorised_intervals_match_scipy_paired_bootstrap_per_component():
     effects, gaps = synthetic(40)
-    ours = share_intervals(effects, gaps, n_resamples=1500, seed=7)
-    for k in range(effects.shape[0]):
-        ref = stats.bootstrap(
-            (effects[k], gaps), lambda e, g, axis=-1: e.sum(axis) / g.sum(axis), paired=True, vectorized=True,
-            n_resamples=1500, method="BCa", rng=np.random.default_rng(7),
-        )
-        assert math.isclose(ours.low[k], ref.confidence_interval.low, rel_tol=1e-9)
-        assert math.isclose(ours.high[k], ref.confidence_interval.high, rel_tol=1e-9)
-        assert math.isclose(ours.estimate[k], effects[k].sum() / gaps.sum(), rel_tol=1e-12)
+    for expand in (True, False):
+        ours = share_intervals(effects, gaps, n_resamples=1500, seed=7, expand=expand)
+        level = expanded_level(0.95, 40) if expand else 0.95
+        for k in range(effects.shape[0]):
+            ref = stats.bootstrap(
+                (effects[k], gaps), lambda e, g, axis=-1: e.sum(axis) / g.sum(axis), paired=True, vectorized=True,
+                n_resamples=1500, method="BCa", confidence_level=level, rng=np.random.default_rng(7),
+            )
+            assert math.isclose(ours.low[k], ref.confidence_interval.low, rel_tol=1e-9)
+            assert math.isclose(ours.high[k], ref.confidence_interval.high, rel_tol=1e-9)
+            assert math.isclose(ours.estimate[k], effects[k].sum() / gaps.sum(), rel_tol=1e-12)
+
+
+def test_expanded_level_matches_t_quantile_widening():
+    n = 40
+    z = stats.norm.ppf(0.5 + expanded_level(0.95, n) / 2)
+    assert math.isclose(z, math.sqrt(n / (n - 1)) * stats.t.ppf(0.975, n - 1), rel_tol=1e-9)
+    assert expanded_level(0.95, 40) > 0.955
+    assert math.isclose(expanded_level(0.95, 10**7), 0.95, abs_tol=1e-6)
+
+
+def test_familywise_band_is_wider_and_covers_jointly():
+    effects, gaps = synthetic(60, components=30, seed=3)
+    iv = share_intervals(effects, gaps, n_resamples=2000, seed=0)
+    assert np.all(iv.fw_low <= iv.low + 1e-12) and np.all(iv.fw_high >= iv.high - 1e-12)
+    assert np.all(iv.fw_low <= iv.estimate) and np.all(iv.estimate <= iv.fw_high)
+    # joint coverage over repeated datasets: all 30 true shares inside at once in >= ~90% of datasets
+    true = np.linspace(0.1, 0.7, 30)
+    joint = []
+    for seed in range(60):
+        e, g = synthetic(60, components=30, seed=100 + seed)
+        band = share_intervals(e, g, n_resamples=1000, seed=seed)
+        joint.append(bool(np.all((band.fw_low <= true) & (true <= band.fw_high))))
+    assert np.mean(joint) >= 0.88
 
 
 def test_interval_contains_estimate_and_narrows_with_more_pairs():
