@@ -84,6 +84,35 @@ def build_pair_batch(
     return PairBatch(ids[0], ids[1], masks[0], masks[1], list(pair_ids))
 
 
+def _detach(value):
+    """Recorded layer arguments, detached (tensors) and otherwise kept as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detach(v) for v in value)
+    if isinstance(value, list):
+        return [_detach(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+def _tile(value, repeat: int, n: int):
+    """Tile tensors with batch size ``n`` ``repeat`` times along dim 0 (rows are variant-major: v * n + pair);
+    others (batch 1 broadcasting over rows, scalars) are left as they are."""
+    if repeat == 1:
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 or value.shape[0] != n:
+            return value
+        return value.repeat(repeat, *([1] * (value.dim() - 1)))
+    if isinstance(value, tuple):
+        return tuple(_tile(v, repeat, n) for v in value)
+    if isinstance(value, list):
+        return [_tile(v, repeat, n) for v in value]
+    return value
+
+
 class PatchEngine:
     """Runs clean and patched forward passes of one model and returns refusal scores."""
 
@@ -93,6 +122,7 @@ class PatchEngine:
         score_fn: Callable[[torch.Tensor], torch.Tensor],
         max_rows: int = 256,
         progress: bool = False,
+        layer_skip: bool = True,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -102,6 +132,7 @@ class PatchEngine:
         self.progress = progress
         self.device = next(self.model.parameters()).device
         self.head_dim = self.adapter.head_dim(self.model.config)
+        self._layer_skip: bool | None = None if layer_skip else False
 
     # -- hook points -------------------------------------------------------------------------------------
     def _module(self, point: Point) -> tuple[nn.Module, str]:
@@ -169,6 +200,66 @@ class PatchEngine:
             )
         return self.score_fn(out.logits[:, -1, :]).float().cpu()
 
+    # -- layer skip ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def layer_inputs(self, ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[tuple, dict]]:
+        """The (args, kwargs) every decoder layer receives in a clean forward of the batch (for replay)."""
+        inputs: list[tuple[tuple, dict]] = []
+        handles = [
+            layer.register_forward_pre_hook(
+                lambda _m, args, kwargs: inputs.append((_detach(args), _detach(kwargs))), with_kwargs=True
+            )
+            for layer in self.adapter.layers(self.model)
+        ]
+        try:
+            self.scores(ids, mask)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return inputs
+
+    @torch.inference_mode()
+    def scores_from_layer(
+        self,
+        start: int,
+        inputs: list[tuple[tuple, dict]],
+        repeat: int,
+        transforms: dict[Point, Callable[[torch.Tensor], torch.Tensor]],
+    ) -> torch.Tensor:
+        """Scores of a forward that starts at decoder layer ``start`` from the recorded clean inputs.
+
+        Layers before ``start`` are untouched by any patch at ``start`` or later, so their output is the
+        recorded clean residual stream; replaying the remaining layers with their recorded arguments (masks,
+        rotary embeddings) tiled ``repeat`` times gives the same numbers as a full forward, at a fraction of
+        the cost. The tail (final norm, unembedding of the last position) is checked against the full model
+        by :meth:`_check_layer_skip` before this path is used.
+        """
+        layers = self.adapter.layers(self.model)
+        args, kwargs = inputs[start]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        n = hidden.shape[0]
+        hidden = _tile(hidden, repeat, n)
+        with self._hooks(transforms):
+            for index in range(start, len(layers)):
+                args, kwargs = inputs[index]
+                rest_args = _tile(args[1:], repeat, n)
+                kw = {k: _tile(v, repeat, n) for k, v in kwargs.items() if k != "hidden_states"}
+                out = layers[index](hidden, *rest_args, **kw)
+                hidden = out[0] if isinstance(out, tuple) else out
+        last = self.adapter.final_norm(self.model)(hidden[:, -1:, :])
+        logits = self.model.get_output_embeddings()(last)[:, -1, :]
+        return self.score_fn(logits).float().cpu()
+
+    def _check_layer_skip(self, ids: torch.Tensor, mask: torch.Tensor, inputs: list[tuple[tuple, dict]]) -> bool:
+        """Use layer skip only where replaying layers reproduces the full forward (else fall back)."""
+        if self._layer_skip is None:
+            try:
+                replay = self.scores_from_layer(0, inputs, 1, {})
+                self._layer_skip = bool(torch.allclose(replay, self.scores(ids, mask), atol=1e-4, rtol=1e-4))
+            except Exception:  # an architecture whose layers cannot be replayed this way: full forwards
+                self._layer_skip = False
+        return self._layer_skip
+
     @torch.inference_mode()
     def cache(self, ids: torch.Tensor, mask: torch.Tensor, points: Sequence[Point]) -> dict[Point, torch.Tensor]:
         """Activations at the given hook points for a batch (one clean forward)."""
@@ -223,12 +314,20 @@ class PatchEngine:
             if not active:
                 continue
             source_cache = self.cache(source, source_mask, points)
+            inputs = self.layer_inputs(target, target_mask)
+            skip = self._check_layer_skip(target, target_mask, inputs)
+            # Sorting by layer lets a chunk start its forward at its earliest patched layer.
+            active.sort(key=lambda k: (components[k].kind == "embed", components[k].layer))
             for start in range(0, len(active), n_variants):
                 ks = active[start : start + n_variants]
                 chunk = [components[k] for k in ks]
                 transforms = self._patch_transforms(chunk, source_cache, masks)
                 v = len(chunk)
-                values = self.scores(target.repeat(v, 1), target_mask.repeat(v, 1), transforms).view(v, -1)
+                if skip and all(c.kind != "embed" for c in chunk):
+                    first_layer = min(c.layer for c in chunk)
+                    values = self.scores_from_layer(first_layer, inputs, v, transforms).view(v, -1)
+                else:
+                    values = self.scores(target.repeat(v, 1), target_mask.repeat(v, 1), transforms).view(v, -1)
                 result[ks, rows] = values
                 bar.update(v)
         bar.close()
