@@ -29,14 +29,14 @@ def smollm2_gguf() -> str:
 @pytest.mark.slow
 def test_head_level_audit_of_smollm2():
     config = AuditConfig(
-        model=smollm2_gguf(), max_pairs=6, n_boot=200, components=["head", "resid_post"], positions=["last"],
+        model=smollm2_gguf(), max_pairs=4, n_boot=200, components=["head", "resid_post"], positions=["last"],
         keep_all_pairs=True, tricky="", max_new_tokens=12,
     )
     report = audit(config, progress=False)
     assert (report.model.n_layers, report.model.n_heads, report.model.n_kv_heads) == (30, 9, 3)
     assert report.model.architecture == "llama"
     # right-aligned on the chat-template suffix: unequal-length pairs stay in
-    assert report.dataset.alignment == "right" and report.dataset.n_used == 6
+    assert report.dataset.alignment == "right" and report.dataset.n_used == 4
     heads = [c for c in report.components if c.kind == "head"]
     assert len(heads) == 30 * 9 and {c.position for c in heads} == {-1}
     # identity on a real model: the last layer's output at the last position carries the whole run
