@@ -1,4 +1,4 @@
-"""Command line: ``refusal-eval run | schema | validate`` (a thin layer over the public API)."""
+"""Command line: ``refusal-eval run | schema | validate | compare`` (a thin layer over the public API)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="audit a model on harmful/benign pairs and write JSON + Markdown reports")
-    run.add_argument("--model", help="hub id, local folder or .gguf file (default: shipped tiny-refuser)")
+    run.add_argument("--model", action="append",
+                     help="hub id, local folder or .gguf file (default: shipped tiny-refuser); give it twice to audit "
+                     "two models with the same options and compare them (B − A)")
     run.add_argument("--dataset", help="pair JSONL (default: shipped datasets/refusal_pairs.jsonl)")
     run.add_argument("--tricky", help="tricky-benign pair JSONL for over-refusal ('' to skip)")
     run.add_argument("--split", choices=["eval", "train", "all"], default="eval")
@@ -56,6 +58,26 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check that a report JSON matches the schema")
     validate.add_argument("report")
     validate.set_defaults(handler=_validate)
+    compare = sub.add_parser("compare", help="compare two audit reports (A, then B): share, behaviour and gap changes")
+    compare.add_argument("report_a", help="report.json of the reference model (A)")
+    compare.add_argument("report_b", help="report.json of the changed model (B)")
+    compare.add_argument("--out", help="output folder (default: reports/comparison-<A name>-vs-<B name>/)")
+    compare.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--ci-level", type=float, default=0.95)
+    compare.add_argument("--ci-method", choices=["BCa", "percentile", "basic"], default="BCa")
+    compare.set_defaults(handler=_compare)
+    from refusal_eval.gate import gate_command
+
+    gate = sub.add_parser(
+        "gate", help="check a report against a TOML policy (exit 0 pass, 1 a rule failed, 2 bad input)",
+        description="Check an audit report against a TOML gate policy (see examples/gate.toml). Exit codes: "
+        "0 every rule holds, 1 a rule failed, 2 bad input (missing/invalid report, policy or baseline).",
+    )
+    gate.add_argument("report", help="audit report JSON")
+    gate.add_argument("--policy", required=True, help="TOML gate policy")
+    gate.add_argument("--baseline", help="an earlier report JSON, for the policy's [baseline] rule")
+    gate.set_defaults(handler=gate_command)
     # Further commands live in their own modules and register a sub-parser with a `handler` default
     # (a function (args, argv) -> exit code).
     return parser
@@ -64,10 +86,17 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from refusal_eval.audit import audit
     from refusal_eval.config import AuditConfig
+    from refusal_eval.errors import ConfigError
+    from refusal_eval.models.loading import resolve_model_spec
     from refusal_eval.report.writers import write_reports
 
+    models = args.model or [None]
+    names = [resolve_model_spec(m)[0] for m in models]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"models {names} share a name, so their reports would overwrite each other in "
+                          f"{args.out}/<name>/; give the model folders different names")
     options = {
-        "model": args.model, "dataset": args.dataset, "tricky": args.tricky, "split": args.split,
+        "dataset": args.dataset, "tricky": args.tricky, "split": args.split,
         "direction": args.direction, "metric": args.metric, "keep_all_pairs": args.keep_all_pairs,
         "max_pairs": args.max_pairs, "seed": args.seed, "n_boot": args.n_boot, "ci_level": args.ci_level,
         "ci_method": args.ci_method, "batch_rows": args.batch_rows, "dtype": args.dtype, "device": args.device,
@@ -76,17 +105,34 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         options["components"] = args.components
     if args.positions is not None:
         options["positions"] = args.positions
-    config = AuditConfig(**options)
+    configs = [AuditConfig(model=m, **options) for m in models]  # validate every option before the first audit
     command = shlex.join(["refusal-eval", *argv])
-    report = audit(config, command=command, progress=not args.quiet)
-    json_path, md_path = write_reports(report, args.out)
-    g = report.gap
-    print(f"refusal on harmful {report.behaviour.harmful_refusal.rate:.1%}, "
-          f"compliance on benign {report.behaviour.benign_compliance.rate:.1%}; "
-          f"gap {g.mean:.3f} [{g.ci_low:.3f}, {g.ci_high:.3f}]{'' if g.separated else ' (NOT separated)'}")
-    for warning in report.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    print(f"wrote {json_path}\nwrote {md_path}")
+    reports = []
+    for config in configs:
+        report = audit(config, command=command, progress=not args.quiet)
+        reports.append(report)
+        json_path, md_path = write_reports(report, args.out)
+        g = report.gap
+        print(f"{report.model.name}: " if len(configs) > 1 else "", end="")
+        print(f"refusal on harmful {report.behaviour.harmful_refusal.rate:.1%}, "
+              f"compliance on benign {report.behaviour.benign_compliance.rate:.1%}; "
+              f"gap {g.mean:.3f} [{g.ci_low:.3f}, {g.ci_high:.3f}]{'' if g.separated else ' (NOT separated)'}")
+        for warning in report.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"wrote {json_path}\nwrote {md_path}")
+    if len(reports) == 2:
+        from refusal_eval.compare import compare_reports, default_comparison_dir, summary_lines, write_comparison
+
+        comparison = compare_reports(reports[0], reports[1], n_boot=args.n_boot, level=args.ci_level,
+                                     method=args.ci_method, seed=args.seed, command=command)
+        json_path, md_path = write_comparison(comparison, default_comparison_dir(comparison, args.out))
+        print("\n".join(summary_lines(comparison)))
+        for warning in comparison.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"wrote {json_path}\nwrote {md_path}")
+    elif len(reports) > 2:
+        print("note: comparisons are written for exactly two --model values; use `refusal-eval compare A B`",
+              file=sys.stderr)
     return EXIT_OK
 
 
@@ -104,6 +150,12 @@ def _validate(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"{args.report}: valid audit report (schema {report.schema_version}, model {report.model.name}, "
           f"{len(report.components)} components)")
     return EXIT_OK
+
+
+def _compare(args: argparse.Namespace, argv: list[str]) -> int:
+    from refusal_eval.compare import compare_command
+
+    return compare_command(args, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
