@@ -125,3 +125,32 @@ def test_wrong_sign_pairs_are_excluded_unless_kept(tmp_path):
         audit(config, progress=False)
     kept = audit(config.model_copy(update={"keep_all_pairs": True}), progress=False)
     assert kept.dataset.n_used == 6 and kept.gap.mean < 0
+
+
+def test_non_finite_scores_are_errors_naming_pair_and_component(monkeypatch):
+    """A NaN anywhere is an error that names the pair (and component), never a silent number."""
+    from refusal_eval.errors import MetricError
+    from refusal_eval.patching.exact import PatchEngine
+
+    original = PatchEngine.patch
+
+    def poisoned(self, batch, components, direction="denoise"):
+        values = original(self, batch, components, direction)
+        values[1, 2] = float("nan")
+        return values
+
+    monkeypatch.setattr(PatchEngine, "patch", poisoned)
+    config = AuditConfig(max_pairs=4, n_boot=200, components=["mlp_out"], positions=["all"], tricky="")
+    with pytest.raises(MetricError, match=r"pair \S+, component blocks\.1\.hook_mlp_out"):
+        audit(config, progress=False)
+    monkeypatch.setattr(PatchEngine, "patch", original)
+    original_scores = PatchEngine.scores
+
+    def nan_scores(self, ids, mask, transforms=None):
+        values = original_scores(self, ids, mask, transforms).clone()
+        values[0] = float("inf")
+        return values
+
+    monkeypatch.setattr(PatchEngine, "scores", nan_scores)
+    with pytest.raises(MetricError, match="refusal score is not finite"):
+        audit(config, progress=False)
