@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="reports", help="output folder; reports go to OUT/<model>/ (default: reports)")
     run.add_argument("--components", type=_csv, default=None,
                      help="comma-separated kinds: resid_pre,attn_out,mlp_out,head,resid_post "
-                     "(default: resid_pre,attn_out,mlp_out)")
+                     "(default: resid_pre,attn_out,mlp_out,head)")
     run.add_argument("--positions", type=_csv, default=None,
                      help="'all' (every position at once), 'each' (one at a time) or 'all,each' (default)")
     run.add_argument("--direction", choices=["denoise", "noise"], default="denoise")

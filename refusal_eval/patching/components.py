@@ -8,7 +8,7 @@ from typing import Literal
 
 Kind = Literal["embed", "resid_pre", "attn_out", "mlp_out", "head", "resid_post"]
 KINDS: tuple[str, ...] = ("embed", "resid_pre", "attn_out", "mlp_out", "head", "resid_post")
-DEFAULT_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
+DEFAULT_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "head")
 
 
 @dataclass(frozen=True, order=True)
