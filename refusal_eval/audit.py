@@ -22,6 +22,7 @@ from refusal_eval.data.pairs import file_sha256, load_pairs, shipped_dataset
 from refusal_eval.errors import DataError, MetricError
 from refusal_eval.metrics import derive_token_sets, is_refusal, refusal_score
 from refusal_eval.models.loading import LoadedModel, load_model
+from refusal_eval.patching.attribution import attribute
 from refusal_eval.patching.components import components_at
 from refusal_eval.patching.exact import PatchEngine, build_pair_batch
 from refusal_eval.report import schema as rs
@@ -91,6 +92,33 @@ def _environment() -> rs.Environment:
         python=sys.version.split()[0], platform=platform.platform(), torch=torch.__version__,
         transformers=transformers.__version__, refusal_eval=__version__, threads=torch.get_num_threads(),
     )
+
+
+def _verify(engine, batch, components, config, estimated, approximate, target_scores):
+    """Exact patching of the top-k cells by |estimated effect| and of a random sample of the rest."""
+    from scipy.stats import spearmanr
+
+    # Rank cells by how far their estimated patch moves the score, summed over pairs.
+    order = np.argsort(-np.abs(estimated - target_scores[None, :]).sum(axis=1))
+    top = [int(k) for k in order[: config.verify_top]]
+    rest = [int(k) for k in order[config.verify_top :]]
+    rng = np.random.default_rng(config.seed)
+    sample = [int(k) for k in rng.choice(rest, size=min(config.verify_random, len(rest)), replace=False)]
+    chosen = top + sample
+    exact = engine.patch(batch, [components[k] for k in chosen], config.direction).numpy().astype(np.float64)
+    est = estimated[chosen]
+    corrected = estimated.copy()
+    corrected[chosen] = exact
+    approximate[chosen] = False
+    moves_exact, moves_est = exact.sum(axis=1), est.sum(axis=1)
+    rho = float(spearmanr(moves_exact, moves_est).statistic) if len(chosen) > 2 else None
+    info = rs.AttributionInfo(
+        n_verified=len(chosen), n_top=len(top), n_random=len(sample),
+        spearman=None if rho is None or not np.isfinite(rho) else rho,
+        max_abs_error=float(np.abs(exact - est).max()),
+        verified_ids=[components[k].id for k in chosen],
+    )
+    return corrected, info
 
 
 def audit(config: AuditConfig | None = None, command: str = "", progress: bool = True) -> rs.AuditReport:
@@ -225,7 +253,16 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
     positions_wanted = sorted(wanted, key=lambda p: (p is not None, p or 0))
     components = components_at(config.components, loaded.n_layers, loaded.n_heads, positions_wanted)
     log.info("patching %d components x %d pairs", len(components), len(used))
-    patched = engine.patch(batch, components, config.direction).numpy().astype(np.float64)
+    attribution_info = None
+    approximate = np.zeros(len(components), dtype=bool)
+    if config.method == "exact":
+        patched = engine.patch(batch, components, config.direction).numpy().astype(np.float64)
+    else:
+        patched = attribute(engine, batch, components, config.direction).numpy().astype(np.float64)
+        approximate[:] = True
+        if config.method == "attribution+verify":
+            target = np.array([m_b[i] if config.direction == "denoise" else m_h[i] for i in used])
+            patched, attribution_info = _verify(engine, batch, components, config, patched, approximate, target)
     base_h, base_b = np.array([m_h[i] for i in used]), np.array([m_b[i] for i in used])
     effects = patched - base_b if config.direction == "denoise" else base_h - patched
     bad = ~np.isfinite(effects)
@@ -246,6 +283,7 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
             fw_high=float(intervals.fw_high[k]) if intervals else None,
             significant=bool(intervals.fw_low[k] > 0 or intervals.fw_high[k] < 0) if intervals else None,
             effects=[round(float(v), 6) for v in effects[k]],
+            approximate=bool(approximate[k]),
         )
         for k, c in enumerate(components)
     ]
@@ -314,6 +352,8 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
             derivation=token_sets.derivation, max_new_tokens=config.max_new_tokens,
         ),
         direction=config.direction,
+        method=config.method,
+        attribution=attribution_info,
         behaviour=behaviour,
         gap=gap,
         stats=rs.StatsInfo(method=config.ci_method, level=level, n_resamples=config.n_boot, seed=config.seed,

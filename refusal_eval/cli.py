@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="'all' (every position at once), 'each' (one at a time) or 'all,each' (default)")
     run.add_argument("--direction", choices=["denoise", "noise"], default="denoise")
     run.add_argument("--metric", choices=["logdiff", "logodds"], default="logdiff")
+    run.add_argument("--method", choices=["exact", "attribution", "attribution+verify"], default="exact",
+                     help="exact patching (default), gradient attribution (approximate, one backward pass), or "
+                     "attribution with exact checks of the top and random cells (--verify-top, --verify-random)")
+    run.add_argument("--verify-top", type=int, default=20)
+    run.add_argument("--verify-random", type=int, default=20)
     run.add_argument("--keep-all-pairs", action="store_true",
                      help="keep pairs whose harmful side already scores below the benign side")
     run.add_argument("--max-pairs", type=int, help="use only the first N pairs of the split")
@@ -98,6 +103,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     options = {
         "dataset": args.dataset, "tricky": args.tricky, "split": args.split,
         "direction": args.direction, "metric": args.metric, "keep_all_pairs": args.keep_all_pairs,
+        "method": args.method, "verify_top": args.verify_top, "verify_random": args.verify_random,
         "max_pairs": args.max_pairs, "seed": args.seed, "n_boot": args.n_boot, "ci_level": args.ci_level,
         "ci_method": args.ci_method, "batch_rows": args.batch_rows, "dtype": args.dtype, "device": args.device,
     }

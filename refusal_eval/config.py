@@ -30,6 +30,13 @@ class AuditConfig(BaseModel):
         ),
     )
     direction: Literal["denoise", "noise"] = "denoise"
+    method: Literal["exact", "attribution", "attribution+verify"] = Field(
+        "exact",
+        description="exact patching; gradient attribution patching (approximate, one backward pass); or "
+        "attribution then exact patching of the top cells and a random sample, measuring the estimate's error",
+    )
+    verify_top: int = Field(20, ge=0, description="attribution+verify: exact-patch the top-k estimated cells")
+    verify_random: int = Field(20, ge=0, description="attribution+verify: and this many random other cells")
     metric: Literal["logdiff", "logodds"] = "logdiff"
     keep_all_pairs: bool = Field(False, description="keep pairs whose harmful side scores below the benign side")
     max_pairs: int | None = Field(None, ge=1, description="use only the first N pairs of the split")

@@ -20,7 +20,8 @@ def _rate_row(label: str, rate: Rate | None) -> str:
 def _share(c: ComponentResult) -> str:
     if c.share is None:
         return "undefined"
-    return f"{c.share:.3f} [{c.ci_low:.3f}, {c.ci_high:.3f}]"
+    approx = "≈ " if c.approximate else ""
+    return f"{approx}{c.share:.3f} [{c.ci_low:.3f}, {c.ci_high:.3f}]"
 
 
 def _token(text: str) -> str:
@@ -82,6 +83,15 @@ def render_markdown(report: AuditReport, top_k: int = 15) -> str:
                 "- Largest all-position components: "
                 + ", ".join(f"`{c.id}` {_share(c)}" for c in movers)
             )
+    if r.method != "exact":
+        line = (f"- Method: **{r.method}** — shares marked ≈ are first-order (gradient) estimates, not exact "
+                "patching")
+        if r.attribution:
+            a = r.attribution
+            rho = "n/a" if a.spearman is None else f"{a.spearman:.3f}"
+            line += (f"; {a.n_verified} cells were patched exactly ({a.n_top} top, {a.n_random} random): rank "
+                     f"correlation of estimate and exact {rho}, largest error {a.max_abs_error:.3f}")
+        lines.append(line)
     lines.append("")
     if r.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in r.warnings] + [""]

@@ -145,6 +145,16 @@ class ComponentResult(_Model):
     fw_high: float | None
     significant: bool | None = Field(description="the family-wise interval excludes 0")
     effects: list[float] = Field(description="per used pair: signed change in refusal score, same order as pairs")
+    approximate: bool = Field(False, description="estimated by attribution patching, not patched exactly")
+
+
+class AttributionInfo(_Model):
+    n_verified: int = Field(description="cells patched exactly to check the attribution estimate")
+    n_top: int
+    n_random: int
+    spearman: float | None = Field(description="rank correlation, estimated vs exact, over verified cells")
+    max_abs_error: float = Field(description="largest |estimated - exact| patched score over verified cells")
+    verified_ids: list[str]
 
 
 class Environment(_Model):
@@ -167,6 +177,8 @@ class AuditReport(_Model):
     dataset: DatasetInfo
     metric: MetricInfo
     direction: Literal["denoise", "noise"]
+    method: Literal["exact", "attribution", "attribution+verify"] = "exact"
+    attribution: AttributionInfo | None = None
     behaviour: Behaviour
     gap: Gap
     stats: StatsInfo
