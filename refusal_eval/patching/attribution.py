@@ -35,15 +35,17 @@ def attribute(engine: PatchEngine, batch: PairBatch, components: Sequence[Compon
         source_cache = engine.cache(source, source_mask, points)
         base, acts, grads = _target_gradients(engine, target, target_mask, points)
         masks = engine._position_masks(target, target_mask, source, source_mask, components)
-        for k, c in enumerate(components):
-            width = masks[None].shape
-            delta = (source_cache[c.point] - acts[c.point]).view(*width, -1)
-            grad = grads[c.point].view(*width, -1)
-            if c.head is not None:
-                cols = slice(c.head * engine.head_dim, (c.head + 1) * engine.head_dim)
-                delta, grad = delta[..., cols], grad[..., cols]
-            contribution = (delta * grad).sum(-1) * masks[c.position]
-            result[k, rows] = base + contribution.sum(-1).float().cpu()
+        shape = masks[None].shape
+        # Per point, each slot's first-order contribution: [n, T] (or [n, T, heads] at hook_z).
+        slots = {}
+        for point in points:
+            prod = (source_cache[point] - acts[point]).view(*shape, -1) * grads[point].view(*shape, -1)
+            slots[point] = (prod.view(*shape, -1, engine.head_dim) if point[0] == "head" else prod).sum(-1)
+        stacked = torch.stack([masks[c.position] for c in components]).to(base.dtype)  # [C, n, T]
+        values = torch.stack([
+            slots[c.point][..., c.head] if c.head is not None else slots[c.point] for c in components
+        ]).to(base.dtype)
+        result[:, rows] = base[None, :] + (values * stacked).sum(-1).cpu()
     return result
 
 
