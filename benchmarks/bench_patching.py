@@ -106,6 +106,8 @@ def main() -> None:
             max_diff = max(max_diff, float((tl_values - ours).abs().max()))
             speedups[kind] = tl_s / ours_s
         rows.append((kind, len(comps), ours_s, loop_s, tl_s, len(comps) * forward_s))
+        # a row as soon as it is measured: SmolLM2 sweeps take many minutes each
+        print(f"[{kind}] cells {len(comps)}, ours {ours_s:.2f} s, loop {loop_s:.2f} s, TL {tl_s:.2f} s", flush=True)
     print(f"model {loaded.name}, {n_pairs} pairs x {length} tokens, one plain forward {forward_s:.3f} s")
     print("| sweep | cells | ours (s) | loop (s) | TransformerLens (s) | vs TL | vs loop | cells x forward (s) |")
     print("|---|---|---|---|---|---|---|---|")
