@@ -143,14 +143,7 @@ def main(argv=None) -> dict:
     for step in range(args.steps):
         seqs = [rng.choice(target) for _ in range(n_target)]
         seqs += [rng.choice(replay) for _ in range(args.batch - n_target)]
-        width = max(len(s) for s, _ in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-        attn = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, (s, n_prompt) in enumerate(seqs):
-            ids[row, : len(s)] = torch.tensor(s)
-            attn[row, : len(s)] = 1
-            labels[row, n_prompt : len(s)] = torch.tensor(s[n_prompt:])
+        ids, attn, labels = base.collate(seqs, pad)
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr

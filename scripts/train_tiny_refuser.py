@@ -420,6 +420,20 @@ def augment_pair(
 # --------------------------------------------------------------------------
 
 
+def collate(seqs, pad_id: int):
+    """Right-padded (input_ids, attention_mask, labels) for (token ids, prompt length) examples; the loss
+    sees only the reply tokens (labels are -100 on the prompt and the padding)."""
+    width = max(len(s) for s, _ in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, (ids, n_prompt) in enumerate(seqs):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attn[row, : len(ids)] = 1
+        labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
+    return input_ids, attn, labels
+
+
 def read_jsonl(path: Path):
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -747,14 +761,7 @@ def main(argv=None):
             queue = epoch_batches()
         idx = queue.pop()
         seqs = [e for i in idx for e in examples[i]]
-        L = max(len(s) for s, _ in seqs)
-        input_ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-        labels = torch.full((len(seqs), L), -100, dtype=torch.long)
-        attn = torch.zeros((len(seqs), L), dtype=torch.long)
-        for row, (ids, n_prompt) in enumerate(seqs):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attn[row, : len(ids)] = 1
-            labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
+        input_ids, attn, labels = collate(seqs, pad_id)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         loss = loss_fn(input_ids, attn, labels)
