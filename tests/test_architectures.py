@@ -327,3 +327,16 @@ def test_layer_skip_equals_full_forwards(loaded, batch):
     config = loaded.model.config
     expected = not getattr(config, "final_logit_softcapping", None) and getattr(config, "do_layer_norm_before", True)
     assert fast._layer_skip is expected, config.model_type
+
+
+def test_prefix_reuse_equals_full_forwards(loaded):
+    """Every family that replays layers also reuses the clean keys/values of the columns before a patch
+    (padded and unpadded batches), with the numbers of full forwards."""
+    for pairs in (random_pairs(6, seed=1, prefix=3), random_pairs(4, seed=2, min_len=9, max_len=9, prefix=4)):
+        batch = build_pair_batch(pairs, 0, [f"p{i}" for i in range(len(pairs))])
+        comps = enumerate_components(KINDS, LAYERS, HEADS, batch.width)
+        fast = PatchEngine(loaded, score_fn, max_rows=17)
+        full = PatchEngine(loaded, score_fn, max_rows=17, layer_skip=False, prefix_reuse=False)
+        torch.testing.assert_close(fast.patch(batch, comps), full.patch(batch, comps), atol=1e-5, rtol=0)
+        if fast._layer_skip:
+            assert fast.work["token_layers"] < 0.7 * full.work["token_layers"], loaded.name

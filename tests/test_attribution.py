@@ -21,8 +21,8 @@ def directional_derivative(engine, batch, component, eps=1e-3):
     source = engine.cache(batch.harmful_ids, batch.harmful_mask, [point])[point]
     target = engine.cache(batch.benign_ids, batch.benign_mask, [point])[point]
     mixed = {point: target + eps * (source - target)}
-    masks = engine._position_masks(batch.benign_ids, batch.benign_mask, batch.harmful_ids, batch.harmful_mask,
-                                   [component])
+    masks, _ = engine._position_masks(batch.benign_ids, batch.benign_mask, batch.harmful_ids, batch.harmful_mask,
+                                      [component])
     transform = engine._patch_transforms([component], mixed, masks)
     base = engine.scores(batch.benign_ids, batch.benign_mask)
     return (engine.scores(batch.benign_ids, batch.benign_mask, transform) - base) / eps

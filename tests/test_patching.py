@@ -150,3 +150,44 @@ def test_other_seed_and_mha_model():
         for i, (h, b) in enumerate(pairs):
             ref = naive_patched_score(loaded, h, b, comp, "denoise")
             assert abs(float(eff[k, i] + engine.baseline(batch)[1][i]) - ref) < 1e-4
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "same-length"])
+def test_prefix_reuse_equals_definition(attention, padded):
+    """Recomputing only the columns from the first patched one on, with the clean keys/values of earlier
+    columns, gives the one-forward-per-cell numbers: pairs diverging early and late, with and without
+    padding (transformers passes no mask then), SDPA and eager attention, one and many rows per forward."""
+    loaded = random_llama(seed=4, layers=3)
+    loaded.model.config._attn_implementation = attention
+    pairs = (random_pairs(5, seed=11, min_len=6, max_len=12, prefix=1) if padded
+             else random_pairs(4, seed=12, min_len=10, max_len=10, prefix=5))
+    batch = build_pair_batch(pairs, 0, [f"p{i}" for i in range(len(pairs))])
+    comps = enumerate_components(["resid_pre", "attn_out", "mlp_out", "head", "resid_post"], 3, 4, batch.width)
+    for rows in (1, 256):
+        fast = PatchEngine(loaded, score_fn, max_rows=rows)
+        slow = PatchEngine(loaded, score_fn, max_rows=rows, prefix_reuse=False)
+        patched = fast.patch(batch, comps, "noise")
+        torch.testing.assert_close(patched, slow.patch(batch, comps, "noise"), atol=1e-5, rtol=0)
+        assert fast.work["token_layers"] < 0.8 * slow.work["token_layers"]
+    rng = random.Random(2)
+    for k, comp in enumerate(comps):
+        if rng.random() < 0.25 or comp.position is None:
+            for i, (h, b) in enumerate(pairs):
+                expected = naive_patched_score(loaded, h, b, comp, "noise")
+                assert abs(float(patched[k, i]) - expected) < 1e-4, (comp.id, i)
+
+
+def test_prefix_reuse_falls_back_where_replay_disagrees(llama, batch, monkeypatch):
+    """If the per-batch check of the trimmed replay fails, every column is recomputed (same numbers)."""
+    comps = enumerate_components(["resid_pre", "head"], 3, 4, batch.width)
+    reference = PatchEngine(llama, score_fn, prefix_reuse=False).patch(batch, comps)
+    engine = PatchEngine(llama, score_fn)
+    original = engine.scores_from_layer
+
+    def broken(start, inputs, repeat, transforms, col0=0, cache=None):
+        values = original(start, inputs, repeat, transforms, col0, cache)
+        return values + 1.0 if col0 else values
+
+    monkeypatch.setattr(engine, "scores_from_layer", broken)
+    torch.testing.assert_close(engine.patch(batch, comps), reference, atol=1e-5, rtol=0)

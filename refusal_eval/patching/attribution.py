@@ -34,7 +34,7 @@ def attribute(engine: PatchEngine, batch: PairBatch, components: Sequence[Compon
         source, source_mask = sub.side(harmful=direction == "denoise")
         source_cache = engine.cache(source, source_mask, points)
         base, acts, grads = _target_gradients(engine, target, target_mask, points)
-        masks = engine._position_masks(target, target_mask, source, source_mask, components)
+        masks, _ = engine._position_masks(target, target_mask, source, source_mask, components)
         shape = masks[None].shape
         # Per point, each slot's first-order contribution: [n, T] (or [n, T, heads] at hook_z).
         slots = {}

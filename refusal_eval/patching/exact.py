@@ -12,6 +12,7 @@ them at once, can be patched. Pairs of unequal length are *right-aligned*: only 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -113,6 +114,60 @@ def _tile(value, repeat: int, n: int):
     return value
 
 
+class _PrefixCache:
+    """Duck-typed stand-in for a transformers ``Cache`` passed to replayed decoder layers.
+
+    Recording (``prefix=None``): each attention layer's keys/values pass through and are kept. Replaying:
+    the recorded keys/values of the columns before the replayed ones are prepended, so queries of the
+    replayed columns attend to the whole prompt while only those columns are recomputed.
+    """
+
+    def __init__(self, prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        self.prefix = prefix
+        self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.prefix is None:
+            self.recorded[layer_idx] = (key_states, value_states)
+            return key_states, value_states
+        keys, values = self.prefix[layer_idx]
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def _slice_columns(name: str, value, col0: int, width: int):
+    """A recorded layer keyword argument restricted to query columns ``col0:`` (keys keep every column).
+
+    Raises ``ValueError`` for a tensor argument whose sequence axis cannot be identified safely."""
+    if name == "attention_mask" and isinstance(value, torch.Tensor):
+        if value.dim() != 4 or value.shape[-2] != width or value.shape[-1] != width:
+            raise ValueError(f"attention mask of shape {tuple(value.shape)}")
+        return value[..., col0:, :]
+    if name in ("position_ids", "cache_position") and isinstance(value, torch.Tensor):
+        return value[..., col0:] if value.shape[-1] == width else value
+    if name == "position_embeddings" and isinstance(value, tuple):
+        return tuple(v[..., col0:, :] for v in value)
+    if isinstance(value, torch.Tensor) and width in value.shape:
+        raise ValueError(f"argument '{name}' of shape {tuple(value.shape)}")
+    return value
+
+
+def _causal_mask(col0: int, width: int, like: torch.Tensor, implementation: str) -> torch.Tensor:
+    """The [1, 1, width - col0, width] causal mask of queries col0.. over every key, in the form the
+    attention implementation takes (boolean for SDPA, additive for eager), for batches that need no padding
+    mask (transformers passes ``None`` there and relies on a top-left ``is_causal`` that a cached prefix breaks)."""
+    rows = torch.arange(col0, width, device=like.device)[:, None]
+    allowed = torch.arange(width, device=like.device)[None, :] <= rows
+    if implementation == "sdpa":
+        return allowed[None, None]
+    if implementation == "eager":
+        blocked = torch.full(allowed.shape, torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device)
+        return torch.where(allowed, torch.zeros((), dtype=like.dtype, device=like.device), blocked)[None, None]
+    raise ValueError(f"attention implementation '{implementation}'")
+
+
 class PatchEngine:
     """Runs clean and patched forward passes of one model and returns refusal scores."""
 
@@ -123,6 +178,9 @@ class PatchEngine:
         max_rows: int = 256,
         progress: bool = False,
         layer_skip: bool = True,
+        prefix_reuse: bool = True,
+        merge_slack: float = 0.1,
+        small_chunk: int = 2**20,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -133,6 +191,11 @@ class PatchEngine:
         self.device = next(self.model.parameters()).device
         self.head_dim = self.adapter.head_dim(self.model.config)
         self._layer_skip: bool | None = None if layer_skip else False
+        self.prefix_reuse = prefix_reuse
+        # what the patched forwards computed: decoder-layer applications to one token, summed
+        self.work = {"patched_forwards": 0, "token_layers": 0}
+        self.merge_slack = merge_slack
+        self.small_chunk = small_chunk
 
     # -- hook points -------------------------------------------------------------------------------------
     def _module(self, point: Point) -> tuple[nn.Module, str]:
@@ -200,17 +263,32 @@ class PatchEngine:
             )
         return self.score_fn(out.logits[:, -1, :]).float().cpu()
 
-    # -- layer skip ------------------------------------------------------------------------------------------
+    # -- layer skip and prefix reuse ---------------------------------------------------------------------------
     @torch.inference_mode()
     def layer_inputs(self, ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[tuple, dict]]:
         """The (args, kwargs) every decoder layer receives in a clean forward of the batch (for replay)."""
         inputs: list[tuple[tuple, dict]] = []
-        handles = [
-            layer.register_forward_pre_hook(
-                lambda _m, args, kwargs: inputs.append((_detach(args), _detach(kwargs))), with_kwargs=True
-            )
-            for layer in self.adapter.layers(self.model)
-        ]
+
+        def record(layer: nn.Module, args: tuple, kwargs: dict) -> None:
+            # Name the positional arguments after the hidden states (GPT-2 passes its cache and mask by
+            # position) so that a replay can find and replace them.
+            try:
+                signature = inspect.signature(layer.forward)
+                bound = signature.bind(*args, **kwargs)
+                first = next(iter(bound.arguments))
+                if any(p.kind is p.VAR_POSITIONAL and p.name in bound.arguments for p in signature.parameters.values()):
+                    raise ValueError("variadic positional arguments")
+                var = [p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]
+                named = {k: v for k, v in bound.arguments.items() if k != first and k not in var}
+                for name in var:
+                    named.update(bound.arguments.get(name, {}))
+                args, kwargs = (bound.arguments[first],), named
+            except (TypeError, ValueError, StopIteration):
+                pass
+            inputs.append((_detach(args), _detach(kwargs)))
+
+        layers = self.adapter.layers(self.model)
+        handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
         try:
             self.scores(ids, mask)
         finally:
@@ -225,40 +303,90 @@ class PatchEngine:
         inputs: list[tuple[tuple, dict]],
         repeat: int,
         transforms: dict[Point, Callable[[torch.Tensor], torch.Tensor]],
+        col0: int = 0,
+        cache: _PrefixCache | None = None,
     ) -> torch.Tensor:
-        """Scores of a forward that starts at decoder layer ``start`` from the recorded clean inputs.
+        """Scores of a forward that starts at decoder layer ``start`` and column ``col0`` from recorded inputs.
 
         Layers before ``start`` are untouched by any patch at ``start`` or later, so their output is the
         recorded clean residual stream; replaying the remaining layers with their recorded arguments (masks,
-        rotary embeddings) tiled ``repeat`` times gives the same numbers as a full forward, at a fraction of
-        the cost. The tail (final norm, unembedding of the last position) is checked against the full model
-        by :meth:`_check_layer_skip` before this path is used.
+        rotary embeddings) tiled ``repeat`` times gives the same numbers as a full forward. Causal attention
+        means columns before ``col0`` are untouched too: with ``cache`` holding their recorded keys/values
+        (see :meth:`record_prefix`), only columns ``col0:`` are recomputed. Both shortcuts are checked against
+        the full model by :meth:`_check_replay` before they are used.
         """
         layers = self.adapter.layers(self.model)
         args, kwargs = inputs[start]
         hidden = args[0] if args else kwargs["hidden_states"]
-        n = hidden.shape[0]
-        hidden = _tile(hidden, repeat, n)
+        n, width = hidden.shape[0], hidden.shape[1]
+        hidden = _tile(hidden[:, col0:], repeat, n)
+        if cache is not None and cache.prefix is not None:
+            cache = _PrefixCache({
+                layer: (_tile(keys[..., :col0, :], repeat, n), _tile(values[..., :col0, :], repeat, n))
+                for layer, (keys, values) in cache.prefix.items()
+            })
         with self._hooks(transforms):
             for index in range(start, len(layers)):
                 args, kwargs = inputs[index]
-                rest_args = _tile(args[1:], repeat, n)
-                kw = {k: _tile(v, repeat, n) for k, v in kwargs.items() if k != "hidden_states"}
-                out = layers[index](hidden, *rest_args, **kw)
+                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                if cache is not None:
+                    name = next(k for k in _CACHE_KWARGS if k in kw)
+                    kw[name] = cache
+                    if col0 and "attention_mask" in kw:
+                        kw = {k: _slice_columns(k, v, col0, width) for k, v in kw.items()}
+                        if kw["attention_mask"] is None:
+                            implementation = getattr(self.model.config, "_attn_implementation", "eager")
+                            kw["attention_mask"] = _causal_mask(col0, width, hidden, implementation)
+                    elif col0:
+                        raise ValueError("the layers take no attention mask argument")
+                kw = {k: _tile(v, repeat, n) for k, v in kw.items()}
+                out = layers[index](hidden, *_tile(args[1:], repeat, n), **kw)
                 hidden = out[0] if isinstance(out, tuple) else out
         last = self.adapter.final_norm(self.model)(hidden[:, -1:, :])
         logits = self.model.get_output_embeddings()(last)[:, -1, :]
         return self.score_fn(logits).float().cpu()
 
-    def _check_layer_skip(self, ids: torch.Tensor, mask: torch.Tensor, inputs: list[tuple[tuple, dict]]) -> bool:
-        """Use layer skip only where replaying layers reproduces the full forward (else fall back)."""
+    @torch.inference_mode()
+    def record_prefix(self, inputs: list[tuple[tuple, dict]]) -> tuple[torch.Tensor, _PrefixCache] | None:
+        """Replay every layer once, recording each attention layer's keys and values for prefix reuse.
+
+        Returns the replayed scores and the recorded cache, or None where the layers take no cache argument.
+        """
+        if not inputs or not any(k in inputs[0][1] for k in _CACHE_KWARGS):
+            return None
+        cache = _PrefixCache()
+        replay = self.scores_from_layer(0, inputs, 1, {}, cache=cache)
+        if len(cache.recorded) != len(inputs):
+            return None
+        return replay, _PrefixCache(cache.recorded)
+
+    def _check_replay(
+        self, ids: torch.Tensor, mask: torch.Tensor, inputs: list[tuple[tuple, dict]], first_diff: int
+    ) -> tuple[bool, _PrefixCache | None]:
+        """Which shortcuts reproduce the full forward for this batch: (layer skip, prefix cache or None).
+
+        Layer skip is decided once per model. Prefix reuse is checked on every batch, by recomputing the
+        clean run from column ``first_diff`` on; where it disagrees or cannot run, every column is recomputed.
+        """
+        full = self.scores(ids, mask)
         if self._layer_skip is None:
             try:
                 replay = self.scores_from_layer(0, inputs, 1, {})
-                self._layer_skip = bool(torch.allclose(replay, self.scores(ids, mask), atol=1e-4, rtol=1e-4))
+                self._layer_skip = bool(torch.allclose(replay, full, atol=1e-4, rtol=1e-4))
             except Exception:  # an architecture whose layers cannot be replayed this way: full forwards
                 self._layer_skip = False
-        return self._layer_skip
+        if not self._layer_skip or not self.prefix_reuse or first_diff <= 0:
+            return self._layer_skip, None
+        try:
+            recorded = self.record_prefix(inputs)
+            if recorded is None:
+                return True, None
+            trimmed = self.scores_from_layer(0, inputs, 1, {}, col0=first_diff, cache=recorded[1])
+        except (ValueError, TypeError, KeyError, RuntimeError, StopIteration):
+            return True, None
+        ok = torch.allclose(trimmed, full, atol=1e-4, rtol=1e-4) and torch.allclose(recorded[0], full, atol=1e-4,
+                                                                                       rtol=1e-4)
+        return True, recorded[1] if ok else None
 
     @torch.inference_mode()
     def cache(self, ids: torch.Tensor, mask: torch.Tensor, points: Sequence[Point]) -> dict[Point, torch.Tensor]:
@@ -296,14 +424,13 @@ class PatchEngine:
         result = torch.empty(len(components), batch.n_pairs)
         points = sorted({c.point for c in components})
         pair_chunks = self._pair_chunks(batch.n_pairs)
-        n_variants = max(1, self.max_rows // min(batch.n_pairs, self.max_rows))
         bar = tqdm(total=len(components) * len(pair_chunks), desc="patching", unit="component",
                    disable=not self.progress, leave=False)
         for rows in pair_chunks:
             sub = batch.select(rows)
             target, target_mask = sub.side(harmful=direction == "noise")
             source, source_mask = sub.side(harmful=direction == "denoise")
-            masks = self._position_masks(target, target_mask, source, source_mask, components)
+            masks, first_diff = self._position_masks(target, target_mask, source, source_mask, components)
             # A patch that touches no slot (every chosen position precedes the pair's first differing token,
             # where both runs are identical, or lies outside the prompt) leaves the target run unchanged.
             active = [k for k, c in enumerate(components) if masks[c.position].any()]
@@ -315,23 +442,61 @@ class PatchEngine:
                 continue
             source_cache = self.cache(source, source_mask, points)
             inputs = self.layer_inputs(target, target_mask)
-            skip = self._check_layer_skip(target, target_mask, inputs)
-            # Sorting by layer lets a chunk start its forward at its earliest patched layer.
-            active.sort(key=lambda k: (components[k].kind == "embed", components[k].layer))
-            for start in range(0, len(active), n_variants):
-                ks = active[start : start + n_variants]
+            skip, prefix = self._check_replay(target, target_mask, inputs, first_diff)
+            width = sub.width
+            # Where each cell's forward can start: its layer (layer skip) and, with prefix reuse, its column
+            # (a single position) or the batch's first differing column (all positions).
+            starts = {}
+            for k in active:
+                c = components[k]
+                layer = c.layer if skip and c.kind != "embed" else -1
+                col = 0
+                if prefix is not None and layer >= 0:
+                    col = first_diff if c.position is None else width + c.position
+                starts[k] = (layer, col)
+            for ks in self._plan_chunks(active, starts, len(target), width):
                 chunk = [components[k] for k in ks]
-                transforms = self._patch_transforms(chunk, source_cache, masks)
+                layer, col0 = min(starts[k][0] for k in ks), min(starts[k][1] for k in ks)
+                transforms = self._patch_transforms(chunk, source_cache, masks, col0)
                 v = len(chunk)
-                if skip and all(c.kind != "embed" for c in chunk):
-                    first_layer = min(c.layer for c in chunk)
-                    values = self.scores_from_layer(first_layer, inputs, v, transforms).view(v, -1)
+                if layer >= 0:
+                    values = self.scores_from_layer(layer, inputs, v, transforms, col0, prefix if col0 else None)
                 else:
-                    values = self.scores(target.repeat(v, 1), target_mask.repeat(v, 1), transforms).view(v, -1)
-                result[ks, rows] = values
+                    values = self.scores(target.repeat(v, 1), target_mask.repeat(v, 1), transforms)
+                result[ks, rows] = values.view(v, -1)
+                self.work["patched_forwards"] += 1
+                self.work["token_layers"] += v * len(target) * (width - col0) * (self.loaded.n_layers - max(layer, 0))
                 bar.update(v)
         bar.close()
         return result
+
+    def _plan_chunks(
+        self, active: list[int], starts: dict[int, tuple[int, int]], n: int, width: int
+    ) -> list[list[int]]:
+        """Group cells into batched forwards: cells sorted by (start layer, start column), a group growing
+        while its rectangle (variants x remaining layers x remaining columns) costs at most
+        ``1 + merge_slack`` times its cells' own work, or is still too small to be worth a forward of its own."""
+        n_layers = self.loaded.n_layers
+        n_variants = max(1, self.max_rows // n)
+        hidden = int(self.model.config.hidden_size) if hasattr(self.model.config, "hidden_size") else 1024
+
+        def cost(layer: int, col: int) -> int:
+            return (n_layers - max(layer, 0) + (layer < 0)) * (width - col)
+
+        chunks: list[list[int]] = []
+        for k in sorted(active, key=lambda k: (starts[k][0] < 0, starts[k], k)):
+            if chunks:
+                group = chunks[-1] + [k]
+                layer, col = min(starts[j][0] for j in group), min(starts[j][1] for j in group)
+                same_kind = (starts[chunks[-1][0]][0] < 0) == (starts[k][0] < 0)
+                rect = len(group) * cost(layer, col)
+                own = sum(cost(*starts[j]) for j in group)
+                small = len(group) * n * (width - col) * hidden <= self.small_chunk
+                if same_kind and len(group) <= n_variants and (rect <= (1 + self.merge_slack) * own or small):
+                    chunks[-1] = group
+                    continue
+            chunks.append([k])
+        return chunks
 
     @staticmethod
     def _position_masks(
@@ -340,53 +505,60 @@ class PatchEngine:
         source: torch.Tensor,
         source_mask: torch.Tensor,
         components: Sequence[Component],
-    ) -> dict[int | None, torch.Tensor]:
-        """Boolean [n, T] masks of the slots each position patches: every real token (None) or the slot at
-        offset -k, where both sides have a token and the pair has already diverged (earlier slots hold
-        identical activations in both runs, so patching them is a no-op)."""
+    ) -> tuple[dict[int | None, torch.Tensor], int]:
+        """Boolean [n, T] masks of the slots each position patches: every slot (None) or the slot at offset
+        -k, where both sides have a token and the pair has already diverged (earlier slots hold
+        identical activations in both runs, so patching them is a no-op); and the first column where any
+        pair differs (every activation before it is the same in both runs)."""
         real = target_mask.bool() & source_mask.bool()
         differs = (target != source) | (target_mask != source_mask)
         width = real.shape[1]
         diverged = differs.cumsum(1) > 0  # True from the pair's first differing slot on
-        out: dict[int | None, torch.Tensor] = {None: real}
+        out: dict[int | None, torch.Tensor] = {None: real & diverged}
         for position in {c.position for c in components if c.position is not None}:
             m = torch.zeros_like(real)
             if -position <= width:
                 col = width + position
                 m[:, col] = real[:, col] & diverged[:, col]
             out[position] = m
-        return out
+        columns = diverged.any(0).nonzero()
+        return out, int(columns[0]) if len(columns) else width - 1
 
     def _patch_transforms(
         self,
         chunk: Sequence[Component],
         source_cache: dict[Point, torch.Tensor],
         masks: dict[int | None, torch.Tensor],
+        col0: int = 0,
     ) -> dict[Point, Callable[[torch.Tensor], torch.Tensor]]:
+        """Hook transforms writing each variant's source activation into its rows of a batch whose columns
+        start at ``col0`` (rows are variant-major: variant * n_pairs + pair)."""
         by_point: dict[Point, list[tuple[int, Component]]] = {}
         for v, component in enumerate(chunk):
             by_point.setdefault(component.point, []).append((v, component))
         n_variants = len(chunk)
-        n_heads = self.loaded.n_heads
         head_dim = self.head_dim
+        n, full_width = masks[None].shape
 
         def make(point: Point, entries: list[tuple[int, Component]]) -> Callable[[torch.Tensor], torch.Tensor]:
-            src = source_cache[point].view(*masks[None].shape, -1)  # [n, T, d] also where tokens come flat (OPT fc2)
+            # [n, T, d] also where tokens come flat (OPT fc2)
+            src = source_cache[point].view(n, full_width, -1)[:, col0:]
 
             def fn(x: torch.Tensor) -> torch.Tensor:
                 x = x.clone()
-                n, width = src.shape[0], src.shape[1]
-                view = x.view(n_variants, n, width, -1)
+                view = x.view(n_variants, n, full_width - col0, -1)
                 for v, component in entries:
-                    m = masks[component.position].to(x.device)[..., None]
-                    if component.head is None:
-                        view[v] = torch.where(m, src, view[v])
-                    else:
-                        h = slice(component.head * head_dim, (component.head + 1) * head_dim)
-                        view[v, :, :, h] = torch.where(m, src[:, :, h], view[v, :, :, h])
+                    m = masks[component.position][:, col0:].to(x.device)
+                    cols, dims = slice(None), slice(None)
+                    if component.position is not None:
+                        col = full_width + component.position - col0
+                        cols = slice(col, col + 1)
+                    if component.head is not None:
+                        dims = slice(component.head * head_dim, (component.head + 1) * head_dim)
+                    target = view[v, :, cols, dims]
+                    view[v, :, cols, dims] = torch.where(m[:, cols, None], src[:, cols, dims], target)
                 return x
 
             return fn
 
-        assert n_heads > 0
         return {point: make(point, entries) for point, entries in by_point.items()}
