@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import resource
 import sys
 import time
 from collections import Counter
@@ -121,11 +122,29 @@ def _verify(engine, batch, components, config, estimated, approximate, target_sc
     return corrected, info
 
 
+def _engine_info(engine: PatchEngine, loaded: LoadedModel, batch) -> rs.EngineInfo:
+    """What the patching engine did and the run's peak memory (CUDA: allocator peak; CPU: process peak RSS)."""
+    one_forward = batch.n_pairs * batch.width * loaded.n_layers
+    if engine.device.type == "cuda":
+        peak, kind = int(torch.cuda.max_memory_allocated(engine.device)), "CUDA allocator peak (torch)"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS (whole process)"
+    return rs.EngineInfo(
+        batch_rows=engine.rows(batch.width), layer_skip=bool(engine._layer_skip),
+        prefix_reuse=engine.work["prefix_batches"] > 0, patched_forwards=engine.work["patched_forwards"],
+        forward_equivalents=round(engine.work["token_layers"] / one_forward, 2),
+        weights_bytes=sum(p.numel() * p.element_size() for p in loaded.model.parameters()),
+        peak_memory_bytes=peak, peak_memory_kind=kind,
+    )
+
+
 def audit(config: AuditConfig | None = None, command: str = "", progress: bool = True) -> rs.AuditReport:
     """Run a complete refusal audit and return the validated report (nothing is written)."""
     config = config or AuditConfig()
     started = time.perf_counter()
     torch.manual_seed(config.seed)
+    if config.device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     warnings: list[str] = []
 
     dataset_path = Path(config.dataset) if config.dataset else shipped_dataset()
@@ -185,8 +204,9 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
     # -- baseline scores for every pair; exclusions ---------------------------------------------------------
     def side_scores(seqs: list[list[int]]) -> list[float]:
         values: list[float] = []
-        for start in range(0, len(seqs), config.batch_rows):
-            ids, mask = _left_pad(seqs[start : start + config.batch_rows], tok.pad_token_id)
+        size = engine.rows(max(map(len, seqs), default=1))
+        for start in range(0, len(seqs), size):
+            ids, mask = _left_pad(seqs[start : start + size], tok.pad_token_id)
             values.extend(engine.scores(ids, mask).tolist())
         return values
 
@@ -364,5 +384,6 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
         components=results,
         warnings=warnings,
         environment=_environment(),
+        engine=_engine_info(engine, loaded, batch),
         runtime_seconds=round(time.perf_counter() - started, 2),
     )

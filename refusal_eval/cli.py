@@ -20,6 +20,18 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _batch_rows(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = 0
+    if rows < 1:
+        raise argparse.ArgumentTypeError(f"'{value}' is neither 'auto' nor a positive number of rows")
+    return rows
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refusal-eval", description="Find where a model's refusal lives.")
     parser.add_argument("--version", action="version", version=f"refusal-eval {__version__}")
@@ -52,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     run.add_argument("--ci-level", type=float, default=0.95)
     run.add_argument("--ci-method", choices=["BCa", "percentile", "basic"], default="BCa")
-    run.add_argument("--batch-rows", type=int, default=256, help="rows per forward pass (memory vs speed)")
+    run.add_argument("--batch-rows", type=_batch_rows, default="auto",
+                     help="rows per forward pass (memory vs speed); 'auto' (default) sizes them from free memory")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     run.add_argument("--device", default="cpu")
     run.add_argument("--quiet", action="store_true", help="no progress bars")

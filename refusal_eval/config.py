@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -45,7 +45,9 @@ class AuditConfig(BaseModel):
     ci_method: Literal["BCa", "percentile", "basic"] = "BCa"
     seed: int = 0
     max_new_tokens: int = Field(24, ge=1)
-    batch_rows: int = Field(256, ge=1, description="rows (pairs x patched variants) per forward pass")
+    batch_rows: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="rows (pairs x patched variants) per forward pass; 'auto' sizes them from free memory"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
 

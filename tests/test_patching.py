@@ -191,3 +191,20 @@ def test_prefix_reuse_falls_back_where_replay_disagrees(llama, batch, monkeypatc
 
     monkeypatch.setattr(engine, "scores_from_layer", broken)
     torch.testing.assert_close(engine.patch(batch, comps), reference, atol=1e-5, rtol=0)
+
+
+def test_chunk_plan_covers_every_cell_once_within_caps(llama):
+    """The planner partitions the cells, never exceeds the row or token caps, keeps full-forward (embed)
+    cells apart, and merges cells that share a start (no extra work) instead of running them one by one."""
+    rng = random.Random(3)
+    starts = {k: (rng.choice([-1, 0, 1, 2]), rng.randrange(0, 12)) for k in range(200)}
+    engine = PatchEngine(llama, score_fn, max_rows=40, max_chunk_tokens=300)
+    chunks = engine._plan_chunks(list(starts), starts, n=4, width=12)
+    assert sorted(k for chunk in chunks for k in chunk) == list(range(200))
+    for chunk in chunks:
+        assert len(chunk) * 4 <= 40
+        col = min(starts[k][1] for k in chunk)
+        assert len(chunk) == 1 or len(chunk) * 4 * (12 - col) <= 300
+        assert len({starts[k][0] < 0 for k in chunk}) == 1
+    same = {k: (1, 5) for k in range(8)}
+    assert engine._plan_chunks(list(same), same, n=4, width=12) == [list(range(8))]

@@ -28,7 +28,7 @@ def attribute(engine: PatchEngine, batch: PairBatch, components: Sequence[Compon
         raise ValueError("an all-positions patch needs pairs of equal token length on both sides")
     points = sorted({c.point for c in components})
     result = torch.empty(len(components), batch.n_pairs)
-    for rows in engine._pair_chunks(batch.n_pairs):
+    for rows in engine._pair_chunks(batch.n_pairs, batch.width):
         sub = batch.select(rows)
         target, target_mask = sub.side(harmful=direction == "noise")
         source, source_mask = sub.side(harmful=direction == "denoise")
@@ -39,7 +39,7 @@ def attribute(engine: PatchEngine, batch: PairBatch, components: Sequence[Compon
         # Per point, each slot's first-order contribution: [n, T] (or [n, T, heads] at hook_z).
         slots = {}
         for point in points:
-            prod = (source_cache[point] - acts[point]).view(*shape, -1) * grads[point].view(*shape, -1)
+            prod = (source_cache[point].view(*shape, -1) - acts[point].view(*shape, -1)) * grads[point].view(*shape, -1)
             slots[point] = (prod.view(*shape, -1, engine.head_dim) if point[0] == "head" else prod).sum(-1)
         stacked = torch.stack([masks[c.position] for c in components]).to(base.dtype)  # [C, n, T]
         values = torch.stack([
@@ -68,6 +68,10 @@ def _target_gradients(engine: PatchEngine, ids: torch.Tensor, mask: torch.Tensor
     model = engine.model
     ids, mask = ids.to(engine.device), mask.to(engine.device)
     handle = model.get_input_embeddings().register_forward_hook(start_graph)
+    # Gradients with respect to activations only: no weight gradients, about half the backward pass.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
     try:
         with torch.enable_grad(), engine._hooks({p: keep(p) for p in points}):
             out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
@@ -76,5 +80,7 @@ def _target_gradients(engine: PatchEngine, ids: torch.Tensor, mask: torch.Tensor
             scores.sum().backward()
     finally:
         handle.remove()
+        for p in trainable:
+            p.requires_grad_(True)
     grads = {p: a.grad.detach() for p, a in acts.items()}
     return scores.detach().cpu(), {p: a.detach() for p, a in acts.items()}, grads

@@ -13,6 +13,7 @@ them at once, can be patched. Pairs of unequal length are *right-aligned*: only 
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -168,6 +169,23 @@ def _causal_mask(col0: int, width: int, like: torch.Tensor, implementation: str)
     raise ValueError(f"attention implementation '{implementation}'")
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free for activations: the accelerator's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
 class PatchEngine:
     """Runs clean and patched forward passes of one model and returns refusal scores."""
 
@@ -175,27 +193,28 @@ class PatchEngine:
         self,
         loaded: LoadedModel,
         score_fn: Callable[[torch.Tensor], torch.Tensor],
-        max_rows: int = 256,
+        max_rows: int | str = "auto",
         progress: bool = False,
         layer_skip: bool = True,
         prefix_reuse: bool = True,
-        merge_slack: float = 0.1,
-        small_chunk: int = 2**20,
+        merge_overhead: int | None = None,
+        max_chunk_tokens: int | None = None,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.adapter = loaded.adapter
         self.score_fn = score_fn
-        self.max_rows = max(1, int(max_rows))
+        self._auto_rows = max_rows == "auto"
+        self.max_rows = 0 if self._auto_rows else max(1, int(max_rows))
         self.progress = progress
         self.device = next(self.model.parameters()).device
         self.head_dim = self.adapter.head_dim(self.model.config)
         self._layer_skip: bool | None = None if layer_skip else False
         self.prefix_reuse = prefix_reuse
         # what the patched forwards computed: decoder-layer applications to one token, summed
-        self.work = {"patched_forwards": 0, "token_layers": 0}
-        self.merge_slack = merge_slack
-        self.small_chunk = small_chunk
+        self.work = {"patched_forwards": 0, "token_layers": 0, "batches": 0, "prefix_batches": 0}
+        self.merge_overhead = merge_overhead
+        self.max_chunk_tokens = max_chunk_tokens
 
     # -- hook points -------------------------------------------------------------------------------------
     def _module(self, point: Point) -> tuple[nn.Module, str]:
@@ -267,6 +286,11 @@ class PatchEngine:
     @torch.inference_mode()
     def layer_inputs(self, ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[tuple, dict]]:
         """The (args, kwargs) every decoder layer receives in a clean forward of the batch (for replay)."""
+        return self._clean_run(ids, mask)[0]
+
+    @torch.inference_mode()
+    def _clean_run(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[list[tuple[tuple, dict]], torch.Tensor]:
+        """One clean forward: every decoder layer's recorded (args, kwargs), and the scores."""
         inputs: list[tuple[tuple, dict]] = []
 
         def record(layer: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -290,11 +314,11 @@ class PatchEngine:
         layers = self.adapter.layers(self.model)
         handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
         try:
-            self.scores(ids, mask)
+            clean = self.scores(ids, mask)
         finally:
             for handle in handles:
                 handle.remove()
-        return inputs
+        return inputs, clean
 
     @torch.inference_mode()
     def scores_from_layer(
@@ -323,7 +347,7 @@ class PatchEngine:
         if cache is not None and cache.prefix is not None:
             cache = _PrefixCache({
                 layer: (_tile(keys[..., :col0, :], repeat, n), _tile(values[..., :col0, :], repeat, n))
-                for layer, (keys, values) in cache.prefix.items()
+                for layer, (keys, values) in cache.prefix.items() if layer >= start
             })
         with self._hooks(transforms):
             for index in range(start, len(layers)):
@@ -361,41 +385,55 @@ class PatchEngine:
         return replay, _PrefixCache(cache.recorded)
 
     def _check_replay(
-        self, ids: torch.Tensor, mask: torch.Tensor, inputs: list[tuple[tuple, dict]], first_diff: int
+        self, inputs: list[tuple[tuple, dict]], full: torch.Tensor, first_diff: int
     ) -> tuple[bool, _PrefixCache | None]:
-        """Which shortcuts reproduce the full forward for this batch: (layer skip, prefix cache or None).
+        """Which shortcuts reproduce the full forward's scores ``full`` for this batch: (layer skip, prefix
+        cache or None).
 
-        Layer skip is decided once per model. Prefix reuse is checked on every batch, by recomputing the
-        clean run from column ``first_diff`` on; where it disagrees or cannot run, every column is recomputed.
+        Layer skip is decided by the first batch of a model, with a replay from layer 0. Prefix reuse is
+        checked on every batch: the replay that records the keys/values must reproduce ``full``, and so must
+        a replay of columns ``first_diff:`` on top of them; otherwise every column is recomputed.
         """
-        full = self.scores(ids, mask)
-        if self._layer_skip is None:
+
+        def agrees(values: torch.Tensor) -> bool:
+            return bool(torch.allclose(values, full, atol=1e-4, rtol=1e-4))
+
+        recorded = None
+        if self._layer_skip is not False:
             try:
-                replay = self.scores_from_layer(0, inputs, 1, {})
-                self._layer_skip = bool(torch.allclose(replay, full, atol=1e-4, rtol=1e-4))
+                if self.prefix_reuse and first_diff > 0:
+                    recorded = self.record_prefix(inputs)
+                if recorded is not None:
+                    ok = agrees(recorded[0])
+                else:
+                    ok = True if self._layer_skip else agrees(self.scores_from_layer(0, inputs, 1, {}))
             except Exception:  # an architecture whose layers cannot be replayed this way: full forwards
-                self._layer_skip = False
-        if not self._layer_skip or not self.prefix_reuse or first_diff <= 0:
-            return self._layer_skip, None
+                ok = False
+            if self._layer_skip is None:
+                self._layer_skip = ok
+            if not ok:
+                return False, None
+        if not self._layer_skip or recorded is None:
+            return bool(self._layer_skip), None
         try:
-            recorded = self.record_prefix(inputs)
-            if recorded is None:
-                return True, None
             trimmed = self.scores_from_layer(0, inputs, 1, {}, col0=first_diff, cache=recorded[1])
         except (ValueError, TypeError, KeyError, RuntimeError, StopIteration):
             return True, None
-        ok = torch.allclose(trimmed, full, atol=1e-4, rtol=1e-4) and torch.allclose(recorded[0], full, atol=1e-4,
-                                                                                       rtol=1e-4)
-        return True, recorded[1] if ok else None
+        return True, recorded[1] if agrees(trimmed) else None
 
     @torch.inference_mode()
-    def cache(self, ids: torch.Tensor, mask: torch.Tensor, points: Sequence[Point]) -> dict[Point, torch.Tensor]:
-        """Activations at the given hook points for a batch (one clean forward)."""
+    def cache(
+        self, ids: torch.Tensor, mask: torch.Tensor, points: Sequence[Point], from_col: int = 0
+    ) -> dict[Point, torch.Tensor]:
+        """Activations [n, T - from_col, d] at the given hook points for a batch (one clean forward), kept
+        from column ``from_col`` on."""
         store: dict[Point, torch.Tensor] = {}
+        n, width = ids.shape
 
         def recorder(point: Point) -> Callable[[torch.Tensor], torch.Tensor]:
             def fn(x: torch.Tensor) -> torch.Tensor:
-                store[point] = x.detach().clone()
+                # view: OPT's fc2 sees tokens flattened to [n * T, d]
+                store[point] = x.detach().view(n, width, -1)[:, from_col:].clone()
                 return x
 
             return fn
@@ -406,14 +444,29 @@ class PatchEngine:
     def baseline(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Unpatched refusal scores (harmful, benign) for every pair."""
         harmful, benign = [], []
-        for rows in self._pair_chunks(batch.n_pairs):
+        for rows in self._pair_chunks(batch.n_pairs, batch.width):
             sub = batch.select(rows)
             harmful.append(self.scores(*sub.side(harmful=True)))
             benign.append(self.scores(*sub.side(harmful=False)))
         return torch.cat(harmful), torch.cat(benign)
 
-    def _pair_chunks(self, n: int) -> list[slice]:
-        return [slice(i, min(n, i + self.max_rows)) for i in range(0, n, self.max_rows)]
+    def _pair_chunks(self, n: int, width: int) -> list[slice]:
+        size = self.rows(width)
+        return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+    def rows(self, width: int) -> int:
+        """Rows (pairs x patched variants) per forward for prompts ``width`` tokens wide: the fixed
+        ``max_rows``, or with ``"auto"`` what a quarter of the free memory holds (capped at 4096 rows on an
+        accelerator, 256 on CPU, where larger batches stop paying)."""
+        if not self._auto_rows:
+            return self.max_rows
+        config = self.model.config
+        hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 1024)
+        inner = int(getattr(config, "intermediate_size", 0) or getattr(config, "n_inner", 0) or 4 * hidden)
+        element = next(self.model.parameters()).element_size()
+        per_row = element * width * (8 * hidden + 4 * inner + 2 * max(1, self.loaded.n_heads) * width)
+        cap = 256 if self.device.type == "cpu" else 4096
+        return int(min(cap, max(1, free_memory(self.device) // 4 // per_row)))
 
     def patch(self, batch: PairBatch, components: Sequence[Component], direction: str = "denoise") -> torch.Tensor:
         """Patched refusal score of the target side, shape [len(components), n_pairs]."""
@@ -423,7 +476,7 @@ class PatchEngine:
             raise ValueError("an all-positions patch needs pairs of equal token length on both sides")
         result = torch.empty(len(components), batch.n_pairs)
         points = sorted({c.point for c in components})
-        pair_chunks = self._pair_chunks(batch.n_pairs)
+        pair_chunks = self._pair_chunks(batch.n_pairs, batch.width)
         bar = tqdm(total=len(components) * len(pair_chunks), desc="patching", unit="component",
                    disable=not self.progress, leave=False)
         for rows in pair_chunks:
@@ -435,14 +488,18 @@ class PatchEngine:
             # where both runs are identical, or lies outside the prompt) leaves the target run unchanged.
             active = [k for k, c in enumerate(components) if masks[c.position].any()]
             idle = [k for k in range(len(components)) if not masks[components[k].position].any()]
-            if idle:
-                result[idle, rows] = self.scores(target, target_mask)
-                bar.update(len(idle))
             if not active:
+                result[:, rows] = self.scores(target, target_mask)
+                bar.update(len(components))
                 continue
-            source_cache = self.cache(source, source_mask, points)
-            inputs = self.layer_inputs(target, target_mask)
-            skip, prefix = self._check_replay(target, target_mask, inputs, first_diff)
+            inputs, clean = self._clean_run(target, target_mask)
+            result[idle, rows] = clean
+            bar.update(len(idle))
+            # Columns before the first difference are never written (both runs agree there): not kept.
+            source_cache = self.cache(source, source_mask, points, from_col=first_diff)
+            skip, prefix = self._check_replay(inputs, clean, first_diff)
+            self.work["batches"] += 1
+            self.work["prefix_batches"] += prefix is not None
             width = sub.width
             # Where each cell's forward can start: its layer (layer skip) and, with prefix reuse, its column
             # (a single position) or the batch's first differing column (all positions).
@@ -457,7 +514,7 @@ class PatchEngine:
             for ks in self._plan_chunks(active, starts, len(target), width):
                 chunk = [components[k] for k in ks]
                 layer, col0 = min(starts[k][0] for k in ks), min(starts[k][1] for k in ks)
-                transforms = self._patch_transforms(chunk, source_cache, masks, col0)
+                transforms = self._patch_transforms(chunk, source_cache, masks, col0, first_diff)
                 v = len(chunk)
                 if layer >= 0:
                     values = self.scores_from_layer(layer, inputs, v, transforms, col0, prefix if col0 else None)
@@ -473,26 +530,33 @@ class PatchEngine:
     def _plan_chunks(
         self, active: list[int], starts: dict[int, tuple[int, int]], n: int, width: int
     ) -> list[list[int]]:
-        """Group cells into batched forwards: cells sorted by (start layer, start column), a group growing
-        while its rectangle (variants x remaining layers x remaining columns) costs at most
-        ``1 + merge_slack`` times its cells' own work, or is still too small to be worth a forward of its own."""
+        """Group cells into batched forwards. A forward from layer L over columns c.. of V variants costs
+        about (layers from L) x (V x n x (width - c) + overhead) token-layer applications, ``overhead`` being
+        the fixed cost of one layer call in tokens (weights streamed from memory, kernel launches). Cells
+        sorted by (start layer, start column) join the previous group while that is cheaper than a forward
+        of their own, within the row cap and ``max_chunk_tokens`` (past which caches stop paying on CPU)."""
         n_layers = self.loaded.n_layers
-        n_variants = max(1, self.max_rows // n)
-        hidden = int(self.model.config.hidden_size) if hasattr(self.model.config, "hidden_size") else 1024
+        n_variants = max(1, self.rows(width) // n)
+        overhead = self.merge_overhead
+        if overhead is None:
+            overhead = 16 if self.device.type == "cpu" else 4096
+        max_tokens = self.max_chunk_tokens
+        if max_tokens is None:
+            max_tokens = 4096 if self.device.type == "cpu" else 1 << 30
 
-        def cost(layer: int, col: int) -> int:
-            return (n_layers - max(layer, 0) + (layer < 0)) * (width - col)
+        def cost(group: list[int]) -> float:
+            layer, col = min(starts[j][0] for j in group), min(starts[j][1] for j in group)
+            layers = n_layers - layer if layer >= 0 else n_layers + 1  # a full forward (embed patches)
+            return layers * (len(group) * n * (width - col) + overhead)
 
         chunks: list[list[int]] = []
         for k in sorted(active, key=lambda k: (starts[k][0] < 0, starts[k], k)):
             if chunks:
                 group = chunks[-1] + [k]
-                layer, col = min(starts[j][0] for j in group), min(starts[j][1] for j in group)
-                same_kind = (starts[chunks[-1][0]][0] < 0) == (starts[k][0] < 0)
-                rect = len(group) * cost(layer, col)
-                own = sum(cost(*starts[j]) for j in group)
-                small = len(group) * n * (width - col) * hidden <= self.small_chunk
-                if same_kind and len(group) <= n_variants and (rect <= (1 + self.merge_slack) * own or small):
+                col = min(starts[j][1] for j in group)
+                if ((starts[chunks[-1][0]][0] < 0) == (starts[k][0] < 0) and len(group) <= n_variants
+                        and len(group) * n * (width - col) <= max_tokens
+                        and cost(group) <= cost(chunks[-1]) + cost([k])):
                     chunks[-1] = group
                     continue
             chunks.append([k])
@@ -530,28 +594,33 @@ class PatchEngine:
         source_cache: dict[Point, torch.Tensor],
         masks: dict[int | None, torch.Tensor],
         col0: int = 0,
+        cache_col: int = 0,
     ) -> dict[Point, Callable[[torch.Tensor], torch.Tensor]]:
         """Hook transforms writing each variant's source activation into its rows of a batch whose columns
-        start at ``col0`` (rows are variant-major: variant * n_pairs + pair)."""
+        start at ``col0`` (rows are variant-major: variant * n_pairs + pair). ``source_cache`` holds columns
+        from ``cache_col`` on; the masks are False before it."""
         by_point: dict[Point, list[tuple[int, Component]]] = {}
         for v, component in enumerate(chunk):
             by_point.setdefault(component.point, []).append((v, component))
         n_variants = len(chunk)
         head_dim = self.head_dim
-        n, full_width = masks[None].shape
+        n, width = masks[None].shape
+        low = max(col0, cache_col)  # first column that may be written
 
         def make(point: Point, entries: list[tuple[int, Component]]) -> Callable[[torch.Tensor], torch.Tensor]:
-            # [n, T, d] also where tokens come flat (OPT fc2)
-            src = source_cache[point].view(n, full_width, -1)[:, col0:]
+            src = source_cache[point].view(n, width - cache_col, -1)[:, low - cache_col :]
 
             def fn(x: torch.Tensor) -> torch.Tensor:
                 x = x.clone()
-                view = x.view(n_variants, n, full_width - col0, -1)
+                # [variants, n, columns from low, d] (a view also where OPT's fc2 flattens tokens)
+                view = x.view(n_variants, n, width - col0, -1)[:, :, low - col0 :]
                 for v, component in entries:
-                    m = masks[component.position][:, col0:].to(x.device)
+                    m = masks[component.position][:, low:].to(x.device)
                     cols, dims = slice(None), slice(None)
                     if component.position is not None:
-                        col = full_width + component.position - col0
+                        col = width + component.position - low
+                        if col < 0:
+                            continue  # before the first difference: nothing to write
                         cols = slice(col, col + 1)
                     if component.head is not None:
                         dims = slice(component.head * head_dim, (component.head + 1) * head_dim)

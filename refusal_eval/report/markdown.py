@@ -198,6 +198,15 @@ def render_markdown(report: AuditReport, top_k: int = 15) -> str:
         f"- Environment: Python {env.python}, torch {env.torch}, transformers {env.transformers}, "
         f"refusal_eval {env.refusal_eval}, {env.threads} threads, {env.platform}",
         f"- Runtime: {r.runtime_seconds:.1f} s; created {r.created}",
+        *([_engine_line(r.engine)] if r.engine else []),
         "",
     ]
     return "\n".join(lines)
+
+
+def _engine_line(e) -> str:
+    shortcuts = [name for name, on in (("layer skip", e.layer_skip), ("prefix reuse", e.prefix_reuse)) if on]
+    peak = f"{e.peak_memory_bytes / 2**20:.0f} MiB ({e.peak_memory_kind})" if e.peak_memory_bytes else "not measured"
+    return (f"- Engine: {e.patched_forwards} batched forwards of up to {e.batch_rows} rows, "
+            f"{e.forward_equivalents:.1f} forward-equivalents of work; shortcuts: {', '.join(shortcuts) or 'none'}; "
+            f"weights {e.weights_bytes / 2**20:.0f} MiB, peak memory {peak}")

@@ -157,6 +157,21 @@ class AttributionInfo(_Model):
     verified_ids: list[str]
 
 
+class EngineInfo(_Model):
+    """How the exact patching engine ran: its shortcuts, its work and its memory."""
+
+    batch_rows: int = Field(description="rows (pairs x patched variants) per forward pass, as resolved")
+    layer_skip: bool = Field(description="patched forwards start at the first patched layer")
+    prefix_reuse: bool = Field(description="patched forwards recompute only columns from the first patched one")
+    patched_forwards: int = Field(description="batched forward passes run for patched cells")
+    forward_equivalents: float = Field(
+        description="work of the patched forwards (token x layer applications) over one forward of all used pairs"
+    )
+    weights_bytes: int
+    peak_memory_bytes: int | None = Field(description="peak memory of the run (see peak_memory_kind)")
+    peak_memory_kind: str
+
+
 class Environment(_Model):
     python: str
     platform: str
@@ -188,6 +203,7 @@ class AuditReport(_Model):
     components: list[ComponentResult]
     warnings: list[str]
     environment: Environment
+    engine: EngineInfo | None = None
     runtime_seconds: float
 
     def component(self, component_id: str) -> ComponentResult:
