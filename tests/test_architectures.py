@@ -340,3 +340,18 @@ def test_prefix_reuse_equals_full_forwards(loaded):
         torch.testing.assert_close(fast.patch(batch, comps), full.patch(batch, comps), atol=1e-5, rtol=0)
         if fast._layer_skip:
             assert fast.work["token_layers"] < 0.7 * full.work["token_layers"], loaded.name
+
+
+def test_attribution_source_replay_equals_full_source_forward(loaded):
+    """Attribution's source side, rebuilt from the target's keys/values before the first difference plus a
+    replay of the later columns, gives the numbers of a full source forward (or is not used)."""
+    from refusal_eval.patching.attribution import attribute
+
+    batch = build_pair_batch(random_pairs(4, seed=2, min_len=9, max_len=9, prefix=4), 0, list("abcd"))
+    comps = enumerate_components([k for k in KINDS if k != "embed"], LAYERS, HEADS, batch.width)
+    fast = PatchEngine(loaded, score_fn)
+    full = PatchEngine(loaded, score_fn, prefix_reuse=False)
+    torch.testing.assert_close(attribute(fast, batch, comps), attribute(full, batch, comps), atol=1e-4, rtol=1e-4)
+    config = loaded.model.config
+    expected = not getattr(config, "final_logit_softcapping", None) and getattr(config, "do_layer_norm_before", True)
+    assert fast._attribution_prefix is expected, config.model_type

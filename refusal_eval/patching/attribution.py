@@ -12,12 +12,13 @@ every component of every grid at once. Estimates are labelled approximate in rep
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 
 from refusal_eval.patching.components import Component
-from refusal_eval.patching.exact import PairBatch, PatchEngine, Point
+from refusal_eval.patching.exact import PairBatch, PatchEngine, Point, _PrefixCache
 
 
 def attribute(engine: PatchEngine, batch: PairBatch, components: Sequence[Component], direction: str = "denoise"):
@@ -32,10 +33,12 @@ def attribute(engine: PatchEngine, batch: PairBatch, components: Sequence[Compon
         sub = batch.select(rows)
         target, target_mask = sub.side(harmful=direction == "noise")
         source, source_mask = sub.side(harmful=direction == "denoise")
-        source_cache = engine.cache(source, source_mask, points)
-        base, acts, grads = _target_gradients(engine, target, target_mask, points)
-        masks, _ = engine._position_masks(target, target_mask, source, source_mask, components)
+        masks, first_diff = engine._position_masks(target, target_mask, source, source_mask, components)
         shape = masks[None].shape
+        inputs: list = []
+        kv = _PrefixCache()
+        base, acts, grads = _target_gradients(engine, target, target_mask, points, inputs, kv)
+        source_cache = _source_activations(engine, sub, source, source_mask, points, inputs, kv, first_diff, acts)
         # Per point, each slot's first-order contribution: [n, T] (or [n, T, heads] at hook_z).
         slots = {}
         for point in points:
@@ -49,8 +52,47 @@ def attribute(engine: PatchEngine, batch: PairBatch, components: Sequence[Compon
     return result
 
 
-def _target_gradients(engine: PatchEngine, ids: torch.Tensor, mask: torch.Tensor, points: Sequence[Point]):
-    """(scores, activations, d(sum of scores)/d activation) of the target side at the given points."""
+def _source_activations(engine: PatchEngine, batch: PairBatch, ids, mask, points, inputs, kv, first_diff: int, acts):
+    """Source activations [n, T, d] at the points.
+
+    Both sides agree on every column before ``first_diff``, so where the pairs have equal lengths (same
+    masks and positions on both sides) the source run is the target run's keys/values there plus a replay
+    of the later columns from the source's embeddings (:meth:`PatchEngine.scores_from_layer`): ~40% of a
+    forward for chat-templated pairs. Checked once per engine against a full source forward; elsewhere (or
+    where the check fails, or for the embeddings themselves) the source side runs in full.
+    """
+    n, width = ids.shape
+    usable = (batch.equal_lengths and 0 < first_diff < width and len(kv.recorded) == len(inputs) > 0
+              and all(point[0] != "embed" for point in points) and engine._attribution_prefix is not False)
+    if usable:
+        try:
+            store: dict[Point, torch.Tensor] = {}
+
+            def recorder(point: Point):
+                def fn(x: torch.Tensor) -> torch.Tensor:
+                    store[point] = x.detach().view(n, width - first_diff, -1).clone()
+                    return x
+
+                return fn
+
+            hidden = engine.embedded(ids, mask)
+            replay = [((hidden,), inputs[0][1]), *inputs[1:]]
+            prefix = _PrefixCache(kv.recorded)
+            scores = engine.scores_from_layer(0, replay, 1, {p: recorder(p) for p in points}, first_diff, prefix)
+            if engine._attribution_prefix is None:
+                engine._attribution_prefix = bool(torch.allclose(scores, engine.scores(ids, mask), atol=1e-4,
+                                                                 rtol=1e-4))
+            if engine._attribution_prefix:
+                return {p: torch.cat([acts[p].view(n, width, -1)[:, :first_diff], store[p]], 1) for p in points}
+        except Exception:  # layers that cannot be replayed this way (see PatchEngine._check_replay)
+            engine._attribution_prefix = False
+    return engine.cache(ids, mask, points)
+
+
+def _target_gradients(engine: PatchEngine, ids: torch.Tensor, mask: torch.Tensor, points: Sequence[Point],
+                      inputs: list | None = None, kv: _PrefixCache | None = None):
+    """(scores, activations, d(sum of scores)/d activation) of the target side at the given points; with
+    ``inputs`` and ``kv``, also every decoder layer's inputs and every attention layer's keys/values."""
     acts: dict[Point, torch.Tensor] = {}
 
     def keep(point: Point):
@@ -73,7 +115,8 @@ def _target_gradients(engine: PatchEngine, ids: torch.Tensor, mask: torch.Tensor
     for p in trainable:
         p.requires_grad_(False)
     try:
-        with torch.enable_grad(), engine._hooks({p: keep(p) for p in points}):
+        recording = engine.recording_inputs(inputs, kv) if inputs is not None else contextlib.nullcontext()
+        with torch.enable_grad(), engine._hooks({p: keep(p) for p in points}), recording:
             out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                         logits_to_keep=1, use_cache=False)
             scores = engine.score_fn(out.logits[:, -1, :]).float()

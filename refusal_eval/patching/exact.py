@@ -119,20 +119,35 @@ class _PrefixCache:
     """Duck-typed stand-in for a transformers ``Cache`` passed to replayed decoder layers.
 
     Recording (``prefix=None``): each attention layer's keys/values pass through and are kept. Replaying:
-    the recorded keys/values of the columns before the replayed ones are prepended, so queries of the
-    replayed columns attend to the whole prompt while only those columns are recomputed.
+    the recorded keys/values of columns ``:col0`` (tiled ``repeat`` times over the batch, one layer at a
+    time, so that only one layer's copy is ever alive) are prepended, so queries of the replayed columns
+    attend to the whole prompt while only those columns are recomputed.
     """
 
-    def __init__(self, prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+    def __init__(
+        self, prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, col0: int = 0, repeat: int = 1
+    ) -> None:
         self.prefix = prefix
+        self.col0 = col0
+        self.repeat = repeat
         self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def replaying(self, col0: int, repeat: int) -> _PrefixCache:
+        return _PrefixCache(self.prefix, col0, repeat)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.prefix is None:
-            self.recorded[layer_idx] = (key_states, value_states)
+            self.recorded[layer_idx] = (key_states.detach(), value_states.detach())
             return key_states, value_states
         keys, values = self.prefix[layer_idx]
+        n = keys.shape[0]
+        keys = _tile(keys[..., : self.col0, :], self.repeat, n)
+        values = _tile(values[..., : self.col0, :], self.repeat, n)
         return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early."""
 
 
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
@@ -211,6 +226,7 @@ class PatchEngine:
         self.head_dim = self.adapter.head_dim(self.model.config)
         self._layer_skip: bool | None = None if layer_skip else False
         self.prefix_reuse = prefix_reuse
+        self._attribution_prefix: bool | None = None if prefix_reuse else False
         # what the patched forwards computed: decoder-layer applications to one token, summed
         self.work = {"patched_forwards": 0, "token_layers": 0, "batches": 0, "prefix_batches": 0}
         self.merge_overhead = merge_overhead
@@ -282,6 +298,25 @@ class PatchEngine:
             )
         return self.score_fn(out.logits[:, -1, :]).float().cpu()
 
+    @torch.inference_mode()
+    def embedded(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The first decoder layer's input (token embeddings plus whatever the model adds before its layers),
+        from a forward stopped there."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def stop(_m, args, kwargs):
+            seen["hidden"] = (args[0] if args else kwargs["hidden_states"]).detach()
+            raise _StopForward
+
+        handle = self.adapter.layers(self.model)[0].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.scores(ids, mask)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return seen["hidden"]
+
     # -- layer skip and prefix reuse ---------------------------------------------------------------------------
     @torch.inference_mode()
     def layer_inputs(self, ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[tuple, dict]]:
@@ -292,8 +327,17 @@ class PatchEngine:
     def _clean_run(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[list[tuple[tuple, dict]], torch.Tensor]:
         """One clean forward: every decoder layer's recorded (args, kwargs), and the scores."""
         inputs: list[tuple[tuple, dict]] = []
+        with self.recording_inputs(inputs):
+            clean = self.scores(ids, mask)
+        return inputs, clean
 
-        def record(layer: nn.Module, args: tuple, kwargs: dict) -> None:
+    @contextmanager
+    def recording_inputs(self, inputs: list[tuple[tuple, dict]], kv: _PrefixCache | None = None) -> Iterator[None]:
+        """While open, append every decoder layer's (args, kwargs) to ``inputs`` (detached, positional
+        arguments named after the hidden states); with ``kv``, also pass it to the layers as their cache so
+        that it records each attention layer's keys and values (where the layers take a cache argument)."""
+
+        def record(layer: nn.Module, args: tuple, kwargs: dict):
             # Name the positional arguments after the hidden states (GPT-2 passes its cache and mask by
             # position) so that a replay can find and replace them.
             try:
@@ -310,15 +354,18 @@ class PatchEngine:
             except (TypeError, ValueError, StopIteration):
                 pass
             inputs.append((_detach(args), _detach(kwargs)))
+            name = next((k for k in _CACHE_KWARGS if k in kwargs and kwargs[k] is None), None)
+            if kv is not None and name is not None:
+                return args, {**kwargs, name: kv}
+            return None
 
         layers = self.adapter.layers(self.model)
         handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
         try:
-            clean = self.scores(ids, mask)
+            yield
         finally:
             for handle in handles:
                 handle.remove()
-        return inputs, clean
 
     @torch.inference_mode()
     def scores_from_layer(
@@ -345,10 +392,7 @@ class PatchEngine:
         n, width = hidden.shape[0], hidden.shape[1]
         hidden = _tile(hidden[:, col0:], repeat, n)
         if cache is not None and cache.prefix is not None:
-            cache = _PrefixCache({
-                layer: (_tile(keys[..., :col0, :], repeat, n), _tile(values[..., :col0, :], repeat, n))
-                for layer, (keys, values) in cache.prefix.items() if layer >= start
-            })
+            cache = cache.replaying(col0, repeat)
         with self._hooks(transforms):
             for index in range(start, len(layers)):
                 args, kwargs = inputs[index]
