@@ -146,6 +146,10 @@ class _PrefixCache:
         return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
 
 
+# kinds whose patch at a layer reaches other positions only through later layers' attention
+_OUTPUTS = frozenset({"attn_out", "mlp_out", "head", "resid_post"})
+
+
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass early."""
 
@@ -530,8 +534,12 @@ class PatchEngine:
             masks, first_diff = self._position_masks(target, target_mask, source, source_mask, components)
             # A patch that touches no slot (every chosen position precedes the pair's first differing token,
             # where both runs are identical, or lies outside the prompt) leaves the target run unchanged.
-            active = [k for k, c in enumerate(components) if masks[c.position].any()]
-            idle = [k for k in range(len(components)) if not masks[components[k].position].any()]
+            # Nor does a patch after the last layer's attention at a position other than the last: nothing
+            # carries it to the last position any more.
+            last = self.loaded.n_layers - 1
+            active = [k for k, c in enumerate(components) if masks[c.position].any()
+                      and not (c.layer == last and c.kind in _OUTPUTS and c.position not in (None, -1))]
+            idle = sorted(set(range(len(components))) - set(active))
             if not active:
                 result[:, rows] = self.scores(target, target_mask)
                 bar.update(len(components))
@@ -564,12 +572,37 @@ class PatchEngine:
                     values = self.scores_from_layer(layer, inputs, v, transforms, col0, prefix if col0 else None)
                 else:
                     values = self.scores(target.repeat(v, 1), target_mask.repeat(v, 1), transforms)
-                result[ks, rows] = values.view(v, -1)
+                values = values.view(v, -1)
+                # A pair whose slots this cell does not touch keeps its clean score exactly (a replay of fewer
+                # columns may round differently; unmoved pairs must read as exactly 0).
+                touched = torch.stack([self._moves(c, masks, source_cache, inputs, first_diff) for c in chunk])
+                touched = touched.to(values.device)
+                result[ks, rows] = torch.where(touched, values, clean[None, :].to(values.device)).to(result.dtype)
                 self.work["patched_forwards"] += 1
                 self.work["token_layers"] += v * len(target) * (width - col0) * (self.loaded.n_layers - max(layer, 0))
                 bar.update(v)
         bar.close()
         return result
+
+    def _moves(
+        self,
+        component: Component,
+        masks: dict[int | None, torch.Tensor],
+        source_cache: dict[Point, torch.Tensor],
+        inputs: list[tuple[tuple, dict]],
+        first_diff: int,
+    ) -> torch.Tensor:
+        """[n] bool: pairs for which the patch writes a value different from the target's own. Where the
+        target's activation is at hand (the residual stream entering a layer), identical values (the same
+        token at layer 0) make the patch a no-op, whatever the replay's rounding."""
+        touched = masks[component.position].any(1)
+        if component.kind != "resid_pre" or not inputs:
+            return touched
+        args, kwargs = inputs[component.layer]
+        target = (args[0] if args else kwargs["hidden_states"])[:, first_diff:]
+        source = source_cache[component.point].view(target.shape)
+        differs = (source != target).any(-1) & masks[component.position][:, first_diff:].to(target.device)
+        return touched & differs.any(1).cpu()
 
     def _plan_chunks(
         self, active: list[int], starts: dict[int, tuple[int, int]], n: int, width: int
@@ -586,7 +619,7 @@ class PatchEngine:
             overhead = 16 if self.device.type == "cpu" else 4096
         max_tokens = self.max_chunk_tokens
         if max_tokens is None:
-            max_tokens = 4096 if self.device.type == "cpu" else 1 << 30
+            max_tokens = 1024 if self.device.type == "cpu" else 1 << 30
 
         def cost(group: list[int]) -> float:
             layer, col = min(starts[j][0] for j in group), min(starts[j][1] for j in group)
