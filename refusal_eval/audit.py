@@ -128,7 +128,8 @@ def _engine_info(engine: PatchEngine, loaded: LoadedModel, batch) -> rs.EngineIn
     if engine.device.type == "cuda":
         peak, kind = int(torch.cuda.max_memory_allocated(engine.device)), "CUDA allocator peak"
     else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak resident memory of the whole process"
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        kind = "peak resident memory of the whole process"
     return rs.EngineInfo(
         batch_rows=engine.rows(batch.width), layer_skip=bool(engine._layer_skip),
         prefix_reuse=engine.work["prefix_batches"] > 0, patched_forwards=engine.work["patched_forwards"],

@@ -208,3 +208,15 @@ def test_chunk_plan_covers_every_cell_once_within_caps(llama):
         assert len({starts[k][0] < 0 for k in chunk}) == 1
     same = {k: (1, 5) for k in range(8)}
     assert engine._plan_chunks(list(same), same, n=4, width=12) == [list(range(8))]
+
+
+def test_patches_that_cannot_reach_the_last_position_are_exactly_zero(llama, engine, batch, pairs):
+    """After the last layer's attention, a patch off the last position reaches nothing that is read: its
+    effect is exactly 0, with no forward run (and the definition agrees to rounding)."""
+    comps = [Component(kind, 2, position=-2) for kind in ("attn_out", "mlp_out")] + [Component("head", 2, 1, -3)]
+    eff, _ = effects(engine, batch, comps)
+    assert torch.count_nonzero(eff) == 0
+    for comp in comps:
+        for h, b in pairs:
+            clean = naive_patched_score(llama, h, b, Component("resid_pre", 0, position=-len(b) - 1), "denoise")
+            assert abs(naive_patched_score(llama, h, b, comp, "denoise") - clean) < 1e-5

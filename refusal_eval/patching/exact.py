@@ -610,13 +610,13 @@ class PatchEngine:
         """Group cells into batched forwards. A forward from layer L over columns c.. of V variants costs
         about (layers from L) x (V x n x (width - c) + overhead) token-layer applications, ``overhead`` being
         the fixed cost of one layer call in tokens (weights streamed from memory, kernel launches). Cells
-        sorted by (start layer, start column) join the previous group while that is cheaper than a forward
+        sorted by (start column, start layer) join the previous group while that is cheaper than a forward
         of their own, within the row cap and ``max_chunk_tokens`` (past which caches stop paying on CPU)."""
         n_layers = self.loaded.n_layers
         n_variants = max(1, self.rows(width) // n)
         overhead = self.merge_overhead
         if overhead is None:
-            overhead = 16 if self.device.type == "cpu" else 4096
+            overhead = 32 if self.device.type == "cpu" else 4096
         max_tokens = self.max_chunk_tokens
         if max_tokens is None:
             max_tokens = 1024 if self.device.type == "cpu" else 1 << 30
@@ -627,7 +627,8 @@ class PatchEngine:
             return layers * (len(group) * n * (width - col) + overhead)
 
         chunks: list[list[int]] = []
-        for k in sorted(active, key=lambda k: (starts[k][0] < 0, starts[k], k)):
+        # column-major: neighbours share their columns (the larger factor late in a prompt) and differ in layers
+        for k in sorted(active, key=lambda k: (starts[k][0] < 0, starts[k][1], starts[k][0], k)):
             if chunks:
                 group = chunks[-1] + [k]
                 col = min(starts[j][1] for j in group)
