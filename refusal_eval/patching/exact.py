@@ -235,6 +235,8 @@ class PatchEngine:
         self.work = {"patched_forwards": 0, "token_layers": 0, "batches": 0, "prefix_batches": 0}
         self.merge_overhead = merge_overhead
         self.max_chunk_tokens = max_chunk_tokens
+        # keys/values of a chunk span every column: cap rows x width as well (a multiple of the token cap)
+        self.kv_tokens_factor = 4
 
     # -- hook points -------------------------------------------------------------------------------------
     def _module(self, point: Point) -> tuple[nn.Module, str]:
@@ -634,6 +636,7 @@ class PatchEngine:
                 col = min(starts[j][1] for j in group)
                 if ((starts[chunks[-1][0]][0] < 0) == (starts[k][0] < 0) and len(group) <= n_variants
                         and len(group) * n * (width - col) <= max_tokens
+                        and len(group) * n * width <= self.kv_tokens_factor * max_tokens
                         and cost(group) <= cost(chunks[-1]) + cost([k])):
                     chunks[-1] = group
                     continue
