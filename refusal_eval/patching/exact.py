@@ -8,6 +8,13 @@ Sides are left-padded, so position offsets count from the end of the prompt (-1 
 mean the same slot on both sides. Pairs of equal token length are fully aligned: any position, or all of
 them at once, can be patched. Pairs of unequal length are *right-aligned*: only offsets inside both sides
 (in practice the shared chat-template suffix) can be patched, and an all-positions patch is refused.
+
+What runs is only what can change a result (each shortcut checked against the full forward, falling back
+where it disagrees): cells that provably cannot move the score are exact zeros and are not run; a patched
+forward starts at the first patched layer from the clean run's recorded layer inputs (layer skip) and
+recomputes only the columns from the first patched one on, attending to the clean keys/values of earlier
+columns (prefix reuse); only the last position is unembedded; cells are grouped into batched forwards of
+variants x pairs by a cost model (:meth:`PatchEngine._plan_chunks`).
 """
 
 from __future__ import annotations
