@@ -154,3 +154,19 @@ def test_non_finite_scores_are_errors_naming_pair_and_component(monkeypatch):
     monkeypatch.setattr(PatchEngine, "scores", nan_scores)
     with pytest.raises(MetricError, match="refusal score is not finite"):
         audit(config, progress=False)
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_batch_rows_must_be_auto_or_positive(value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--batch-rows", value])
+    assert exc.value.code == 2
+    assert "neither 'auto' nor a positive number of rows" in capsys.readouterr().err
+
+
+def test_batch_rows_auto_is_resolved_in_the_report(small_run):
+    report = load_report(small_run / "report.json")
+    assert report.config["batch_rows"] == "auto"
+    assert report.engine is not None and 1 <= report.engine.batch_rows <= 256
+    assert report.engine.layer_skip and report.engine.prefix_reuse
+    assert report.engine.patched_forwards > 0 and report.engine.forward_equivalents > 0
