@@ -131,7 +131,7 @@ def _engine_info(engine: PatchEngine, loaded: LoadedModel, batch) -> rs.EngineIn
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
         kind = "peak resident memory of the whole process"
     return rs.EngineInfo(
-        batch_rows=engine.rows(batch.width), layer_skip=bool(engine._layer_skip),
+        batch_rows=engine.work["batch_rows"] or engine.rows(batch.width), layer_skip=bool(engine._layer_skip),
         prefix_reuse=engine.work["prefix_batches"] > 0, patched_forwards=engine.work["patched_forwards"],
         forward_equivalents=round(engine.work["token_layers"] / one_forward, 2),
         weights_bytes=sum(p.numel() * p.element_size() for p in loaded.model.parameters()),

@@ -316,16 +316,20 @@ def test_layer_output_is_input_plus_attn_out_plus_mlp_out(loaded, pairs):
         torch.testing.assert_close(post, expected, atol=1e-5, rtol=0)
 
 
+def replays_layers(config) -> bool:
+    """Families whose tail is final norm + unembedding; Gemma 2/3 soft-cap the logits and post-LN OPT has
+    no final norm, so their self-checks send them to full forwards."""
+    return not getattr(config, "final_logit_softcapping", None) and getattr(config, "do_layer_norm_before", True)
+
+
 def test_layer_skip_equals_full_forwards(loaded, batch):
     """Replaying layers from the recorded clean inputs gives the full forward's numbers (or is not used)."""
     comps = enumerate_components(KINDS, LAYERS, HEADS, batch.width)
     fast = PatchEngine(loaded, score_fn, max_rows=17)
     full = PatchEngine(loaded, score_fn, max_rows=17, layer_skip=False)
     torch.testing.assert_close(fast.patch(batch, comps), full.patch(batch, comps), atol=1e-5, rtol=0)
-    # every family whose tail is final norm + unembedding takes the fast path; Gemma 2/3 soft-cap the
-    # logits and post-LN OPT has no final norm, so the self-check sends them to full forwards
     config = loaded.model.config
-    expected = not getattr(config, "final_logit_softcapping", None) and getattr(config, "do_layer_norm_before", True)
+    expected = replays_layers(config)
     assert fast._layer_skip is expected, config.model_type
 
 
@@ -353,5 +357,5 @@ def test_attribution_source_replay_equals_full_source_forward(loaded):
     full = PatchEngine(loaded, score_fn, prefix_reuse=False)
     torch.testing.assert_close(attribute(fast, batch, comps), attribute(full, batch, comps), atol=1e-4, rtol=1e-4)
     config = loaded.model.config
-    expected = not getattr(config, "final_logit_softcapping", None) and getattr(config, "do_layer_norm_before", True)
+    expected = replays_layers(config)
     assert fast._attribution_prefix is expected, config.model_type

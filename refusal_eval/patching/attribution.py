@@ -12,7 +12,6 @@ every component of every grid at once. Estimates are labelled approximate in rep
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -29,7 +28,7 @@ def attribute(engine: PatchEngine, batch: PairBatch, components: Sequence[Compon
         raise ValueError("an all-positions patch needs pairs of equal token length on both sides")
     points = sorted({c.point for c in components})
     result = torch.empty(len(components), batch.n_pairs)
-    for rows in engine._pair_chunks(batch.n_pairs, batch.width):
+    for rows in engine._pair_chunks(batch.n_pairs, engine.rows(batch.width)):
         sub = batch.select(rows)
         target, target_mask = sub.side(harmful=direction == "noise")
         source, source_mask = sub.side(harmful=direction == "denoise")
@@ -90,9 +89,9 @@ def _source_activations(engine: PatchEngine, batch: PairBatch, ids, mask, points
 
 
 def _target_gradients(engine: PatchEngine, ids: torch.Tensor, mask: torch.Tensor, points: Sequence[Point],
-                      inputs: list | None = None, kv: _PrefixCache | None = None):
-    """(scores, activations, d(sum of scores)/d activation) of the target side at the given points; with
-    ``inputs`` and ``kv``, also every decoder layer's inputs and every attention layer's keys/values."""
+                      inputs: list, kv: _PrefixCache):
+    """(scores, activations, d(sum of scores)/d activation) of the target side at the given points; also
+    records every decoder layer's inputs into ``inputs`` and every attention layer's keys/values into ``kv``."""
     acts: dict[Point, torch.Tensor] = {}
 
     def keep(point: Point):
@@ -115,8 +114,7 @@ def _target_gradients(engine: PatchEngine, ids: torch.Tensor, mask: torch.Tensor
     for p in trainable:
         p.requires_grad_(False)
     try:
-        recording = engine.recording_inputs(inputs, kv) if inputs is not None else contextlib.nullcontext()
-        with torch.enable_grad(), engine._hooks({p: keep(p) for p in points}), recording:
+        with torch.enable_grad(), engine._hooks({p: keep(p) for p in points}), engine.recording_inputs(inputs, kv):
             out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                         logits_to_keep=1, use_cache=False)
             scores = engine.score_fn(out.logits[:, -1, :]).float()

@@ -239,7 +239,7 @@ class PatchEngine:
         self.prefix_reuse = prefix_reuse
         self._attribution_prefix: bool | None = None if prefix_reuse else False
         # what the patched forwards computed: decoder-layer applications to one token, summed
-        self.work = {"patched_forwards": 0, "token_layers": 0, "batches": 0, "prefix_batches": 0}
+        self.work = {"patched_forwards": 0, "token_layers": 0, "batches": 0, "prefix_batches": 0, "batch_rows": 0}
         self.merge_overhead = merge_overhead
         self.max_chunk_tokens = max_chunk_tokens
         # keys/values of a chunk span every column: cap rows x width as well (a multiple of the token cap)
@@ -407,6 +407,7 @@ class PatchEngine:
         if cache is not None and cache.prefix is not None:
             cache = cache.replaying(col0, repeat)
         with self._hooks(transforms):
+            causal = None  # built once per call where transformers passed no mask
             for index in range(start, len(layers)):
                 args, kwargs = inputs[index]
                 kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
@@ -416,8 +417,10 @@ class PatchEngine:
                     if col0 and "attention_mask" in kw:
                         kw = {k: _slice_columns(k, v, col0, width) for k, v in kw.items()}
                         if kw["attention_mask"] is None:
-                            implementation = getattr(self.model.config, "_attn_implementation", "eager")
-                            kw["attention_mask"] = _causal_mask(col0, width, hidden, implementation)
+                            if causal is None:
+                                implementation = getattr(self.model.config, "_attn_implementation", "eager")
+                                causal = _causal_mask(col0, width, hidden, implementation)
+                            kw["attention_mask"] = causal
                     elif col0:
                         raise ValueError("the layers take no attention mask argument")
                 kw = {k: _tile(v, repeat, n) for k, v in kw.items()}
@@ -501,14 +504,14 @@ class PatchEngine:
     def baseline(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Unpatched refusal scores (harmful, benign) for every pair."""
         harmful, benign = [], []
-        for rows in self._pair_chunks(batch.n_pairs, batch.width):
+        for rows in self._pair_chunks(batch.n_pairs, self.rows(batch.width)):
             sub = batch.select(rows)
             harmful.append(self.scores(*sub.side(harmful=True)))
             benign.append(self.scores(*sub.side(harmful=False)))
         return torch.cat(harmful), torch.cat(benign)
 
-    def _pair_chunks(self, n: int, width: int) -> list[slice]:
-        size = self.rows(width)
+    @staticmethod
+    def _pair_chunks(n: int, size: int) -> list[slice]:
         return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
     def rows(self, width: int) -> int:
@@ -533,7 +536,9 @@ class PatchEngine:
             raise ValueError("an all-positions patch needs pairs of equal token length on both sides")
         result = torch.empty(len(components), batch.n_pairs)
         points = sorted({c.point for c in components})
-        pair_chunks = self._pair_chunks(batch.n_pairs, batch.width)
+        # resolved once per call: the pair chunks and the variants per forward follow the same row budget
+        rows_per_forward = self.work["batch_rows"] = self.rows(batch.width)
+        pair_chunks = self._pair_chunks(batch.n_pairs, rows_per_forward)
         bar = tqdm(total=len(components) * len(pair_chunks), desc="patching", unit="component",
                    disable=not self.progress, leave=False)
         for rows in pair_chunks:
@@ -572,7 +577,7 @@ class PatchEngine:
                 if prefix is not None and layer >= 0:
                     col = first_diff if c.position is None else width + c.position
                 starts[k] = (layer, col)
-            for ks in self._plan_chunks(active, starts, len(target), width):
+            for ks in self._plan_chunks(active, starts, len(target), width, rows_per_forward):
                 chunk = [components[k] for k in ks]
                 layer, col0 = min(starts[k][0] for k in ks), min(starts[k][1] for k in ks)
                 transforms = self._patch_transforms(chunk, source_cache, masks, col0, first_diff)
@@ -614,7 +619,7 @@ class PatchEngine:
         return touched & differs.any(1).cpu()
 
     def _plan_chunks(
-        self, active: list[int], starts: dict[int, tuple[int, int]], n: int, width: int
+        self, active: list[int], starts: dict[int, tuple[int, int]], n: int, width: int, rows: int | None = None
     ) -> list[list[int]]:
         """Group cells into batched forwards. A forward from layer L over columns c.. of V variants costs
         about (layers from L) x (V x n x (width - c) + overhead) token-layer applications, ``overhead`` being
@@ -622,7 +627,7 @@ class PatchEngine:
         sorted by (start column, start layer) join the previous group while that is cheaper than a forward
         of their own, within the row cap and ``max_chunk_tokens`` (past which caches stop paying on CPU)."""
         n_layers = self.loaded.n_layers
-        n_variants = max(1, self.rows(width) // n)
+        n_variants = max(1, (rows or self.rows(width)) // n)
         overhead = self.merge_overhead
         if overhead is None:
             overhead = 32 if self.device.type == "cpu" else 4096
