@@ -1,4 +1,10 @@
-"""The audit pipeline: pairs -> tokenised batch -> behaviour -> metric -> patching -> statistics -> report."""
+"""The audit pipeline, as stages: inputs -> behaviour -> token sets -> scores and gap -> effects -> statistics
+-> controls -> report.
+
+Each stage is a function of what the earlier ones produced. :func:`analyse` runs the model-touching stages on
+one loaded model, so that the random-weights control (``--control random``) is the very same audit on a
+re-initialised copy; :func:`audit` adds the inputs, the controls and the report around it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,15 +26,24 @@ from tqdm.auto import tqdm
 
 from refusal_eval import __version__
 from refusal_eval.config import AuditConfig
-from refusal_eval.data.pairs import file_sha256, load_pairs, shipped_dataset
+from refusal_eval.controls import last_position_finding, noise_floor_info, random_control, trivial_reason
+from refusal_eval.data.pairs import PromptPair, file_sha256, load_pairs, shipped_dataset
 from refusal_eval.errors import DataError, MetricError
-from refusal_eval.metrics import derive_token_sets, is_refusal, refusal_score
+from refusal_eval.metrics import TokenSets, canonical_token_sets, derive_token_sets, is_refusal, refusal_score
 from refusal_eval.models.loading import LoadedModel, load_model
 from refusal_eval.patching.attribution import attribute
-from refusal_eval.patching.components import components_at
-from refusal_eval.patching.exact import PatchEngine, build_pair_batch
+from refusal_eval.patching.components import Component, components_at
+from refusal_eval.patching.exact import PairBatch, PatchEngine, build_pair_batch, noise_floor
 from refusal_eval.report import schema as rs
-from refusal_eval.stats import mean_interval, share_intervals, wilson_interval
+from refusal_eval.stats import (
+    Interval,
+    PermutationResult,
+    mean_interval,
+    share_heterogeneity,
+    share_intervals,
+    sign_flip_test,
+    wilson_interval,
+)
 
 log = logging.getLogger("refusal_eval")
 
@@ -80,7 +96,8 @@ def greedy_replies(
     return firsts, replies
 
 
-def _rate(successes: int, total: int, level: float) -> rs.Rate:
+def rate(successes: int, total: int, level: float) -> rs.Rate:
+    """A proportion with its Wilson interval, as the report stores it."""
     low, high = wilson_interval(successes, total, level)
     return rs.Rate(
         successes=successes, total=total, rate=successes / total if total else None,
@@ -88,10 +105,326 @@ def _rate(successes: int, total: int, level: float) -> rs.Rate:
     )
 
 
-def _environment() -> rs.Environment:
-    return rs.Environment(
-        python=sys.version.split()[0], platform=platform.platform(), torch=torch.__version__,
-        transformers=transformers.__version__, refusal_eval=__version__, threads=torch.get_num_threads(),
+def gap_verdict(low: float, high: float, min_gap: float) -> str:
+    """'separated' (the interval lies above ``min_gap``), 'negligible' (above 0, but not shown to reach
+    ``min_gap``), 'includes_zero', or 'reversed' (below 0: harmful prompts score lower)."""
+    if low >= min_gap and low > 0:
+        return "separated"
+    if low > 0:
+        return "negligible"
+    if high < 0:
+        return "reversed"
+    return "includes_zero"
+
+
+# -- stage 1: inputs (everything read from disk before a model loads) ---------------------------------------------
+@dataclass
+class Inputs:
+    """The scored pairs, the tricky-benign pairs and the calibration pairs of an audit."""
+
+    dataset_path: Path
+    pairs: list[PromptPair]
+    tricky_path: Path | None
+    tricky: list[PromptPair]
+    calibration_path: Path | None
+    calibration: list[PromptPair]
+    calibration_note: str
+
+
+def _calibration(config: AuditConfig, dataset_path: Path, pairs: list[PromptPair]) -> tuple[Path | None, list, str]:
+    """Pairs whose replies choose the token sets: never a scored prompt (choosing them on the scored pairs
+    manufactures a gap). --calibration FILE, else the dataset's other split (train for an eval audit)."""
+    if config.token_sets == "canonical":
+        return None, [], "canonical token sets requested (--token-sets canonical)"
+    scored = {p.harmful.strip() for p in pairs} | {p.benign.strip() for p in pairs}
+    if config.calibration:
+        path = Path(config.calibration)
+        candidates = load_pairs(path)
+        where = f"--calibration {path}"
+    else:
+        other = {"eval": "train", "train": "eval"}.get(config.split)
+        if other is None:
+            return None, [], ("the whole dataset is scored (--split all), so no disjoint calibration pairs exist: "
+                              "canonical token sets are used (pass --calibration FILE to derive them)")
+        candidates = [p for p in load_pairs(dataset_path) if p.split == other]
+        path, where = dataset_path, f"the {other} split of {dataset_path.name}"
+        if not candidates:
+            return None, [], (f"{dataset_path.name} has no {other} split to calibrate on: canonical token sets are "
+                              "used (pass --calibration FILE to derive them)")
+    kept = [p for p in candidates if p.harmful.strip() not in scored and p.benign.strip() not in scored]
+    dropped = len(candidates) - len(kept)
+    if not kept:
+        raise DataError(f"{path}: every calibration pair shares a prompt with the scored pairs; calibration prompts "
+                        "must be disjoint from the scored ones (use another file or --token-sets canonical)")
+    if config.max_calibration_pairs:
+        kept = kept[: config.max_calibration_pairs]
+    note = f"{len(kept)} calibration pairs from {where}"
+    if dropped:
+        note += f" ({dropped} left out because they share a prompt with the scored pairs)"
+    return path, kept, note
+
+
+def load_inputs(config: AuditConfig) -> Inputs:
+    """Read and validate every pair file the audit needs (errors name file and line, before any model work)."""
+    dataset_path = Path(config.dataset) if config.dataset else shipped_dataset()
+    pairs = load_pairs(dataset_path, split=config.split)
+    if config.max_pairs:
+        pairs = pairs[: config.max_pairs]
+    if config.tricky is None:
+        tricky_path = shipped_dataset("tricky_benign.jsonl") if config.dataset is None else None
+    else:
+        tricky_path = Path(config.tricky) if config.tricky else None
+    tricky = load_pairs(tricky_path) if tricky_path else []
+    calibration_path, calibration, note = _calibration(config, dataset_path, pairs)
+    return Inputs(dataset_path, pairs, tricky_path, tricky, calibration_path, calibration, note)
+
+
+# -- the model-touching stages ----------------------------------------------------------------------------------------
+@dataclass
+class Analysis:
+    """What the stages computed for one model on the inputs (no report formatting)."""
+
+    loaded: LoadedModel
+    pairs: list[PromptPair]
+    harmful_ids: list[list[int]]
+    benign_ids: list[list[int]]
+    replies: tuple[list[str], list[str]]
+    refused: tuple[list[bool], list[bool]]
+    behaviour: rs.Behaviour
+    refuses: bool
+    token_sets: TokenSets
+    m_h: list[float]
+    m_b: list[float]
+    used: list[int]
+    exclusions: list[rs.Exclusion]
+    full_alignment: bool
+    gap_all: rs.Gap
+    gap: rs.Gap
+    shares_defined: bool
+    shares_reason: str
+    engine: PatchEngine
+    batch: PairBatch
+    suffix: int
+    components: list[Component]
+    effects: np.ndarray
+    approximate: np.ndarray
+    attribution_info: rs.AttributionInfo | None
+    permutation: PermutationResult
+    gap_permutation: PermutationResult
+    intervals: Interval | None
+    floor: np.ndarray | None
+    significant: np.ndarray | None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_significant(self) -> int:
+        return 0 if self.significant is None else int(self.significant.sum())
+
+
+def behaviour_stage(loaded: LoadedModel, inputs: Inputs, config: AuditConfig, progress: bool):
+    """Greedy replies to both sides of every scored pair (and the tricky set): rates with Wilson intervals,
+    and the behaviour gate: harmful refusal's interval lies wholly above benign over-refusal's."""
+    tok, level = loaded.tokenizer, config.ci_level
+    harmful_ids = [format_prompt(tok, p.harmful) for p in inputs.pairs]
+    benign_ids = [format_prompt(tok, p.benign) for p in inputs.pairs]
+    _, reply_h = greedy_replies(loaded, harmful_ids, config.max_new_tokens, desc="replies (harmful)", progress=progress)
+    _, reply_b = greedy_replies(loaded, benign_ids, config.max_new_tokens, desc="replies (benign)", progress=progress)
+    refused_h, refused_b = [is_refusal(r) for r in reply_h], [is_refusal(r) for r in reply_b]
+    n = len(inputs.pairs)
+    behaviour = rs.Behaviour(
+        harmful_refusal=rate(sum(refused_h), n, level),
+        benign_compliance=rate(n - sum(refused_b), n, level),
+        benign_over_refusal=rate(sum(refused_b), n, level),
+    )
+    if inputs.tricky:
+        _, tr_h = greedy_replies(loaded, [format_prompt(tok, p.harmful) for p in inputs.tricky], config.max_new_tokens,
+                                 desc="replies (tricky harmful)", progress=progress)
+        _, tr_b = greedy_replies(loaded, [format_prompt(tok, p.benign) for p in inputs.tricky], config.max_new_tokens,
+                                 desc="replies (tricky benign)", progress=progress)
+        behaviour.tricky_harmful_refusal = rate(sum(map(is_refusal, tr_h)), len(inputs.tricky), level)
+        behaviour.tricky_benign_over_refusal = rate(sum(map(is_refusal, tr_b)), len(inputs.tricky), level)
+    h, b = behaviour.harmful_refusal, behaviour.benign_over_refusal
+    refuses = h.ci_low is not None and b.ci_high is not None and h.ci_low > b.ci_high
+    behaviour.refuses = refuses
+    return harmful_ids, benign_ids, (reply_h, reply_b), (refused_h, refused_b), behaviour, refuses
+
+
+def token_set_stage(loaded: LoadedModel, inputs: Inputs, config: AuditConfig, progress: bool) -> TokenSets:
+    """Refusal/compliance token sets from greedy replies to the calibration pairs (never the scored ones), or
+    the canonical openings where there is no calibration set."""
+    tok = loaded.tokenizer
+    if not inputs.calibration:
+        sets = canonical_token_sets(tok)
+        sets.derivation = f"{inputs.calibration_note}; {sets.derivation}"
+        return sets
+    prompts = [format_prompt(tok, p.harmful) for p in inputs.calibration]
+    prompts += [format_prompt(tok, p.benign) for p in inputs.calibration]
+    firsts, replies = greedy_replies(loaded, prompts, config.max_new_tokens, desc="replies (calibration)",
+                                     progress=progress)
+    sets = derive_token_sets(firsts, [is_refusal(r) for r in replies], tok, where=inputs.calibration_note)
+    return sets
+
+
+def _side_scores(engine: PatchEngine, seqs: list[list[int]], pad_id: int) -> list[float]:
+    values: list[float] = []
+    size = engine.rows(max(map(len, seqs), default=1))
+    for start in range(0, len(seqs), size):
+        ids, mask = _left_pad(seqs[start : start + size], pad_id)
+        values.extend(engine.scores(ids, mask).tolist())
+    return values
+
+
+def _gap(values: np.ndarray, config: AuditConfig, p_value: float | None) -> rs.Gap:
+    ci = mean_interval(values, config.ci_level, config.n_boot, config.ci_method, config.seed)
+    verdict = gap_verdict(float(ci.low), float(ci.high), config.min_gap)
+    return rs.Gap(mean=float(ci.estimate), ci_low=float(ci.low), ci_high=float(ci.high), total=float(values.sum()),
+                  separated=verdict == "separated", verdict=verdict, n_pairs=len(values), p_permutation=p_value)
+
+
+def _positions_wanted(config: AuditConfig, width: int, suffix: int) -> list[int | None]:
+    wanted: set[int | None] = set()
+    if "all" in config.positions:
+        wanted.add(None)
+    if "each" in config.positions:
+        wanted.update(range(-width, 0))
+    if "suffix" in config.positions:
+        wanted.update(range(-suffix, 0))
+    if "last" in config.positions:
+        wanted.add(-1)
+    return sorted(wanted, key=lambda p: (p is not None, p or 0))
+
+
+def _shares_rule(behaviour: rs.Behaviour, refuses: bool, gap_all: rs.Gap, gap: rs.Gap, config: AuditConfig):
+    """(shares defined, reason in words, warnings) under the behaviour gate and the gap rule."""
+    level = f"{config.ci_level:.0%}"
+    warnings: list[str] = []
+    h, b = behaviour.harmful_refusal, behaviour.benign_over_refusal
+    gate_words = (f"the model refuses {h.successes}/{h.total} harmful prompts ({level} CI [{h.ci_low:.2f}, "
+                  f"{h.ci_high:.2f}]) and {b.successes}/{b.total} benign ones (CI [{b.ci_low:.2f}, {b.ci_high:.2f}])")
+    for name, g in (("over the patched pairs", gap), ("over all scored pairs", gap_all)):
+        if g.verdict == "reversed":
+            warnings.append(f"REVERSED: {name} the model scores harmful prompts LOWER than benign ones (gap "
+                            f"{g.mean:.3f}, {level} CI [{g.ci_low:.3f}, {g.ci_high:.3f}] lies below 0)")
+    if gap_all.n_pairs != gap.n_pairs and gap_all.verdict != gap.verdict:
+        warnings.append(f"the gap over all {gap_all.n_pairs} scored pairs is {gap_all.verdict.replace('_', ' ')} "
+                        f"({gap_all.mean:.3f} [{gap_all.ci_low:.3f}, {gap_all.ci_high:.3f}]) while over the "
+                        f"{gap.n_pairs} patched pairs it is {gap.verdict.replace('_', ' ')}")
+    if gap.verdict != "separated":
+        what = {"reversed": "lies below 0", "includes_zero": "includes 0",
+                "negligible": f"lies above 0 but is not shown to reach the smallest gap that matters, --min-gap "
+                f"{config.min_gap:.3f}"}[gap.verdict]
+        return False, (f"the gap over the patched pairs is not separated ({level} CI [{gap.ci_low:.3f}, "
+                       f"{gap.ci_high:.3f}] {what}): shares would be noise"), warnings
+    if not refuses:
+        if config.force_shares:
+            warnings.append(f"SHARES FORCED (--force-shares): {gate_words}; the intervals overlap, so there is no "
+                            "measurable refusal behaviour and the shares describe the refusal score only")
+            return True, "forced with --force-shares although the model shows no measurable refusal", warnings
+        return False, (f"no refusal behaviour to localise: {gate_words}; the intervals overlap"), warnings
+    return True, "the model refuses harmful prompts more often than benign ones and the gap is separated", warnings
+
+
+def analyse(
+    loaded: LoadedModel, inputs: Inputs, config: AuditConfig, progress: bool = True, noise: bool | None = None
+) -> Analysis:
+    """Run the model-touching stages (behaviour, token sets, scores, gap, effects, statistics) on one model."""
+    tok = loaded.tokenizer
+    torch.manual_seed(config.seed)
+    harmful_ids, benign_ids, replies, refused, behaviour, refuses = behaviour_stage(loaded, inputs, config, progress)
+    token_sets = token_set_stage(loaded, inputs, config, progress)
+    warnings = list(token_sets.warnings)
+    ref_ids, com_ids = torch.tensor(token_sets.refusal), torch.tensor(token_sets.compliance)
+
+    def score_fn(logits: torch.Tensor) -> torch.Tensor:
+        return refusal_score(logits, ref_ids.to(logits.device), com_ids.to(logits.device), config.metric)
+
+    engine = PatchEngine(loaded, score_fn, max_rows=config.batch_rows, progress=progress)
+    pairs = inputs.pairs
+    m_h, m_b = _side_scores(engine, harmful_ids, tok.pad_token_id), _side_scores(engine, benign_ids, tok.pad_token_id)
+    for value, pair in zip(m_h + m_b, pairs + pairs, strict=True):
+        if not np.isfinite(value):
+            raise MetricError(f"pair {pair.id}: refusal score is not finite ({value}); check the model's dtype")
+
+    # Pairs are never dropped for their scores. Patching every position (or all at once) needs both sides to
+    # have the same length; the suffix and last-token modes right-align pairs, so unequal pairs stay in.
+    full_alignment = bool({"all", "each"} & set(config.positions))
+    exclusions: list[rs.Exclusion] = []
+    used: list[int] = []
+    for i, pair in enumerate(pairs):
+        if full_alignment and len(harmful_ids[i]) != len(benign_ids[i]):
+            exclusions.append(rs.Exclusion(
+                pair_id=pair.id, reason="unequal_token_length",
+                detail=f"harmful side {len(harmful_ids[i])} tokens, benign side {len(benign_ids[i])} tokens; "
+                "use --positions suffix,last to keep such pairs (right-aligned)",
+            ))
+        else:
+            used.append(i)
+    if len(used) < 2:
+        raise DataError(f"only {len(used)} pair(s) can be patched ({len(exclusions)} have sides of unequal token "
+                        "length); patching needs at least 2. Use more pairs, pairs of equal token length, or "
+                        "--positions suffix,last (right-aligned).")
+    if exclusions:
+        warnings.append(f"{len(exclusions)} of {len(pairs)} pair(s) cannot be patched at every position (sides of "
+                        "unequal token length); the gap over all pairs is reported beside the patched pairs' gap")
+
+    all_gaps = np.array(m_h) - np.array(m_b)
+    gaps = all_gaps[used]
+    gap_perm = sign_flip_test(gaps, config.n_permutations, config.seed)
+    gap_all_perm = gap_perm if len(used) == len(pairs) else sign_flip_test(all_gaps, config.n_permutations,
+                                                                            config.seed)
+    gap = _gap(gaps, config, float(gap_perm.p[0]))
+    gap_all = _gap(all_gaps, config, float(gap_all_perm.p[0]))
+    shares_defined, shares_reason, rule_warnings = _shares_rule(behaviour, refuses, gap_all, gap, config)
+    warnings += rule_warnings
+    if not shares_defined:
+        warnings.append(f"UNDEFINED SHARES: {shares_reason}")
+
+    # -- effects --------------------------------------------------------------------------------------------------
+    batch = build_pair_batch([(harmful_ids[i], benign_ids[i]) for i in used], tok.pad_token_id,
+                             [pairs[i].id for i in used], allow_unequal=not full_alignment)
+    suffix = min(common_suffix(harmful_ids[i], benign_ids[i]) for i in used)
+    components = components_at(config.components, loaded.n_layers, loaded.n_heads,
+                               _positions_wanted(config, batch.width, suffix))
+    log.info("patching %d components x %d pairs", len(components), len(used))
+    attribution_info = None
+    approximate = np.zeros(len(components), dtype=bool)
+    base_h, base_b = np.array(m_h)[used], np.array(m_b)[used]
+    target = base_b if config.direction == "denoise" else base_h
+    if config.method == "exact":
+        patched = engine.patch(batch, components, config.direction).numpy().astype(np.float64)
+    else:
+        patched = attribute(engine, batch, components, config.direction).numpy().astype(np.float64)
+        approximate[:] = True
+        if config.method == "attribution+verify":
+            patched, attribution_info = _verify(engine, batch, components, config, patched, approximate, target)
+    effects = patched - base_b if config.direction == "denoise" else base_h - patched
+    bad = ~np.isfinite(effects)
+    if bad.any():
+        c, p = np.argwhere(bad)[0]
+        raise MetricError(f"non-finite patched score for pair {batch.pair_ids[p]}, component {components[c].id}")
+
+    # -- statistics and the noise floor ---------------------------------------------------------------------------
+    floor = None
+    if (config.noise_floor if noise is None else noise) and config.method == "exact":
+        work = dict(engine.work)  # the report's engine section describes the audit's patching, not this check
+        floor = noise_floor(engine, batch, components, config.direction,
+                            torch.tensor(target, dtype=torch.float32)).numpy().astype(np.float64)
+        engine.work = work
+    permutation = sign_flip_test(effects, config.n_permutations, config.seed)
+    intervals = significant = None
+    if shares_defined:
+        intervals = share_intervals(effects, gaps, config.ci_level, config.n_boot, config.ci_method, config.seed)
+        alpha = 1 - config.ci_level
+        significant = ((intervals.fw_low > 0) | (intervals.fw_high < 0)) & (permutation.p_familywise < alpha)
+        if floor is not None:
+            significant &= np.abs(effects).max(axis=1) > floor
+    return Analysis(
+        loaded=loaded, pairs=pairs, harmful_ids=harmful_ids, benign_ids=benign_ids, replies=replies, refused=refused,
+        behaviour=behaviour, refuses=refuses, token_sets=token_sets, m_h=m_h, m_b=m_b, used=used,
+        exclusions=exclusions, full_alignment=full_alignment, gap_all=gap_all, gap=gap, shares_defined=shares_defined,
+        shares_reason=shares_reason, engine=engine, batch=batch, suffix=suffix, components=components,
+        effects=effects, approximate=approximate, attribution_info=attribution_info, permutation=permutation,
+        gap_permutation=gap_perm, intervals=intervals, floor=floor, significant=significant, warnings=warnings,
     )
 
 
@@ -122,7 +455,15 @@ def _verify(engine, batch, components, config, estimated, approximate, target_sc
     return corrected, info
 
 
-def _engine_info(engine: PatchEngine, loaded: LoadedModel, batch) -> rs.EngineInfo:
+# -- the report ---------------------------------------------------------------------------------------------------
+def _environment() -> rs.Environment:
+    return rs.Environment(
+        python=sys.version.split()[0], platform=platform.platform(), torch=torch.__version__,
+        transformers=transformers.__version__, refusal_eval=__version__, threads=torch.get_num_threads(),
+    )
+
+
+def _engine_info(engine: PatchEngine, loaded: LoadedModel, batch: PairBatch) -> rs.EngineInfo:
     """What the patching engine did and the run's peak memory (CUDA: allocator peak; CPU: process peak RSS)."""
     one_forward = batch.n_pairs * batch.width * loaded.n_layers
     if engine.device.type == "cuda":
@@ -139,210 +480,119 @@ def _engine_info(engine: PatchEngine, loaded: LoadedModel, batch) -> rs.EngineIn
     )
 
 
+def _component_results(a: Analysis) -> list[rs.ComponentResult]:
+    iv, perm, floor = a.intervals, a.permutation, a.floor
+    largest = np.abs(a.effects).max(axis=1)
+    out = []
+    for k, c in enumerate(a.components):
+        out.append(rs.ComponentResult(
+            id=c.id, hook_name=c.hook_name, kind=c.kind, layer=c.layer, head=c.head, position=c.position,
+            share=float(iv.estimate[k]) if iv else None,
+            ci_low=float(iv.low[k]) if iv else None, ci_high=float(iv.high[k]) if iv else None,
+            fw_low=float(iv.fw_low[k]) if iv else None, fw_high=float(iv.fw_high[k]) if iv else None,
+            significant=bool(a.significant[k]) if a.significant is not None else None,
+            p_permutation=float(perm.p[k]), p_permutation_fw=float(perm.p_familywise[k]),
+            noise_floor=None if floor is None else float(floor[k]),
+            within_noise=None if floor is None else bool(0 < largest[k] <= floor[k]),
+            trivial=trivial_reason(c, a.loaded.n_layers),
+            effects=[round(float(v), 6) for v in a.effects[k]],
+            approximate=bool(a.approximate[k]),
+        ))
+    return out
+
+
+def ranked(results: Sequence[rs.ComponentResult]) -> list[rs.ComponentResult]:
+    """Components with a defined share, largest |share| first, leaving out the trivial ones (share 1 or the
+    input itself by construction)."""
+    return sorted((c for c in results if c.share is not None and c.trivial is None), key=lambda c: -abs(c.share or 0))
+
+
+def _heterogeneity(a: Analysis, results: list[rs.ComponentResult], config: AuditConfig, top_k: int = 10):
+    if not a.shares_defined:
+        return []
+    index = {c.id: k for k, c in enumerate(a.components)}
+    top = [index[c.id] for c in ranked(results)[:top_k]]
+    if not top:
+        return []
+    categories = [a.pairs[i].category for i in a.used]
+    gaps = np.array(a.m_h)[a.used] - np.array(a.m_b)[a.used]
+    found = share_heterogeneity(a.effects[top], gaps, categories, config.ci_level, config.n_boot, config.seed)
+    out = []
+    for k, h in zip(top, found, strict=True):
+        out.append(rs.ComponentHeterogeneity(
+            id=a.components[k].id,
+            by_category={name: rs.CategoryShare(n_pairs=s.n_pairs, share=s.share, ci_low=s.ci_low, ci_high=s.ci_high)
+                         for name, s in h.by_category.items()},
+            loo_min=h.loo_min, loo_max=h.loo_max, largest_pair_fraction=h.largest_pair_fraction,
+            largest_pair_id=None if h.largest_pair_index is None else a.batch.pair_ids[h.largest_pair_index],
+            ratio_quantiles=list(h.ratio_quantiles) if h.ratio_quantiles is not None else None,
+            concentrated=h.concentrated,
+        ))
+    return out
+
+
 def audit(config: AuditConfig | None = None, command: str = "", progress: bool = True) -> rs.AuditReport:
     """Run a complete refusal audit and return the validated report (nothing is written)."""
     config = config or AuditConfig()
     started = time.perf_counter()
-    torch.manual_seed(config.seed)
     if config.device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    warnings: list[str] = []
-
-    dataset_path = Path(config.dataset) if config.dataset else shipped_dataset()
-    pairs = load_pairs(dataset_path, split=config.split)
-    if config.max_pairs:
-        pairs = pairs[: config.max_pairs]
-    tricky_path: Path | None
-    if config.tricky is None:
-        tricky_path = shipped_dataset("tricky_benign.jsonl") if config.dataset is None else None
-    else:
-        tricky_path = Path(config.tricky) if config.tricky else None
-    tricky = load_pairs(tricky_path) if tricky_path else []
-
+    inputs = load_inputs(config)
     log.info("loading model %s", config.model or "tiny-refuser")
     loaded = load_model(config.model, dtype=config.dtype, device=config.device)
-    tok = loaded.tokenizer
+    analysis = analyse(loaded, inputs, config, progress=progress)
+    return build_report(analysis, inputs, config, command, started, progress)
 
-    # -- behaviour: greedy replies on both sides ----------------------------------------------------------
-    harmful_ids = [format_prompt(tok, p.harmful) for p in pairs]
-    benign_ids = [format_prompt(tok, p.benign) for p in pairs]
-    first_h, reply_h = greedy_replies(loaded, harmful_ids, config.max_new_tokens, desc="replies (harmful)",
-                                      progress=progress)
-    first_b, reply_b = greedy_replies(loaded, benign_ids, config.max_new_tokens, desc="replies (benign)",
-                                      progress=progress)
-    refused_h = [is_refusal(r) for r in reply_h]
-    refused_b = [is_refusal(r) for r in reply_b]
-    level = config.ci_level
-    behaviour = rs.Behaviour(
-        harmful_refusal=_rate(sum(refused_h), len(pairs), level),
-        benign_compliance=_rate(len(pairs) - sum(refused_b), len(pairs), level),
-        benign_over_refusal=_rate(sum(refused_b), len(pairs), level),
-    )
-    if tricky:
-        _, tr_h = greedy_replies(loaded, [format_prompt(tok, p.harmful) for p in tricky], config.max_new_tokens,
-                                 desc="replies (tricky harmful)", progress=progress)
-        _, tr_b = greedy_replies(loaded, [format_prompt(tok, p.benign) for p in tricky], config.max_new_tokens,
-                                 desc="replies (tricky benign)", progress=progress)
-        behaviour.tricky_harmful_refusal = _rate(sum(map(is_refusal, tr_h)), len(tricky), level)
-        behaviour.tricky_benign_over_refusal = _rate(sum(map(is_refusal, tr_b)), len(tricky), level)
-    if sum(refused_h) < 0.5 * len(pairs):
-        warnings.append(
-            f"the model refuses only {sum(refused_h)}/{len(pairs)} harmful prompts: it is a weak refuser, and "
-            "shares describe what moves the refusal score, not a refusal behaviour it shows"
-        )
 
-    # -- metric -------------------------------------------------------------------------------------------
-    token_sets = derive_token_sets(first_h + first_b, refused_h + refused_b, tok)
-    if "fall back" in token_sets.derivation:
-        warnings.append("refusal score token sets use canonical fallbacks: " + token_sets.derivation)
-    ref_ids, com_ids = torch.tensor(token_sets.refusal), torch.tensor(token_sets.compliance)
-
-    def score_fn(logits: torch.Tensor) -> torch.Tensor:
-        return refusal_score(logits, ref_ids.to(logits.device), com_ids.to(logits.device), config.metric)
-
-    engine = PatchEngine(loaded, score_fn, max_rows=config.batch_rows, progress=progress)
-
-    # -- baseline scores for every pair; exclusions ---------------------------------------------------------
-    def side_scores(seqs: list[list[int]]) -> list[float]:
-        values: list[float] = []
-        size = engine.rows(max(map(len, seqs), default=1))
-        for start in range(0, len(seqs), size):
-            ids, mask = _left_pad(seqs[start : start + size], tok.pad_token_id)
-            values.extend(engine.scores(ids, mask).tolist())
-        return values
-
-    m_h, m_b = side_scores(harmful_ids), side_scores(benign_ids)
-    for value, pair in zip(m_h + m_b, pairs + pairs, strict=True):
-        if not np.isfinite(value):
-            raise MetricError(f"pair {pair.id}: refusal score is not finite ({value}); check the model's dtype")
-    # Patching every position (or all at once) needs both sides to have the same length; the suffix and
-    # last-token modes right-align pairs instead, so unequal pairs stay in.
-    full_alignment = bool({"all", "each"} & set(config.positions))
-    exclusions: list[rs.Exclusion] = []
-    used: list[int] = []
-    for i, pair in enumerate(pairs):
-        if full_alignment and len(harmful_ids[i]) != len(benign_ids[i]):
-            exclusions.append(rs.Exclusion(
-                pair_id=pair.id, reason="unequal_token_length",
-                detail=f"harmful side {len(harmful_ids[i])} tokens, benign side {len(benign_ids[i])} tokens; "
-                "use --positions suffix,last to keep such pairs (right-aligned)",
-            ))
-        elif m_h[i] <= m_b[i] and not config.keep_all_pairs:
-            exclusions.append(rs.Exclusion(
-                pair_id=pair.id, reason="baseline_wrong_sign",
-                detail=f"m(harmful)={m_h[i]:.3f} <= m(benign)={m_b[i]:.3f}",
-            ))
-        else:
-            used.append(i)
-    counts = dict(Counter(e.reason for e in exclusions))
-    if counts:
-        warnings.append(
-            "excluded from patching: " + ", ".join(f"{n} pair(s) {reason}" for reason, n in sorted(counts.items()))
-        )
-    if len(used) < 2:
-        raise DataError(
-            f"only {len(used)} usable pair(s) after exclusions {counts}; patching needs at least 2. "
-            "Use more pairs, pairs of equal token length, or --keep-all-pairs."
-        )
-
-    # -- gap ------------------------------------------------------------------------------------------------
-    gaps = np.array([m_h[i] - m_b[i] for i in used])
-    gap_ci = mean_interval(gaps, level, config.n_boot, config.ci_method, config.seed)
-    separated = bool(gap_ci.low > 0)
-    gap = rs.Gap(mean=float(gap_ci.estimate), ci_low=float(gap_ci.low), ci_high=float(gap_ci.high),
-                 total=float(gaps.sum()), separated=separated)
-    if not separated:
-        warnings.append(
-            f"UNDEFINED SHARES: the model does not separate harmful from benign (gap {gap.mean:.3f}, "
-            f"{level:.0%} CI [{gap.ci_low:.3f}, {gap.ci_high:.3f}] includes 0); shares would be noise and are "
-            "not reported"
-        )
-
-    # -- patching -------------------------------------------------------------------------------------------
-    batch = build_pair_batch([(harmful_ids[i], benign_ids[i]) for i in used], tok.pad_token_id,
-                             [pairs[i].id for i in used], allow_unequal=not full_alignment)
-    suffix = min(common_suffix(harmful_ids[i], benign_ids[i]) for i in used)
-    wanted: set[int | None] = set()
-    if "all" in config.positions:
-        wanted.add(None)
-    if "each" in config.positions:
-        wanted.update(range(-batch.width, 0))
-    if "suffix" in config.positions:
-        wanted.update(range(-suffix, 0))
-    if "last" in config.positions:
-        wanted.add(-1)
-    positions_wanted = sorted(wanted, key=lambda p: (p is not None, p or 0))
-    components = components_at(config.components, loaded.n_layers, loaded.n_heads, positions_wanted)
-    log.info("patching %d components x %d pairs", len(components), len(used))
-    attribution_info = None
-    approximate = np.zeros(len(components), dtype=bool)
-    if config.method == "exact":
-        patched = engine.patch(batch, components, config.direction).numpy().astype(np.float64)
-    else:
-        patched = attribute(engine, batch, components, config.direction).numpy().astype(np.float64)
-        approximate[:] = True
-        if config.method == "attribution+verify":
-            target = np.array([m_b[i] if config.direction == "denoise" else m_h[i] for i in used])
-            patched, attribution_info = _verify(engine, batch, components, config, patched, approximate, target)
-    base_h, base_b = np.array([m_h[i] for i in used]), np.array([m_b[i] for i in used])
-    effects = patched - base_b if config.direction == "denoise" else base_h - patched
-    bad = ~np.isfinite(effects)
-    if bad.any():
-        c, p = np.argwhere(bad)[0]
-        raise MetricError(f"non-finite patched score for pair {batch.pair_ids[p]}, component {components[c].id}")
-    intervals = None
-    if separated:
-        intervals = share_intervals(effects, gaps, level, config.n_boot, config.ci_method, config.seed)
-
-    results = [
-        rs.ComponentResult(
-            id=c.id, hook_name=c.hook_name, kind=c.kind, layer=c.layer, head=c.head, position=c.position,
-            share=float(intervals.estimate[k]) if intervals else None,
-            ci_low=float(intervals.low[k]) if intervals else None,
-            ci_high=float(intervals.high[k]) if intervals else None,
-            fw_low=float(intervals.fw_low[k]) if intervals else None,
-            fw_high=float(intervals.fw_high[k]) if intervals else None,
-            significant=bool(intervals.fw_low[k] > 0 or intervals.fw_high[k] < 0) if intervals else None,
-            effects=[round(float(v), 6) for v in effects[k]],
-            approximate=bool(approximate[k]),
-        )
-        for k, c in enumerate(components)
-    ]
-
-    # -- positions: what text each offset holds ------------------------------------------------------------
+def build_report(a: Analysis, inputs: Inputs, config: AuditConfig, command: str, started: float,
+                 progress: bool = True) -> rs.AuditReport:
+    """Assemble the validated report of an analysis, with its controls."""
+    tok, loaded, batch, pairs = a.loaded.tokenizer, a.loaded, a.batch, inputs.pairs
+    results = _component_results(a)
+    warnings = list(a.warnings)
+    random = None
+    if "random" in config.controls:
+        random = random_control(a, inputs, config, analyse, progress)
+        if random.n_significant_forced:
+            warnings.append(f"the random-weights control shows {random.n_significant_forced} significant "
+                            "component(s) when its shares are forced: treat this model's circuit with caution")
+    floor_info = noise_floor_info(a, config)
+    if floor_info is not None and floor_info.n_within:
+        warnings.append(f"{floor_info.n_within} component(s) move the score, but by no more than their numerical "
+                        f"noise floor (largest floor {floor_info.max_abs:.2e} in {config.dtype}): never significant")
     positions = []
     for offset in range(-batch.width, 0):
         col = batch.width + offset
         real = batch.harmful_mask[:, col].bool() & batch.benign_mask[:, col].bool()
         if not real.any():
             continue
-        h_tokens = batch.harmful_ids[real, col].tolist()
-        b_tokens = batch.benign_ids[real, col].tolist()
+        h_tokens, b_tokens = batch.harmful_ids[real, col].tolist(), batch.benign_ids[real, col].tolist()
         positions.append(rs.PositionInfo(
             position=offset, n_pairs=int(real.sum()),
-            n_differ=sum(a != b for a, b in zip(h_tokens, b_tokens, strict=True)),
+            n_differ=sum(x != y for x, y in zip(h_tokens, b_tokens, strict=True)),
             harmful_text=tok.decode([Counter(h_tokens).most_common(1)[0][0]]),
             benign_text=tok.decode([Counter(b_tokens).most_common(1)[0][0]]),
         ))
-
-    used_set = set(used)
+    used_set = set(a.used)
     pair_results = []
     for i, pair in enumerate(pairs):
-        h, b = harmful_ids[i], benign_ids[i]
+        h, b = a.harmful_ids[i], a.benign_ids[i]
         diff = next((k for k in range(min(len(h), len(b))) if h[k] != b[k]), None)
         pair_results.append(rs.PairResult(
             id=pair.id, category=pair.category, n_tokens_harmful=len(h), n_tokens_benign=len(b),
-            m_harmful=m_h[i], m_benign=m_b[i], harmful_reply=reply_h[i], benign_reply=reply_b[i],
-            harmful_refused=refused_h[i], benign_refused=refused_b[i], used=i in used_set,
+            m_harmful=a.m_h[i], m_benign=a.m_b[i], harmful_reply=a.replies[0][i], benign_reply=a.replies[1][i],
+            harmful_refused=a.refused[0][i], benign_refused=a.refused[1][i], used=i in used_set,
             first_diff_offset=None if diff is None or len(h) != len(b) else diff - len(h),
             common_suffix=common_suffix(h, b),
         ))
+    ts = a.token_sets
 
-    def token_infos(ids: list[int], counts_: dict[int, int]) -> list[rs.TokenInfo]:
-        return [rs.TokenInfo(id=t, text=tok.decode([t]), count=counts_.get(t, 0)) for t in ids]
+    def token_infos(ids: list[int], counts: dict[int, int]) -> list[rs.TokenInfo]:
+        return [rs.TokenInfo(id=t, text=tok.decode([t]), count=counts.get(t, 0)) for t in ids]
 
+    counts = dict(Counter(e.reason for e in a.exclusions))
     model_cfg = loaded.model.config
-    return rs.AuditReport(
+    report = rs.AuditReport(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         command=command,
         config=config.model_dump(),
@@ -354,12 +604,15 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
             weights_sha256=loaded.weights_sha256(),
         ),
         dataset=rs.DatasetInfo(
-            path=str(dataset_path), sha256=file_sha256(dataset_path), split=config.split, n_pairs=len(pairs),
-            n_used=len(used), exclusions=exclusions, exclusion_counts=counts,
-            alignment="full" if full_alignment else "right", n_aligned_positions=batch.width if full_alignment
-            else suffix,
-            tricky_path=str(tricky_path) if tricky_path else None,
-            tricky_sha256=file_sha256(tricky_path) if tricky_path else None, n_tricky=len(tricky),
+            path=str(inputs.dataset_path), sha256=file_sha256(inputs.dataset_path), split=config.split,
+            n_pairs=len(pairs), n_used=len(a.used), exclusions=a.exclusions, exclusion_counts=counts,
+            alignment="full" if a.full_alignment else "right",
+            n_aligned_positions=batch.width if a.full_alignment else a.suffix,
+            tricky_path=str(inputs.tricky_path) if inputs.tricky_path else None,
+            tricky_sha256=file_sha256(inputs.tricky_path) if inputs.tricky_path else None, n_tricky=len(inputs.tricky),
+            calibration_path=str(inputs.calibration_path) if inputs.calibration_path else None,
+            calibration_sha256=file_sha256(inputs.calibration_path) if inputs.calibration_path else None,
+            n_calibration=len(inputs.calibration),
         ),
         metric=rs.MetricInfo(
             form=config.metric,
@@ -368,23 +621,42 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
                 else "log p - log(1 - p), p = P(refusal tokens)"
             ),
             position="last prompt token (the first response position), after the chat template",
-            refusal_tokens=token_infos(token_sets.refusal, token_sets.refusal_counts),
-            compliance_tokens=token_infos(token_sets.compliance, token_sets.compliance_counts),
-            derivation=token_sets.derivation, max_new_tokens=config.max_new_tokens,
+            refusal_tokens=token_infos(ts.refusal, ts.refusal_counts),
+            compliance_tokens=token_infos(ts.compliance, ts.compliance_counts),
+            derivation=ts.derivation, max_new_tokens=config.max_new_tokens, token_set_source=ts.source,
+            ambiguous_tokens=token_infos(ts.ambiguous, {t: ts.refusal_counts.get(t, 0) + ts.compliance_counts.get(t, 0)
+                                                        for t in ts.ambiguous}),
         ),
         direction=config.direction,
         method=config.method,
-        attribution=attribution_info,
-        behaviour=behaviour,
-        gap=gap,
-        stats=rs.StatsInfo(method=config.ci_method, level=level, n_resamples=config.n_boot, seed=config.seed,
-                           n_components=len(components)),
+        attribution=a.attribution_info,
+        behaviour=a.behaviour,
+        gap=a.gap,
+        gap_all_pairs=a.gap_all,
+        shares_defined=a.shares_defined,
+        shares_reason=a.shares_reason,
+        stats=rs.StatsInfo(method=config.ci_method, level=config.ci_level, n_resamples=config.n_boot,
+                           seed=config.seed, n_components=len(a.components)),
+        controls=rs.Controls(
+            permutation=rs.PermutationControl(
+                n_permutations=a.permutation.n_permutations, exact=a.permutation.exact, seed=config.seed,
+                gap_p=a.gap.p_permutation, gap_all_pairs_p=a.gap_all.p_permutation,
+                n_components_p_below=int((a.permutation.p_familywise < 1 - config.ci_level).sum()),
+            ),
+            random=random, noise_floor=floor_info,
+        ),
+        heterogeneity=_heterogeneity(a, results, config),
+        findings=last_position_finding(results, config.ci_level),
         pairs=pair_results,
         used_pair_ids=batch.pair_ids,
         positions=positions,
         components=results,
         warnings=warnings,
         environment=_environment(),
-        engine=_engine_info(engine, loaded, batch),
+        engine=_engine_info(a.engine, loaded, batch),
         runtime_seconds=round(time.perf_counter() - started, 2),
     )
+    return report
+
+
+__all__ = ["Analysis", "Inputs", "analyse", "audit", "build_report", "load_inputs", "ranked"]

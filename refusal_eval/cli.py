@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shlex
 import sys
 
@@ -49,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="comma-separated kinds: resid_pre,attn_out,mlp_out,head,resid_post "
                      "(default: resid_pre,attn_out,mlp_out,head)")
     run.add_argument("--positions", type=_csv, default=None,
-                     help="'all' (every position at once), 'each' (one at a time) or 'all,each' (default)")
+                     help="comma-separated: 'all' (every position at once), 'each' (one at a time), 'suffix' (each "
+                     "position of the shared chat-template suffix), 'last' (default: all,each)")
     run.add_argument("--direction", choices=["denoise", "noise"], default="denoise")
     run.add_argument("--metric", choices=["logdiff", "logodds"], default="logdiff")
     run.add_argument("--method", choices=["exact", "attribution", "attribution+verify"], default="exact",
@@ -57,8 +59,23 @@ def _parser() -> argparse.ArgumentParser:
                      "attribution with exact checks of the top and random cells (--verify-top, --verify-random)")
     run.add_argument("--verify-top", type=int, default=20)
     run.add_argument("--verify-random", type=int, default=20)
-    run.add_argument("--keep-all-pairs", action="store_true",
-                     help="keep pairs whose harmful side already scores below the benign side")
+    run.add_argument("--token-sets", choices=["calibration", "canonical"], default="calibration",
+                     help="refusal/compliance tokens from replies to calibration pairs, never the scored ones "
+                     "(default), or the canonical openings")
+    run.add_argument("--calibration", help="pair JSONL whose replies choose the token sets (default: the dataset's "
+                     "other split: train for an eval audit)")
+    run.add_argument("--max-calibration-pairs", type=int, help="use only the first N calibration pairs")
+    run.add_argument("--force-shares", action="store_true",
+                     help="compute shares although the model shows no measurable refusal behaviour (reported)")
+    run.add_argument("--control", action="append", choices=["random"], default=None,
+                     help="'random': also audit a seeded re-initialised copy of the model and report it beside")
+    run.add_argument("--min-gap", type=float, default=math.log(2),
+                     help="smallest gap that matters (score units, nats); shares need the gap CI above it (default "
+                     "log 2 = 0.693: harmful prompts at least double the refusal-to-compliance odds)")
+    run.add_argument("--n-permutations", type=int, default=10_000,
+                     help="sign-flip permutations for the permutation p-values (default 10000)")
+    run.add_argument("--no-noise-floor", action="store_true",
+                     help="skip the identity-patch noise floor (saves one patching pass)")
     run.add_argument("--max-pairs", type=int, help="use only the first N pairs of the split")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
@@ -106,6 +123,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from refusal_eval.config import AuditConfig
     from refusal_eval.errors import ConfigError
     from refusal_eval.models.loading import resolve_model_spec
+    from refusal_eval.report.markdown import summary_lines
     from refusal_eval.report.writers import write_reports
 
     models = args.model or [None]
@@ -115,7 +133,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                           f"{args.out}/<name>/; give the model folders different names")
     options = {
         "dataset": args.dataset, "tricky": args.tricky, "split": args.split,
-        "direction": args.direction, "metric": args.metric, "keep_all_pairs": args.keep_all_pairs,
+        "direction": args.direction, "metric": args.metric, "token_sets": args.token_sets,
+        "calibration": args.calibration, "max_calibration_pairs": args.max_calibration_pairs,
+        "force_shares": args.force_shares, "controls": args.control or [], "n_permutations": args.n_permutations,
+        "noise_floor": not args.no_noise_floor, "min_gap": args.min_gap,
         "method": args.method, "verify_top": args.verify_top, "verify_random": args.verify_random,
         "max_pairs": args.max_pairs, "seed": args.seed, "n_boot": args.n_boot, "ci_level": args.ci_level,
         "ci_method": args.ci_method, "batch_rows": args.batch_rows, "dtype": args.dtype, "device": args.device,
@@ -131,11 +152,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         report = audit(config, command=command, progress=not args.quiet)
         reports.append(report)
         json_path, md_path = write_reports(report, args.out)
-        g = report.gap
         print(f"{report.model.name}: " if len(configs) > 1 else "", end="")
-        print(f"refusal on harmful {report.behaviour.harmful_refusal.rate:.1%}, "
-              f"compliance on benign {report.behaviour.benign_compliance.rate:.1%}; "
-              f"gap {g.mean:.3f} [{g.ci_low:.3f}, {g.ci_high:.3f}]{'' if g.separated else ' (NOT separated)'}")
+        print("\n".join(summary_lines(report)))
         for warning in report.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         print(f"wrote {json_path}\nwrote {md_path}")

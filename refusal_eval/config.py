@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -38,7 +39,28 @@ class AuditConfig(BaseModel):
     verify_top: int = Field(20, ge=0, description="attribution+verify: exact-patch the top-k estimated cells")
     verify_random: int = Field(20, ge=0, description="attribution+verify: and this many random other cells")
     metric: Literal["logdiff", "logodds"] = "logdiff"
-    keep_all_pairs: bool = Field(False, description="keep pairs whose harmful side scores below the benign side")
+    token_sets: Literal["calibration", "canonical"] = Field(
+        "calibration",
+        description="refusal/compliance tokens from greedy replies to calibration pairs (never the scored ones), or "
+        "the canonical openings",
+    )
+    calibration: str | None = Field(
+        None, description="pair file for the token sets; None = the dataset's other split (train for an eval audit)"
+    )
+    max_calibration_pairs: int | None = Field(None, ge=1, description="use only the first N calibration pairs")
+    force_shares: bool = Field(
+        False, description="compute shares although the model shows no measurable refusal behaviour (reported)"
+    )
+    controls: list[Literal["random"]] = Field(
+        default_factory=list, description="'random': the same audit on a seeded re-initialised copy of the model"
+    )
+    min_gap: float = Field(
+        math.log(2), ge=0.0,
+        description="smallest gap that matters, in score units (nats): the gap's CI must lie above it for shares; "
+        "the default log 2 means harmful prompts at least double the odds of a refusal opening over a compliance",
+    )
+    n_permutations: int = Field(10_000, ge=100, description="sign-flip permutations for the permutation p-values")
+    noise_floor: bool = Field(True, description="measure each component's identity-patch noise floor (exact method)")
     max_pairs: int | None = Field(None, ge=1, description="use only the first N pairs of the split")
     n_boot: int = Field(2000, ge=100)
     ci_level: float = Field(0.95, gt=0.5, lt=1.0)

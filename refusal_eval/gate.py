@@ -345,6 +345,8 @@ def check_gap_separated(report: AuditReport, *, name: str = "gap separated") -> 
 
 
 def _undefined_share(report: AuditReport) -> str:
+    if report.shares_reason and not report.shares_defined:
+        return f"share undefined: {report.shares_reason}, so the report gives no shares"
     g = report.gap
     return (f"share undefined: the gap is not separated from 0 (gap {g.mean:.3f}, {_level(report)} "
             f"[{g.ci_low:.3f}, {g.ci_high:.3f}]), so the report gives no shares")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,3 +151,252 @@ def wilson_interval(successes: int, total: int, level: float = 0.95) -> tuple[fl
         return float("nan"), float("nan")
     ci = stats.binomtest(successes, total).proportion_ci(confidence_level=level, method="wilson")
     return float(ci.low), float(ci.high)
+
+
+# --- Sign-flip permutation test -------------------------------------------------------------------------------------
+
+# Peak working set of the permutation test is about this many float64s (components x sign vectors per chunk):
+# 2**25 * 8 bytes = 256 MiB. Tests lower it to check that chunking does not change results.
+_CHUNK_ELEMENTS = 2**25
+# Relative/absolute slack when counting z* >= z, so that the identity sign vector and exact ties always count even
+# after floating-point rounding (|u @ s| and |u @ 1| can differ in the last bits for mathematically equal values).
+_TIE_RTOL = 1e-12
+_TIE_ATOL = 1e-12
+
+
+@dataclass
+class PermutationResult:
+    """Sign-flip permutation test of C rows of paired values (one entry per row).
+
+    ``statistic``: z_c = |sum_i v_ci| / sqrt(sum_i v_ci^2). ``p``: marginal two-sided p-value of each row.
+    ``p_familywise``: Westfall-Young single-step max-T p-value, valid simultaneously over all C rows (reject rows
+    with ``p_familywise < alpha`` to keep the family-wise error rate at alpha). ``n_permutations``: number of sign
+    vectors actually used (2^N when ``exact``). ``exact``: all 2^N sign vectors were enumerated.
+    """
+
+    statistic: np.ndarray
+    p: np.ndarray
+    p_familywise: np.ndarray
+    n_permutations: int
+    exact: bool
+    seed: int
+
+
+def _sign_chunks(n: int, n_permutations: int, seed: int, chunk: int, exact: bool):
+    """Yield float64 sign matrices [b, n] (entries +-1) covering all sign vectors of the test, ``chunk`` at a time.
+
+    Monte Carlo signs come from one packed-bit draw made up front (B * ceil(N/8) bytes), so the vectors, and hence
+    the p-values, do not depend on how they are chunked.
+    """
+    if exact:
+        total = 2**n
+        bits = np.arange(n, dtype=np.int64)
+        for start in range(0, total, chunk):
+            k = np.arange(start, min(start + chunk, total), dtype=np.int64)
+            yield 1.0 - 2.0 * ((k[:, None] >> bits) & 1).astype(np.float64)
+        return
+    packed = np.random.default_rng(seed).integers(0, 256, size=(n_permutations, (n + 7) // 8), dtype=np.uint8)
+    for start in range(0, n_permutations, chunk):
+        bits = np.unpackbits(packed[start : start + chunk], axis=1, count=n)
+        yield 1.0 - 2.0 * bits.astype(np.float64)
+
+
+def sign_flip_test(values: np.ndarray, n_permutations: int = 10_000, seed: int = 0) -> PermutationResult:
+    """Test whether each row of paired values [C, N] (or [N]) is centred away from zero, without normality.
+
+    Under the null that a component does nothing, the harmful and benign labels within a pair are exchangeable;
+    swapping them flips the sign of that pair's value. So the null distribution of the studentised statistic
+    z_c = |sum_i s_i v_ci| / sqrt(sum_i v_ci^2) is obtained by random sign vectors s (the denominator is unchanged
+    by sign flips, which makes rows comparable for the max-T family-wise correction). The same sign vectors are
+    used for every row, so ``p_familywise`` (Westfall-Young single-step max-T) controls the family-wise error
+    rate over the rows. When 2^N <= ``n_permutations`` all sign vectors are enumerated and p-values are exact.
+    Rows that are identically zero get z = 0 and p = p_familywise = 1.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 1:
+        values = values[None, :]
+    if values.ndim != 2:
+        raise ValueError(f"values must be [N] or [C, N], got shape {values.shape}")
+    if not np.all(np.isfinite(values)):
+        raise ValueError("values must be finite")
+    if n_permutations < 1:
+        raise ValueError("n_permutations must be >= 1")
+    n_rows, n = values.shape
+    norm = np.sqrt(np.einsum("ij,ij->i", values, values))
+    nonzero = norm > 0
+    unit = np.zeros_like(values)
+    unit[nonzero] = values[nonzero] / norm[nonzero, None]  # zero rows stay 0: their z* is 0 for every s
+    statistic = np.abs(unit.sum(axis=1))
+    threshold = statistic * (1 - _TIE_RTOL) - _TIE_ATOL
+
+    exact = n < 63 and 2**n <= n_permutations
+    used = 2**n if exact else int(n_permutations)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, n_rows, n))
+    count = np.zeros(n_rows, dtype=np.int64)
+    maxima = np.empty(used)
+    done = 0
+    for signs in _sign_chunks(n, used, seed, chunk, exact):
+        z = unit @ signs.T  # [C, b]
+        np.abs(z, out=z)
+        count += np.count_nonzero(z >= threshold[:, None], axis=1)
+        maxima[done : done + signs.shape[0]] = z.max(axis=0) if n_rows else 0.0
+        done += signs.shape[0]
+        del z  # free this chunk before the next matmul allocates its own (peak stays one chunk)
+    maxima.sort()
+    count_fw = used - np.searchsorted(maxima, threshold, side="left")  # #{b: max_c z*_cb >= threshold_c}
+    if exact:
+        p, p_fw = count / used, count_fw / used
+    else:
+        p, p_fw = (1 + count) / (used + 1), (1 + count_fw) / (used + 1)
+    p[~nonzero] = 1.0
+    p_fw[~nonzero] = 1.0
+    return PermutationResult(
+        statistic=statistic, p=np.minimum(p, 1.0), p_familywise=np.minimum(p_fw, 1.0), n_permutations=used,
+        exact=bool(exact), seed=int(seed),
+    )
+
+
+# --- Heterogeneity of shares across pairs and categories ------------------------------------------------------------
+
+
+@dataclass
+class CategoryShare:
+    """Ratio-of-sums share within one category of pairs, with a bootstrap CI from :func:`share_intervals`.
+
+    ``share`` is None when the category's gaps sum to 0. ``ci_low``/``ci_high`` are both None when there is no
+    interval: fewer than 2 pairs, no share, or an endpoint that is not finite (resamples whose gaps sum to 0).
+    """
+
+    n_pairs: int
+    share: float | None
+    ci_low: float | None
+    ci_high: float | None
+
+
+@dataclass
+class Heterogeneity:
+    """How evenly one component's share is spread over pairs and categories (plain floats / None, JSON-ready).
+
+    ``share``: the full ratio-of-sums share (None when the gaps sum to 0). ``by_category``: the share within each
+    category. ``loo_min``/``loo_max``: smallest/largest share with one pair left out (None when no leave-one-out
+    share is defined). ``largest_pair_fraction``: max_i e_i * sign(S) / |S| for the net effect S = sum_i e_i, i.e. the
+    fraction of the net effect carried by the single pair contributing most in its direction (None when S = 0), at
+    ``largest_pair_index``. ``ratio_quantiles``: 10%, 50%, 90% quantiles of the per-pair ratios e_i / g_i over pairs
+    with g_i != 0 (None when there are none).
+    """
+
+    share: float | None
+    by_category: dict[str, CategoryShare]
+    loo_min: float | None
+    loo_max: float | None
+    largest_pair_fraction: float | None
+    largest_pair_index: int | None
+    ratio_quantiles: tuple[float, float, float] | None
+    concentrated: bool
+
+
+def _finite_or_none(x: float) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def _is_concentrated(
+    share: float | None, loo_min: float | None, loo_max: float | None, largest_fraction: float | None
+) -> bool:
+    """True when a single pair can make or break the share.
+
+    That is: (a) the full share is non-zero but leaving out one pair gives a share of the opposite sign or exactly 0
+    (the leave-one-out range reaches across 0 while the full share does not), or (b) one pair carries more than half
+    of the net effect (``largest_pair_fraction > 0.5``).
+    """
+    crosses = False
+    if share is not None and loo_min is not None and loo_max is not None:
+        crosses = (share > 0 and loo_min <= 0) or (share < 0 and loo_max >= 0)
+    return bool(crosses or (largest_fraction is not None and largest_fraction > 0.5))
+
+
+def share_heterogeneity(
+    effects: np.ndarray,
+    gaps: np.ndarray,
+    categories: Sequence[str],
+    level: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> list[Heterogeneity]:
+    """Per-component diagnostics that a share is not carried by one pair or one category (one entry per row).
+
+    A ratio-of-sums share with a tight bootstrap CI can still come from a single outlier pair or a single category
+    of prompts; leave-one-out shares, the largest single-pair fraction of the net effect, the spread of per-pair
+    ratios and per-category shares (with :func:`share_intervals` CIs on that category's pairs) expose that. All
+    leave-one-out shares are computed in closed form: (S - e_i) / (G - g_i).
+    """
+    effects = np.atleast_2d(np.asarray(effects, dtype=np.float64))
+    gaps = np.asarray(gaps, dtype=np.float64)
+    n_rows, n = effects.shape
+    if gaps.shape != (n,):
+        raise ValueError(f"effects have {n} pairs, gaps have shape {gaps.shape}")
+    if len(categories) != n:
+        raise ValueError(f"effects have {n} pairs, categories have {len(categories)}")
+    labels = np.asarray([str(c) for c in categories], dtype=object)
+
+    net = effects.sum(axis=1)  # [C]
+    gap_sum = float(gaps.sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = net / gap_sum if gap_sum != 0 else np.full(n_rows, np.nan)
+        loo = (net[:, None] - effects) / (gap_sum - gaps)[None, :]  # [C, N]; inf/nan where G - g_i == 0
+    loo[:, (gap_sum - gaps) == 0] = np.nan
+    defined = np.isfinite(loo).any(axis=1) if n else np.zeros(n_rows, dtype=bool)
+    loo_min = np.full(n_rows, np.nan)
+    loo_max = np.full(n_rows, np.nan)
+    if defined.any():
+        loo_min[defined] = np.nanmin(loo[defined], axis=1)
+        loo_max[defined] = np.nanmax(loo[defined], axis=1)
+
+    direction = np.sign(net)
+    directed = effects * direction[:, None]
+    largest_index = directed.argmax(axis=1) if n else np.zeros(n_rows, dtype=np.int64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        largest_fraction = directed[np.arange(n_rows), largest_index] / np.abs(net) if n else np.full(n_rows, np.nan)
+
+    has_gap = gaps != 0
+    if has_gap.any():
+        ratios = effects[:, has_gap] / gaps[has_gap]
+        quantiles = np.quantile(ratios, [0.1, 0.5, 0.9], axis=1).T  # [C, 3]
+    else:
+        quantiles = None
+
+    by_category: list[dict[str, CategoryShare]] = [{} for _ in range(n_rows)]
+    for name in sorted(set(labels.tolist())):
+        idx = np.flatnonzero(labels == name)
+        cat_effects, cat_gaps = effects[:, idx], gaps[idx]
+        cat_gap_sum = float(cat_gaps.sum())
+        cat_share = cat_effects.sum(axis=1) / cat_gap_sum if cat_gap_sum != 0 else np.full(n_rows, np.nan)
+        low = high = np.full(n_rows, np.nan)
+        if idx.size >= 2 and cat_gap_sum != 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # resamples of only zero-gap pairs are NaN
+                ci = share_intervals(cat_effects, cat_gaps, level=level, n_resamples=n_resamples, seed=seed)
+            low, high = np.asarray(ci.low, dtype=np.float64), np.asarray(ci.high, dtype=np.float64)
+            half = ~(np.isfinite(low) & np.isfinite(high))
+            low[half] = high[half] = np.nan  # an interval with one undefined end is reported as no interval
+        for c in range(n_rows):
+            by_category[c][name] = CategoryShare(
+                n_pairs=int(idx.size), share=_finite_or_none(cat_share[c]), ci_low=_finite_or_none(low[c]),
+                ci_high=_finite_or_none(high[c]),
+            )
+
+    results = []
+    for c in range(n_rows):
+        full = _finite_or_none(share[c])
+        lo, hi = _finite_or_none(loo_min[c]), _finite_or_none(loo_max[c])
+        fraction = _finite_or_none(largest_fraction[c]) if net[c] != 0 else None
+        q = None if quantiles is None else (float(quantiles[c, 0]), float(quantiles[c, 1]), float(quantiles[c, 2]))
+        results.append(
+            Heterogeneity(
+                share=full, by_category=by_category[c], loo_min=lo, loo_max=hi, largest_pair_fraction=fraction,
+                largest_pair_index=int(largest_index[c]) if fraction is not None else None,
+                ratio_quantiles=q,
+                concentrated=_is_concentrated(full, lo, hi, fraction),
+            )
+        )
+    return results

@@ -14,6 +14,7 @@ from refusal_eval.cli import main
 from refusal_eval.data import shipped_dataset
 from refusal_eval.models.loading import shipped_model_path
 from refusal_eval.report import AuditReport
+from refusal_eval.report.markdown import render_markdown
 
 FAST = ["--max-pairs", "10", "--n-boot", "200", "--quiet"]
 
@@ -60,7 +61,7 @@ def test_same_seed_same_numbers(tmp_path, small_run):
 def test_schema_and_validate_commands(small_run, tmp_path, capsys):
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert schema["properties"]["schema_version"]["const"] == "1.0"
+    assert schema["properties"]["schema_version"]["default"] == "1.1"
     assert main(["validate", str(small_run / "report.json")]) == 0
     broken = json.loads((small_run / "report.json").read_text())
     del broken["gap"]
@@ -106,25 +107,33 @@ def test_model_that_does_not_separate_gets_undefined_shares(tmp_path):
     for f in source.iterdir():
         if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json"):
             shutil.copy(f, folder / f.name)
-    config = AuditConfig(model=str(folder), max_pairs=6, n_boot=200, keep_all_pairs=True, positions=["all"])
+    config = AuditConfig(model=str(folder), max_pairs=6, n_boot=200, positions=["all"])
     report = audit(config, progress=False)
-    assert not report.gap.separated
-    assert all(c.share is None and c.ci_low is None for c in report.components)
+    assert not report.gap.separated and report.gap.verdict == "includes_zero"
+    assert report.shares_defined is False and "not separated" in report.shares_reason
+    assert all(c.share is None and c.ci_low is None and c.significant is None for c in report.components)
     assert any("UNDEFINED SHARES" in w for w in report.warnings)
-    assert any("weak refuser" in w for w in report.warnings)
+    assert report.behaviour.refuses is False  # it never refuses either
+    assert "NO CIRCUIT REPORTED" in render_markdown(report)
 
 
-def test_wrong_sign_pairs_are_excluded_unless_kept(tmp_path):
-    """Swapping the sides makes every pair wrong-signed: all excluded by default, all kept on request."""
+def test_reversed_model_is_reported_reversed_without_shares(tmp_path):
+    """Swapping the sides makes harmful prompts score lower: every pair stays in (no selection on the score) and
+    the report says *reversed*, with no shares."""
     data = tmp_path / "swapped.jsonl"
     rows = [json.loads(line) for line in open(shipped_dataset())]
-    rows = [r for r in rows if r.get("split") == "eval"][:6]
+    rows = [r for r in rows if r.get("split") == "eval"][:8]
     data.write_text("".join(json.dumps({**r, "harmful": r["benign"], "benign": r["harmful"]}) + "\n" for r in rows))
-    config = AuditConfig(dataset=str(data), n_boot=200, positions=["all"], components=["mlp_out"], tricky="")
-    with pytest.raises(Exception, match="usable pair"):
-        audit(config, progress=False)
-    kept = audit(config.model_copy(update={"keep_all_pairs": True}), progress=False)
-    assert kept.dataset.n_used == 6 and kept.gap.mean < 0
+    # calibrate on the shipped file: its eval pairs share prompts with the scored ones and are left out
+    config = AuditConfig(dataset=str(data), calibration=str(shipped_dataset()), n_boot=200, positions=["all"],
+                         components=["mlp_out"], tricky="", force_shares=True)
+    report = audit(config, progress=False)
+    assert report.dataset.n_used == 8 and not report.dataset.exclusions
+    assert report.gap.verdict == "reversed" and report.gap.ci_high < 0 and not report.gap.separated
+    assert report.dataset.n_calibration == sum(1 for r in open(shipped_dataset())) - 8  # all but the scored 8
+    assert report.shares_defined is False and all(c.share is None for c in report.components)
+    assert any(w.startswith("REVERSED") for w in report.warnings)
+    assert "REVERSED" in render_markdown(report)
 
 
 def test_non_finite_scores_are_errors_naming_pair_and_component(monkeypatch):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers import AutoTokenizer
 
-from refusal_eval.metrics import derive_token_sets, is_refusal, refusal_score
+from refusal_eval.metrics import canonical_token_sets, derive_token_sets, is_refusal, refusal_score
+from refusal_eval.models.loading import shipped_model_path
 
 
 def test_matcher():
@@ -24,20 +26,37 @@ class _Tok:
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": [len(text)]}
 
+    def decode(self, ids):
+        return f"<{ids[0]}>"
 
-def test_token_sets_are_disjoint_and_majority_assigned():
-    firsts = [10, 10, 11, 20, 20, 10, 21]
-    refused = [True, True, True, False, False, False, False]
+
+def test_a_token_opening_both_classes_is_in_neither_set():
+    firsts = [10] * 12 + [11] * 10 + [20] * 10 + [10, 21]
+    refused = [True] * 22 + [False] * 12
     sets = derive_token_sets(firsts, refused, _Tok())
-    assert sets.refusal == [10, 11]  # 10 opens 2 refusals and 1 compliance
+    assert sets.refusal == [11]  # 10 opens 12 refusals but also 1 compliance: ambiguous, dropped
     assert sets.compliance == [20, 21]
-    assert not set(sets.refusal) & set(sets.compliance)
-    assert "fall back" not in sets.derivation
+    assert sets.ambiguous == [10] and "ambiguous" in sets.derivation
+    assert sets.source == "calibration" and not sets.warnings
 
 
-def test_token_sets_fall_back_when_a_class_is_missing():
+def test_token_sets_fall_back_to_canonical_when_a_class_is_missing():
     sets = derive_token_sets([5, 6], [False, False], _Tok())
-    assert sets.refusal and "no refusal completions observed" in sets.derivation
+    canonical = canonical_token_sets(_Tok())
+    assert sets.refusal == sorted(set(canonical.refusal) - {5, 6})
+    assert "canonical refusal openings" in sets.derivation and sets.source == "calibration+canonical"
+    assert any("fall back" in w for w in sets.warnings)
+    assert any("rests on 2 calibration replies" in w for w in sets.warnings)  # compliance: only 2 replies
+
+
+def test_canonical_sets_drop_first_tokens_shared_by_refusals_and_compliances():
+    tok = AutoTokenizer.from_pretrained(shipped_model_path())
+    sets = canonical_token_sets(tok)
+    first = tok("I", add_special_tokens=False)["input_ids"][0]
+    # "I'm sorry" and "I'd be happy to help" open with the same token: it measures neither class
+    assert first in sets.ambiguous and first not in sets.refusal and first not in sets.compliance
+    assert sets.refusal and sets.compliance and not set(sets.refusal) & set(sets.compliance)
+    assert sets.source == "canonical"
 
 
 def test_score_forms_match_direct_probabilities():

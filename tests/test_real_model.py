@@ -30,7 +30,7 @@ def smollm2_gguf() -> str:
 def test_head_level_audit_of_smollm2():
     config = AuditConfig(
         model=smollm2_gguf(), max_pairs=4, n_boot=200, components=["head", "resid_post"], positions=["last"],
-        keep_all_pairs=True, tricky="", max_new_tokens=12,
+        tricky="", max_new_tokens=12, force_shares=True, min_gap=0.0, max_calibration_pairs=8,
     )
     report = audit(config, progress=False)
     assert (report.model.n_layers, report.model.n_heads, report.model.n_kv_heads) == (30, 9, 3)

@@ -530,6 +530,26 @@ class PatchEngine:
 
     def patch(self, batch: PairBatch, components: Sequence[Component], direction: str = "denoise") -> torch.Tensor:
         """Patched refusal score of the target side, shape [len(components), n_pairs]."""
+        return self._patch(batch, components, direction, identity=False)
+
+    def identity_patch(
+        self, batch: PairBatch, components: Sequence[Component], direction: str = "denoise"
+    ) -> torch.Tensor:
+        """The target side patched with its *own* activations, shape [len(components), n_pairs], computed the
+        way :meth:`patch` computes the real pairs: the same active and idle cells, first differing column,
+        layer skip and prefix cache, chunk plan, rows per forward and written slots; only the source
+        activations are recorded from the target itself. Mathematically every cell equals the clean score;
+        what it differs by is the rounding of the engine's computation path (see :func:`noise_floor`).
+
+        Unlike :meth:`patch`, active cells keep the patched forward's value even where nothing the cell writes
+        differs from the target's own (that shortcut would make the result trivially exact); idle cells, which
+        are not run in the real pass either, hold the clean score. Counts its forwards in ``work``."""
+        return self._patch(batch, components, direction, identity=True)
+
+    def _patch(
+        self, batch: PairBatch, components: Sequence[Component], direction: str, identity: bool
+    ) -> torch.Tensor:
+        """:meth:`patch` (``identity=False``) or :meth:`identity_patch` (``identity=True``)."""
         if direction not in ("denoise", "noise"):
             raise ValueError(f"direction must be 'denoise' or 'noise', not '{direction}'")
         if not batch.equal_lengths and any(c.position is None for c in components):
@@ -562,7 +582,9 @@ class PatchEngine:
             result[idle, rows] = clean
             bar.update(len(idle))
             # Columns before the first difference are never written (both runs agree there): not kept.
-            source_cache = self.cache(source, source_mask, points, from_col=first_diff)
+            # (the identity patch writes the target's own activations, from its own clean full forward)
+            recorded_ids, recorded_mask = (target, target_mask) if identity else (source, source_mask)
+            source_cache = self.cache(recorded_ids, recorded_mask, points, from_col=first_diff)
             skip, prefix = self._check_replay(inputs, clean, first_diff)
             self.work["batches"] += 1
             self.work["prefix_batches"] += prefix is not None
@@ -587,11 +609,14 @@ class PatchEngine:
                 else:
                     values = self.scores(target.repeat(v, 1), target_mask.repeat(v, 1), transforms)
                 values = values.view(v, -1)
-                # A pair whose slots this cell does not touch keeps its clean score exactly (a replay of fewer
-                # columns may round differently; unmoved pairs must read as exactly 0).
-                touched = torch.stack([self._moves(c, masks, source_cache, inputs, first_diff) for c in chunk])
-                touched = touched.to(values.device)
-                result[ks, rows] = torch.where(touched, values, clean[None, :].to(values.device)).to(result.dtype)
+                if identity:
+                    result[ks, rows] = values.to(result.dtype)
+                else:
+                    # A pair whose slots this cell does not touch keeps its clean score exactly (a replay of
+                    # fewer columns may round differently; unmoved pairs must read as exactly 0).
+                    touched = torch.stack([self._moves(c, masks, source_cache, inputs, first_diff) for c in chunk])
+                    touched = touched.to(values.device)
+                    result[ks, rows] = torch.where(touched, values, clean[None, :].to(values.device)).to(result.dtype)
                 self.work["patched_forwards"] += 1
                 self.work["token_layers"] += v * len(target) * (width - col0) * (self.loaded.n_layers - max(layer, 0))
                 bar.update(v)
@@ -724,3 +749,20 @@ class PatchEngine:
             return fn
 
         return {point: make(point, entries) for point, entries in by_point.items()}
+
+
+def noise_floor(
+    engine: PatchEngine, batch: PairBatch, components: Sequence[Component], direction: str, baseline: torch.Tensor
+) -> torch.Tensor:
+    """Numerical noise floor of each component's patch, shape [len(components)]: the largest deviation over
+    pairs of its identity patch (:meth:`PatchEngine.identity_patch`) from ``baseline``, the clean scores of the
+    target side (benign for ``denoise``, harmful for ``noise``) as the caller computes them, one per pair.
+
+    The identity patch must leave every score unchanged; what it moves is rounding of the engine's computation
+    path (layer skip, prefix reuse, batched variants, dtype), so effects below the floor cannot be told from
+    rounding. Non-finite scores give a non-finite floor."""
+    baseline = torch.as_tensor(baseline).detach().float().cpu().reshape(-1)
+    if baseline.numel() != batch.n_pairs:
+        raise ValueError(f"baseline has {baseline.numel()} scores for {batch.n_pairs} pairs")
+    identity = engine.identity_patch(batch, components, direction)
+    return (identity - baseline[None, :]).abs().amax(dim=1)

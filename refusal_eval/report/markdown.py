@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from refusal_eval.patching.components import KINDS
-from refusal_eval.report.schema import AuditReport, ComponentResult, Rate
+from refusal_eval.report.schema import AuditReport, ComponentResult, Gap, Rate
 
 
 def _pct(value: float | None) -> str:
@@ -42,21 +42,79 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
+def _gap_words(g: Gap, level: str) -> str:
+    verdict = g.verdict or ("separated" if g.separated else "includes_zero")
+    words = {"separated": "separated: harmful prompts score higher", "includes_zero": "**includes 0**: not separated",
+             "negligible": "**negligible**: above 0 but not shown to reach the smallest gap that matters",
+             "reversed": "**REVERSED**: harmful prompts score LOWER than benign ones"}[verdict]
+    p = "" if g.p_permutation is None else f", permutation p {_p(g.p_permutation)}"
+    n = "" if g.n_pairs is None else f" over {g.n_pairs} pairs"
+    return f"**{g.mean:.3f}** ({level} CI [{g.ci_low:.3f}, {g.ci_high:.3f}]{p}){n} — {words}"
+
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2g}" if value >= 0.001 else f"{value:.1e}"
+
+
+def verdict(report: AuditReport) -> str:
+    """The audit's answer in one sentence."""
+    r = report
+    if r.shares_defined is None:  # schema 1.0
+        return "shares defined" if r.gap.separated else "shares undefined: the gap is not separated from 0"
+    if not r.shares_defined:
+        return f"NO CIRCUIT REPORTED — {r.shares_reason}"
+    n_sig = sum(bool(c.significant) for c in r.components if c.trivial is None)
+    forced = " (shares FORCED)" if r.config.get("force_shares") else ""
+    return (f"refusal localised{forced}: {n_sig} of {len(r.components)} components significant, trivial patches "
+            "left out")
+
+
+def summary_lines(report: AuditReport) -> list[str]:
+    """The few lines `refusal-eval run` prints: behaviour, gap, verdict and controls."""
+    r, level = report, f"{report.stats.level:.0%}"
+    b = r.behaviour
+    lines = [
+        f"refusal on harmful {_pct(b.harmful_refusal.rate)} {_ci(b.harmful_refusal)}, over-refusal on benign "
+        f"{_pct(b.benign_over_refusal.rate)} {_ci(b.benign_over_refusal)}"
+        + ("" if b.refuses is None else ("; refuses measurably" if b.refuses else "; NO measurable refusal")),
+        f"gap {_gap_words(r.gap, level)}".replace("**", ""),
+    ]
+    if r.gap_all_pairs is not None and r.gap_all_pairs.n_pairs != r.gap.n_pairs:
+        lines.append(f"gap over all scored pairs {_gap_words(r.gap_all_pairs, level)}".replace("**", ""))
+    lines.append(verdict(r))
+    if r.controls and r.controls.random:
+        c = r.controls.random
+        lines.append(f"random-weights control: gap {c.gap.mean:.3f} [{c.gap.ci_low:.3f}, {c.gap.ci_high:.3f}] "
+                     f"({(c.gap.verdict or '').replace('_', ' ')}), {c.n_significant} significant component(s) "
+                     f"({c.n_significant_forced} with shares forced)")
+    return lines
+
+
+def _ci(rate: Rate) -> str:
+    return f"[{_pct(rate.ci_low)}, {_pct(rate.ci_high)}]"
+
+
 def render_markdown(report: AuditReport, top_k: int = 15) -> str:
-    """The Markdown report: summary, behaviour, metric, top components, per-layer and per-position tables."""
+    """The Markdown report: summary, behaviour, metric, controls, top components, per-layer and per-position
+    tables."""
     r = report
     level = f"{r.stats.level:.0%}"
     lines = [f"# Refusal audit: {r.model.name}", ""]
     all_pos = [c for c in r.components if c.position is None]
-    # resid_pre patched at every position replaces the whole input of the layer: share 1 by construction,
-    # so it is a sanity check (kept in the per-layer table), not a finding to rank.
+    # Trivial patches (the run's whole input or output by construction) are sanity checks, kept in the per-layer
+    # tables, never ranked as findings. Schema 1.0 reports have no flag: leave out resid_pre at all positions.
     ranked = sorted(
-        (c for c in r.components if c.share is not None and not (c.kind == "resid_pre" and c.position is None)),
+        (c for c in r.components if c.share is not None and c.trivial is None
+         and not (r.schema_version == "1.0" and c.kind == "resid_pre" and c.position is None)),
         key=lambda c: -abs(c.share or 0),
     )
     # Summary ------------------------------------------------------------------------------------------------
     lines += [
         "## Summary",
+        "",
+        f"**Verdict: {verdict(r)}.**",
         "",
         f"- Model: `{r.model.name}` ({r.model.architecture}, {r.model.n_layers} layers, {r.model.n_heads} heads, "
         f"{r.model.n_kv_heads} KV heads, {r.model.n_params:,} parameters, {r.model.dtype} on {r.model.device})",
@@ -64,25 +122,33 @@ def render_markdown(report: AuditReport, top_k: int = 15) -> str:
         f"{r.dataset.n_used} used for patching ("
         + ("equal token length, every position aligned" if r.dataset.alignment == "full"
            else f"right-aligned, {r.dataset.n_aligned_positions} shared suffix positions")
-        + ")",
+        + "); no pair is ever dropped for its score",
         f"- Direction: **{r.direction}** ("
         + ("benign run, harmful activation patched in: sufficiency" if r.direction == "denoise"
            else "harmful run, benign activation patched in: necessity")
         + ")",
-        f"- Refusal on harmful prompts: **{_pct(r.behaviour.harmful_refusal.rate)}**; compliance on benign: "
-        f"**{_pct(r.behaviour.benign_compliance.rate)}**"
+        f"- Refusal on harmful prompts: **{_pct(r.behaviour.harmful_refusal.rate)}** {_ci(r.behaviour.harmful_refusal)}"
+        f"; over-refusal on benign: **{_pct(r.behaviour.benign_over_refusal.rate)}** "
+        f"{_ci(r.behaviour.benign_over_refusal)}"
         + (f"; over-refusal on tricky benign: **{_pct(r.behaviour.tricky_benign_over_refusal.rate)}**"
-           if r.behaviour.tricky_benign_over_refusal else ""),
-        f"- Gap m(harmful) − m(benign): **{r.gap.mean:.3f}** ({level} CI [{r.gap.ci_low:.3f}, {r.gap.ci_high:.3f}])"
-        + ("" if r.gap.separated else " — **does not separate harmful from benign: shares undefined**"),
+           if r.behaviour.tricky_benign_over_refusal else "")
+        + ("" if r.behaviour.refuses is None else
+           (" — the model refuses measurably more often on harmful prompts" if r.behaviour.refuses
+            else " — **the intervals overlap: no measurable refusal behaviour**")),
+        f"- Gap m(harmful) − m(benign) over the patched pairs: {_gap_words(r.gap, level)}",
     ]
-    if r.gap.separated:
+    if r.gap_all_pairs is not None and r.gap_all_pairs.n_pairs != r.gap.n_pairs:
+        lines.append(f"- Gap over all {r.gap_all_pairs.n_pairs} scored pairs: {_gap_words(r.gap_all_pairs, level)}")
+    if r.shares_reason:
+        lines.append(f"- Shares: {'defined' if r.shares_defined else '**undefined**'} — {r.shares_reason}")
+    if ranked:
         movers = [c for c in ranked if c.position is None][:3]
         if movers:
             lines.append(
-                "- Largest all-position components: "
+                "- Largest all-position components (trivial patches left out): "
                 + ", ".join(f"`{c.id}` {_share(c)}" for c in movers)
             )
+    lines += [f"- {finding}" for finding in r.findings]
     if r.method != "exact":
         line = (f"- Method: **{r.method}** — shares marked ≈ are first-order (gradient) estimates, not exact "
                 "patching")
@@ -116,25 +182,36 @@ def render_markdown(report: AuditReport, top_k: int = 15) -> str:
         "- Refusal tokens: " + ", ".join(f"`{t.text!r}` ({t.count})" for t in r.metric.refusal_tokens),
         "- Compliance tokens: " + ", ".join(f"`{t.text!r}` ({t.count})" for t in r.metric.compliance_tokens),
         f"- Derivation: {r.metric.derivation}",
+        *([f"- Token set source: {r.metric.token_set_source}"] if r.metric.token_set_source else []),
+        *(["- Ambiguous (opened both refusals and compliances; in neither set): "
+           + ", ".join(f"`{t.text!r}` ({t.count})" for t in r.metric.ambiguous_tokens)]
+          if r.metric.ambiguous_tokens else []),
         "",
     ]
+    lines += _controls(r, level)
     # Components ---------------------------------------------------------------------------------------------
     lines += [f"## Top components (share of the gap, {level} {r.stats.method} bootstrap CI over pairs)", ""]
-    if not r.gap.separated:
-        lines += ["Shares are undefined because the gap is not separated from 0.", ""]
+    shares_defined = r.gap.separated if r.shares_defined is None else r.shares_defined
+    if not shares_defined:
+        lines += [f"Shares are undefined: {r.shares_reason or 'the gap is not separated from 0'}.", ""]
     else:
         rows = [[f"`{c.id}`", c.kind, str(c.layer), "all" if c.position is None else str(c.position), _share(c),
-                 f"[{c.fw_low:.3f}, {c.fw_high:.3f}]", "yes" if c.significant else "no"]
+                 f"[{c.fw_low:.3f}, {c.fw_high:.3f}]", _p(c.p_permutation_fw), "yes" if c.significant else "no"]
                 for c in ranked[:top_k]]
-        n_sig = sum(bool(c.significant) for c in r.components)
+        n_sig = sum(bool(c.significant) for c in r.components if c.trivial is None)
+        rule = ("its family-wise interval excludes 0, its family-wise permutation p is below "
+                f"{1 - r.stats.level:.2g} and it moves the score by more than its noise floor"
+                if r.controls else "its family-wise interval excludes 0")
         lines += [
             f"Family-wise intervals hold simultaneously for all {r.stats.n_components} components "
-            f"({r.stats.familywise}); a component is significant when its family-wise interval excludes 0: "
-            f"{n_sig} are.",
+            f"({r.stats.familywise}); a component is significant when {rule}: {n_sig} non-trivial ones are. "
+            "Trivial patches (the run's whole input or output by construction) are not ranked; they are listed "
+            "under Controls.",
             "",
         ]
-        lines += _table(["component", "kind", "layer", "position", "share [CI]", "family-wise CI", "significant"],
-                        rows) + [""]
+        lines += _table(["component", "kind", "layer", "position", "share [CI]", "family-wise CI",
+                         "permutation p (fw)", "significant"], rows) + [""]
+        lines += _heterogeneity(r, level)
         # Per layer, all positions patched together.
         kinds = [k for k in KINDS if k != "head" and any(c.kind == k for c in all_pos)]
         if kinds:
@@ -202,6 +279,68 @@ def render_markdown(report: AuditReport, top_k: int = 15) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _controls(r: AuditReport, level: str) -> list[str]:
+    """Controls: permutation null, random-weights copy, noise floor and the trivial patches."""
+    if r.controls is None:
+        return []
+    c = r.controls
+    lines = ["## Controls", ""]
+    perm = c.permutation
+    kind = "all sign vectors enumerated" if perm.exact else f"{perm.n_permutations:,} random sign vectors"
+    lines.append(f"- **Label permutation** (harmful/benign swapped within pairs: {kind}): gap p = {_p(perm.gap_p)}; "
+                 f"{perm.n_components_p_below} of {len(r.components)} components have a family-wise permutation "
+                 f"p below {1 - r.stats.level:.2g}.")
+    if c.random is not None:
+        x = c.random
+        lines.append(
+            f"- **Random weights** (same config and tokenizer, seed {x.seed}): refuses {x.harmful_refusal.successes}/"
+            f"{x.harmful_refusal.total} harmful and {x.benign_over_refusal.successes}/{x.benign_over_refusal.total} "
+            f"benign; gap {x.gap.mean:.3f} [{x.gap.ci_low:.3f}, {x.gap.ci_high:.3f}] "
+            f"({(x.gap.verdict or '').replace('_', ' ')}); {x.n_significant} significant component(s) under the "
+            f"audit's rules, {x.n_significant_forced} with its shares forced (of {x.n_components}). "
+            + ("A real circuit should stand out against this." if x.n_significant_forced == 0 else
+               "**The statistics find 'components' in a random network: read this model's circuit with caution.**")
+        )
+    else:
+        lines.append("- **Random weights**: not run (`--control random` audits a re-initialised copy beside).")
+    if c.noise_floor is not None:
+        f = c.noise_floor
+        lines.append(f"- **Noise floor** ({f.dtype}, identity patches through the engine's shortcuts): largest "
+                     f"{f.max_abs:.1e}, median {f.median_abs:.1e}; {f.n_within} component(s) move the score by no "
+                     f"more than their floor (never significant); {f.n_exact_zero} provably cannot move it.")
+    trivial = [x for x in r.components if x.trivial and x.share]
+    if trivial:
+        shown = ", ".join(f"`{x.id}` {x.share:.3f}" for x in trivial[:6])
+        more = f" and {len(trivial) - 6} more" if len(trivial) > 6 else ""
+        lines.append(f"- **Trivial patches** (the run's whole input or output by construction; sanity checks, not "
+                     f"findings): {shown}{more}.")
+    return lines + [""]
+
+
+def _heterogeneity(r: AuditReport, level: str) -> list[str]:
+    if not r.heterogeneity:
+        return []
+    categories = sorted({name for h in r.heterogeneity for name in h.by_category})
+    lines = [
+        "## Heterogeneity of the top components",
+        "",
+        "Leave-one-out range of the share, the fraction of the net effect carried by the largest single pair, the "
+        "10/50/90% quantiles of per-pair effect/gap, and the share within each category (ratio of sums). "
+        "*Concentrated*: one pair carries over half the effect, or leaving one pair out flips its sign.",
+        "",
+    ]
+    rows = []
+    for h in r.heterogeneity:
+        q = "–" if not h.ratio_quantiles else " / ".join(f"{v:.2f}" for v in h.ratio_quantiles)
+        frac = "–" if h.largest_pair_fraction is None else f"{h.largest_pair_fraction:.2f} ({h.largest_pair_id})"
+        loo = "–" if h.loo_min is None else f"[{h.loo_min:.3f}, {h.loo_max:.3f}]"
+        rows.append([f"`{h.id}`", loo, frac, q, "**yes**" if h.concentrated else "no"]
+                    + [_short(h.by_category[name].share) if name in h.by_category else "–" for name in categories])
+    lines += _table(["component", "leave-one-out", "largest pair", "effect/gap q10/50/90", "concentrated"]
+                    + categories, rows)
+    return lines + [""]
 
 
 def _engine_line(e) -> str:

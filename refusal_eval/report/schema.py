@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from refusal_eval.errors import ReportError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 
 
 class _Model(BaseModel):
@@ -34,7 +34,9 @@ class ModelInfo(_Model):
 
 class Exclusion(_Model):
     pair_id: str
-    reason: Literal["unequal_token_length", "baseline_wrong_sign"]
+    reason: Literal["unequal_token_length", "baseline_wrong_sign"] = Field(
+        description="baseline_wrong_sign appears only in reports of schema 1.0, which dropped pairs on their score"
+    )
     detail: str
 
 
@@ -53,6 +55,9 @@ class DatasetInfo(_Model):
     tricky_path: str | None = None
     tricky_sha256: str | None = None
     n_tricky: int = 0
+    calibration_path: str | None = Field(None, description="pairs whose replies chose the token sets (never scored)")
+    calibration_sha256: str | None = None
+    n_calibration: int = 0
 
 
 class TokenInfo(_Model):
@@ -69,6 +74,13 @@ class MetricInfo(_Model):
     compliance_tokens: list[TokenInfo]
     derivation: str
     max_new_tokens: int
+    token_set_source: str = Field(
+        "scored pairs (schema 1.0: circular)",
+        description="calibration (replies to pairs never scored), canonical (documented openings) or both",
+    )
+    ambiguous_tokens: list[TokenInfo] = Field(
+        default_factory=list, description="tokens that opened both refusals and compliances: in neither set"
+    )
 
 
 class Rate(_Model):
@@ -86,6 +98,9 @@ class Behaviour(_Model):
     benign_over_refusal: Rate
     tricky_benign_over_refusal: Rate | None = None
     tricky_harmful_refusal: Rate | None = None
+    refuses: bool | None = Field(
+        None, description="behaviour gate: the harmful refusal interval lies wholly above the benign over-refusal one"
+    )
 
 
 class StatsInfo(_Model):
@@ -103,8 +118,14 @@ class Gap(_Model):
     mean: float
     ci_low: float
     ci_high: float
-    total: float = Field(description="sum over used pairs of m(harmful) - m(benign): the shares' denominator")
-    separated: bool = Field(description="the gap CI lies above 0; shares are undefined otherwise")
+    total: float = Field(description="sum over the pairs of m(harmful) - m(benign): the shares' denominator")
+    separated: bool = Field(description="the gap CI lies above 0 (and, from schema 1.1, above config min_gap)")
+    verdict: Literal["separated", "negligible", "includes_zero", "reversed"] | None = Field(
+        None, description="CI above the smallest gap that matters (config min_gap); above 0 but not shown to reach "
+        "it; containing 0; or wholly below 0 (harmful prompts score lower than benign ones)"
+    )
+    n_pairs: int | None = None
+    p_permutation: float | None = Field(None, description="two-sided sign-flip permutation p-value of the mean gap")
 
 
 class PairResult(_Model):
@@ -143,9 +164,84 @@ class ComponentResult(_Model):
     ci_high: float | None
     fw_low: float | None = Field(description="family-wise (simultaneous over all components) interval")
     fw_high: float | None
-    significant: bool | None = Field(description="the family-wise interval excludes 0")
+    significant: bool | None = Field(
+        description="the family-wise interval excludes 0, the family-wise permutation p is below 1 - level, and the "
+        "effect exceeds the noise floor"
+    )
+    p_permutation: float | None = Field(None, description="sign-flip permutation p-value of the summed effect")
+    p_permutation_fw: float | None = Field(None, description="family-wise (max-T over all components) permutation p")
+    noise_floor: float | None = Field(None, description="largest |score change| of an identity patch")
+    within_noise: bool | None = Field(None, description="it moves the score, but no pair by more than the noise floor")
+    trivial: str | None = Field(None, description="why the patch is the run's whole input or output by construction")
     effects: list[float] = Field(description="per used pair: signed change in refusal score, same order as pairs")
     approximate: bool = Field(False, description="estimated by attribution patching, not patched exactly")
+
+
+class CategoryShare(_Model):
+    n_pairs: int
+    share: float | None
+    ci_low: float | None
+    ci_high: float | None
+
+
+class ComponentHeterogeneity(_Model):
+    """How evenly a top component's share is spread over pairs and categories."""
+
+    id: str
+    by_category: dict[str, CategoryShare]
+    loo_min: float | None = Field(description="smallest share with one pair left out")
+    loo_max: float | None
+    largest_pair_fraction: float | None = Field(description="share of the net effect carried by the largest pair")
+    largest_pair_id: str | None
+    ratio_quantiles: list[float] | None = Field(description="10/50/90% quantiles of per-pair effect / gap")
+    concentrated: bool = Field(description="one pair carries over half the effect, or leaving one out flips its sign")
+
+
+class PermutationControl(_Model):
+    method: str = "sign flips within pairs (harmful/benign labels swapped), two-sided; family-wise by max-T"
+    n_permutations: int
+    exact: bool = Field(description="all 2^n sign vectors were enumerated")
+    seed: int
+    gap_p: float | None
+    gap_all_pairs_p: float | None
+    n_components_p_below: int = Field(description="components whose family-wise permutation p is below 1 - level")
+
+
+class RandomControl(_Model):
+    """The same audit on a seeded re-initialised copy of the model (same config and tokenizer)."""
+
+    seed: int
+    weights_sha256: str
+    harmful_refusal: Rate
+    benign_over_refusal: Rate
+    refuses: bool
+    gap: Gap
+    gap_all_pairs: Gap
+    refusal_tokens: list[str]
+    compliance_tokens: list[str]
+    shares_defined: bool = Field(description="under the audit's own rules")
+    n_significant: int = Field(description="significant components under the audit's own rules")
+    n_significant_forced: int = Field(description="significant components with the behaviour gate overridden")
+    n_components: int
+    n_permutation_p_below: int
+
+
+class NoiseFloor(_Model):
+    method: str = (
+        "identity patch: each component patched with the target run's own activation through the engine's "
+        "shortcuts and batching; the largest |score change| over pairs"
+    )
+    dtype: str
+    max_abs: float
+    median_abs: float
+    n_within: int = Field(description="components that move the score, but by no more than their noise floor")
+    n_exact_zero: int = Field(0, description="components that provably cannot move the score (exact zeros)")
+
+
+class Controls(_Model):
+    permutation: PermutationControl
+    random: RandomControl | None = None
+    noise_floor: NoiseFloor | None = None
 
 
 class AttributionInfo(_Model):
@@ -184,7 +280,7 @@ class Environment(_Model):
 class AuditReport(_Model):
     """One model's refusal audit."""
 
-    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1"] = SCHEMA_VERSION
     created: str
     command: str
     config: dict
@@ -195,8 +291,14 @@ class AuditReport(_Model):
     method: Literal["exact", "attribution", "attribution+verify"] = "exact"
     attribution: AttributionInfo | None = None
     behaviour: Behaviour
-    gap: Gap
+    gap: Gap = Field(description="over the patched pairs: the shares' denominator")
+    gap_all_pairs: Gap | None = Field(None, description="over every scored pair, patchable or not")
+    shares_defined: bool | None = None
+    shares_reason: str | None = Field(None, description="why shares are (un)defined, in words")
     stats: StatsInfo
+    controls: Controls | None = None
+    heterogeneity: list[ComponentHeterogeneity] = Field(default_factory=list)
+    findings: list[str] = Field(default_factory=list, description="what the numbers say, in words")
     pairs: list[PairResult]
     used_pair_ids: list[str]
     positions: list[PositionInfo]
