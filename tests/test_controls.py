@@ -1,0 +1,128 @@
+"""The guards and controls of issue 9 on the shipped tiny-refuser: still localised, with controls that agree."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from refusal_eval import AuditConfig, audit
+from refusal_eval.audit import gap_verdict, ranked
+from refusal_eval.controls import last_position_finding, trivial_reason
+from refusal_eval.patching.components import Component
+from refusal_eval.report import schema as rs
+from refusal_eval.report.markdown import render_markdown, summary_lines
+from refusal_eval.stats import sign_flip_test
+
+# The schema-1.0 audit of the same model on the same eval split (token sets from the scored replies, wrong-sign
+# pairs dropped), from the report committed before the guards: (share, CI low, CI high).
+BEFORE = {
+    "blocks.0.hook_attn_out": (0.998, 0.995, 1.000),
+    "blocks.3.hook_resid_pre@-1": (0.853, 0.841, 0.867),
+    "blocks.0.hook_mlp_out": (0.815, 0.793, 0.836),
+}
+
+
+@pytest.fixture(scope="module")
+def report() -> rs.AuditReport:
+    return audit(AuditConfig(controls=["random"], tricky=""), progress=False)
+
+
+def test_tiny_refuser_is_still_localised_on_its_eval_split(report):
+    assert report.behaviour.refuses and report.shares_defined
+    assert report.gap.verdict == "separated" and report.gap.n_pairs == report.dataset.n_pairs == 77
+    assert report.gap_all_pairs == report.gap  # every pair is patchable: nothing excluded, nothing selected
+    assert report.gap.p_permutation < 0.001
+    for cid, (_, low, high) in BEFORE.items():
+        assert low <= report.component(cid).share <= high, cid
+    # token sets come from the train split's replies, never the scored pairs
+    assert report.metric.token_set_source == "calibration" and report.dataset.n_calibration == 99
+    assert "train split" in report.metric.derivation
+
+
+def test_significance_needs_both_families_and_the_noise_floor(report):
+    alpha = 1 - report.stats.level
+    significant = [c for c in report.components if c.significant]
+    assert significant
+    for c in report.components:
+        wanted = ((c.fw_low > 0 or c.fw_high < 0) and c.p_permutation_fw < alpha
+                  and max(abs(e) for e in c.effects) > c.noise_floor)
+        assert c.significant == wanted, c.id
+    # the permutation p-values are those of the effects in the report (stored rounded to 1e-6: compare where
+    # the rounding cannot matter)
+    effects = np.array([c.effects for c in report.components])
+    perm = sign_flip_test(effects, report.controls.permutation.n_permutations, report.stats.seed)
+    large = np.abs(effects).min(axis=1) > 1e-3
+    assert large.sum() > 20
+    np.testing.assert_allclose(np.array([c.p_permutation for c in report.components])[large], perm.p[large])
+
+
+def test_noise_floor_is_tiny_in_float32(report):
+    floor = report.controls.noise_floor
+    assert floor.dtype == "float32" and 0 <= floor.max_abs < 1e-5
+    assert all(c.noise_floor is not None and c.noise_floor < 1e-5 for c in report.components)
+    assert floor.n_exact_zero == sum(max(map(abs, c.effects)) == 0 for c in report.components)
+
+
+def test_random_weights_control_finds_nothing(report):
+    control = report.controls.random
+    assert control is not None and control.weights_sha256 != report.model.weights_sha256
+    assert not control.refuses and not control.gap.separated
+    assert control.n_significant == 0 and control.n_significant_forced == 0
+    assert control.n_components == len(report.components)
+    markdown = render_markdown(report)
+    assert "**Random weights**" in markdown and "**Label permutation**" in markdown
+    assert any(line.startswith("random-weights control:") for line in summary_lines(report))
+
+
+def test_trivial_patches_are_flagged_and_never_ranked(report):
+    full = report.component("blocks.0.hook_resid_pre")
+    assert full.trivial and full.share == pytest.approx(1.0, abs=1e-4)
+    assert report.component("blocks.2.hook_resid_pre").trivial  # every position of a layer's input: the whole run
+    assert report.component("blocks.0.hook_resid_pre@-5").trivial  # the token swap itself
+    assert report.component("blocks.0.hook_attn_out").trivial is None
+    assert all(c.trivial is None for c in ranked(report.components))
+    summary = render_markdown(report).split("## Behaviour")[0]
+    assert "`blocks.0.hook_resid_pre`" not in summary
+    assert report.findings and "From layer 3 on" in report.findings[0]
+
+
+def test_heterogeneity_of_top_components(report):
+    top = [h.id for h in report.heterogeneity]
+    assert top == [c.id for c in ranked(report.components)[: len(top)]] and len(top) == 10
+    h = report.heterogeneity[0]
+    assert h.loo_min <= report.component(h.id).share <= h.loo_max and not h.concentrated
+    assert sum(s.n_pairs for s in h.by_category.values()) == report.dataset.n_used
+
+
+def test_trivial_reason_by_construction():
+    n = 4
+    assert trivial_reason(Component("resid_pre", 2, None, None), n)
+    assert trivial_reason(Component("embed", 0, None, -3), n)
+    assert trivial_reason(Component("resid_post", 3, None, -1), n)
+    assert trivial_reason(Component("resid_post", 3, None, -2), n) is None  # not the scored position
+    assert trivial_reason(Component("resid_pre", 1, None, -1), n) is None
+    assert trivial_reason(Component("mlp_out", 0, None, None), n) is None
+
+
+def test_gap_verdicts():
+    assert gap_verdict(1.0, 2.0, 0.69) == "separated"
+    assert gap_verdict(0.01, 0.02, 0.69) == "negligible"
+    assert gap_verdict(-0.1, 0.2, 0.69) == "includes_zero"
+    assert gap_verdict(-0.3, -0.1, 0.69) == "reversed"
+    assert gap_verdict(0.01, 0.02, 0.0) == "separated"
+
+
+def _resid(layer: int, share: float, low: float, high: float) -> rs.ComponentResult:
+    c = Component("resid_pre", layer, None, -1)
+    return rs.ComponentResult(id=c.id, hook_name=c.hook_name, kind="resid_pre", layer=layer, head=None, position=-1,
+                              share=share, ci_low=low, ci_high=high, fw_low=low, fw_high=high, significant=True,
+                              effects=[share])
+
+
+def test_last_position_finding_in_words():
+    chain = [_resid(1, 0.2, 0.1, 0.3), _resid(2, 0.55, 0.45, 0.65), _resid(3, 0.9, 0.85, 0.95)]
+    found = last_position_finding(chain, 0.95)
+    assert found[0].startswith("From layer 3 on") and "0.550" in found[0]  # layer 2's CI reaches below 0.5
+    none = last_position_finding(chain[:2], 0.95)
+    assert none[0].startswith("At no layer")
+    assert last_position_finding([], 0.95) == []
