@@ -105,6 +105,10 @@ def rate(successes: int, total: int, level: float) -> rs.Rate:
     )
 
 
+VERDICT_WORDS = {"separated": "is separated", "negligible": "is negligible", "includes_zero": "includes 0",
+                 "reversed": "is reversed"}
+
+
 def gap_verdict(low: float, high: float, min_gap: float) -> str:
     """'separated' (the interval lies above ``min_gap``), 'negligible' (above 0, but not shown to reach
     ``min_gap``), 'includes_zero', or 'reversed' (below 0: harmful prompts score lower)."""
@@ -306,21 +310,24 @@ def _shares_rule(behaviour: rs.Behaviour, refuses: bool, gap_all: rs.Gap, gap: r
             warnings.append(f"REVERSED: {name} the model scores harmful prompts LOWER than benign ones (gap "
                             f"{g.mean:.3f}, {level} CI [{g.ci_low:.3f}, {g.ci_high:.3f}] lies below 0)")
     if gap_all.n_pairs != gap.n_pairs and gap_all.verdict != gap.verdict:
-        warnings.append(f"the gap over all {gap_all.n_pairs} scored pairs is {gap_all.verdict.replace('_', ' ')} "
+        warnings.append(f"the gap over all {gap_all.n_pairs} scored pairs {VERDICT_WORDS[gap_all.verdict]} "
                         f"({gap_all.mean:.3f} [{gap_all.ci_low:.3f}, {gap_all.ci_high:.3f}]) while over the "
-                        f"{gap.n_pairs} patched pairs it is {gap.verdict.replace('_', ' ')}")
+                        f"{gap.n_pairs} patched pairs it {VERDICT_WORDS[gap.verdict]}")
+    reasons = []
+    if not refuses and not config.force_shares:
+        reasons.append(f"no refusal behaviour to localise: {gate_words}; the intervals overlap")
     if gap.verdict != "separated":
         what = {"reversed": "lies below 0", "includes_zero": "includes 0",
                 "negligible": f"lies above 0 but is not shown to reach the smallest gap that matters, --min-gap "
                 f"{config.min_gap:.3f}"}[gap.verdict]
-        return False, (f"the gap over the patched pairs is not separated ({level} CI [{gap.ci_low:.3f}, "
-                       f"{gap.ci_high:.3f}] {what}): shares would be noise"), warnings
+        reasons.append(f"the gap over the patched pairs is not separated ({level} CI [{gap.ci_low:.3f}, "
+                       f"{gap.ci_high:.3f}] {what}): shares would be noise")
+    if reasons:
+        return False, "; and ".join(reasons), warnings
     if not refuses:
-        if config.force_shares:
-            warnings.append(f"SHARES FORCED (--force-shares): {gate_words}; the intervals overlap, so there is no "
-                            "measurable refusal behaviour and the shares describe the refusal score only")
-            return True, "forced with --force-shares although the model shows no measurable refusal", warnings
-        return False, (f"no refusal behaviour to localise: {gate_words}; the intervals overlap"), warnings
+        warnings.append(f"SHARES FORCED (--force-shares): {gate_words}; the intervals overlap, so there is no "
+                        "measurable refusal behaviour and the shares describe the refusal score only")
+        return True, "forced with --force-shares although the model shows no measurable refusal", warnings
     return True, "the model refuses harmful prompts more often than benign ones and the gap is separated", warnings
 
 

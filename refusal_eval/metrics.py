@@ -104,7 +104,7 @@ def derive_token_sets(
     first_tokens: Sequence[int],
     refused: Sequence[bool],
     tokenizer,
-    where: str = "calibration",
+    where: str = "calibration set",
 ) -> TokenSets:
     """Refusal/compliance token sets from the first generated token of classified greedy completions.
 
@@ -122,8 +122,9 @@ def derive_token_sets(
     n_ref = sum(ref[t] for t in refusal)
     n_com = sum(com[t] for t in compliance)
     notes = [
-        f"first tokens of greedy replies to {where} prompts (never the scored pairs): {sum(ref.values())} "
-        f"classified as refusals and {sum(com.values())} as compliances by the refusal-phrase matcher"
+        f"first tokens of greedy replies to calibration prompts, never the scored ones ({where}): "
+        f"{sum(ref.values())} classified as refusals and {sum(com.values())} as compliances by the refusal-phrase "
+        "matcher"
     ]
     warnings: list[str] = []
     if ambiguous:

@@ -179,3 +179,12 @@ def test_batch_rows_auto_is_resolved_in_the_report(small_run):
     assert report.engine is not None and 1 <= report.engine.batch_rows <= 256
     assert report.engine.layer_skip and report.engine.prefix_reuse
     assert report.engine.patched_forwards > 0 and report.engine.forward_equivalents > 0
+
+
+def test_calibration_sharing_every_prompt_with_the_scored_pairs_exits_2(tmp_path, capsys):
+    """Token sets chosen on the scored prompts are circular: refused before any model work."""
+    args = ["run", "--split", "all", "--calibration", str(shipped_dataset()), "--out", str(tmp_path), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "calibration" in err and "disjoint" in err
+    assert not (tmp_path / "tiny-refuser").exists()

@@ -126,3 +126,41 @@ def test_last_position_finding_in_words():
     none = last_position_finding(chain[:2], 0.95)
     assert none[0].startswith("At no layer")
     assert last_position_finding([], 0.95) == []
+
+
+def _behaviour(harmful: int, benign: int, n: int = 60) -> rs.Behaviour:
+    from refusal_eval.audit import rate
+
+    return rs.Behaviour(harmful_refusal=rate(harmful, n, 0.95), benign_compliance=rate(n - benign, n, 0.95),
+                        benign_over_refusal=rate(benign, n, 0.95))
+
+
+def _gap(low: float, high: float, n: int = 60) -> rs.Gap:
+    verdict = gap_verdict(low, high, 0.69)
+    return rs.Gap(mean=(low + high) / 2, ci_low=low, ci_high=high, total=n * (low + high) / 2,
+                  separated=verdict == "separated", verdict=verdict, n_pairs=n)
+
+
+def test_behaviour_gate_and_force_shares():
+    """SmolLM2's case: 3/60 harmful refused, 4/60 benign over-refused. The Wilson intervals overlap, so there is
+    no refusal to localise even with a separated score gap; --force-shares computes shares and says so."""
+    from refusal_eval.audit import _shares_rule
+
+    weak, separated = _behaviour(3, 4), _gap(0.8, 1.2)
+    config = AuditConfig()
+    defined, reason, warnings = _shares_rule(weak, False, separated, separated, config)
+    assert not defined and reason.startswith("no refusal behaviour to localise") and "3/60" in reason
+    defined, reason, warnings = _shares_rule(weak, False, separated, separated, config.model_copy(
+        update={"force_shares": True}))
+    assert defined and "forced" in reason and warnings[0].startswith("SHARES FORCED")
+    # a refusing model with a negligible or reversed gap still gets no shares, forced or not
+    strong = _behaviour(58, 1)
+    for low, high, word in ((0.01, 0.05, "smallest gap"), (-0.5, -0.1, "below 0"), (-0.2, 0.3, "includes 0")):
+        defined, reason, warnings = _shares_rule(strong, True, _gap(low, high), _gap(low, high), config.model_copy(
+            update={"force_shares": True}))
+        assert not defined and word in reason
+    assert any(w.startswith("REVERSED") for w in _shares_rule(strong, True, _gap(-0.5, -0.1), _gap(-0.5, -0.1),
+                                                                  config)[2])
+    # the gap over all scored pairs is reported when it disagrees with the patched pairs' gap
+    warnings = _shares_rule(strong, True, _gap(-0.2, 0.3, 77), _gap(1.0, 2.0, 30), config)[2]
+    assert any("over all 77 scored pairs includes 0" in w for w in warnings)
