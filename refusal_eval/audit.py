@@ -546,7 +546,7 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
         torch.cuda.reset_peak_memory_stats()
     inputs = load_inputs(config)
     log.info("loading model %s", config.model or "tiny-refuser")
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    loaded = load_model(config.model, dtype=config.dtype, device=config.device, adapter=config.adapter)
     analysis = analyse(loaded, inputs, config, progress=progress)
     return build_report(analysis, inputs, config, command, started, progress)
 

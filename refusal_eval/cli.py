@@ -8,6 +8,7 @@ import logging
 import math
 import shlex
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -42,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--model", action="append",
                      help="hub id, local folder or .gguf file (default: shipped tiny-refuser); give it twice to audit "
                      "two models with the same options and compare them (B − A)")
+    run.add_argument("--adapter", action="append",
+                     help="peft (LoRA) adapter folder merged into the model; with two --model, give one --adapter per "
+                     "model in the same order ('none' for a plain model)")
     run.add_argument("--dataset", help="pair JSONL (default: shipped datasets/refusal_pairs.jsonl)")
     run.add_argument("--tricky", help="tricky-benign pair JSONL for over-refusal ('' to skip)")
     run.add_argument("--split", choices=["eval", "train", "all"], default="eval")
@@ -127,7 +131,19 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from refusal_eval.report.writers import write_reports
 
     models = args.model or [None]
-    names = [resolve_model_spec(m)[0] for m in models]
+    adapters = [None if a in (None, "", "none") else a for a in (args.adapter or [])]
+    if not adapters:
+        adapters = [None] * len(models)
+    elif len(adapters) == 1 and len(models) > 1:
+        raise ConfigError("one --adapter for several --model values is ambiguous: give one per model, in order, "
+                          "with 'none' for a model without adapter")
+    elif len(adapters) != len(models):
+        raise ConfigError(f"{len(adapters)} --adapter values for {len(models)} --model values: give one per model")
+    for adapter in adapters:
+        if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+            raise ConfigError(f"--adapter {adapter}: not a peft adapter folder (no adapter_config.json)")
+    names = [resolve_model_spec(m)[0] + (f"+{Path(a).resolve().name}" if a else "")
+             for m, a in zip(models, adapters, strict=True)]
     if len(set(names)) < len(names):
         raise ConfigError(f"models {names} share a name, so their reports would overwrite each other in "
                           f"{args.out}/<name>/; give the model folders different names")
@@ -145,7 +161,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         options["components"] = args.components
     if args.positions is not None:
         options["positions"] = args.positions
-    configs = [AuditConfig(model=m, **options) for m in models]  # validate every option before the first audit
+    configs = [AuditConfig(model=m, adapter=a, **options) for m, a in zip(models, adapters, strict=True)]  # validate every option before the first audit
     command = shlex.join(["refusal-eval", *argv])
     reports = []
     for config in configs:

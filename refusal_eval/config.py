@@ -16,6 +16,7 @@ class AuditConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="hub id, local folder or .gguf file; None = shipped tiny-refuser")
+    adapter: str | None = Field(None, description="peft (LoRA) adapter folder, merged into the model for the audit")
     dataset: str | None = Field(None, description="pair JSONL; None = shipped datasets/refusal_pairs.jsonl")
     tricky: str | None = Field(
         None, description="tricky-benign pair JSONL for over-refusal; None = shipped file, '' = skip"

