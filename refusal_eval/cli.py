@@ -161,7 +161,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         options["components"] = args.components
     if args.positions is not None:
         options["positions"] = args.positions
-    configs = [AuditConfig(model=m, adapter=a, **options) for m, a in zip(models, adapters, strict=True)]  # validate every option before the first audit
+    # validate every option before the first audit
+    configs = [AuditConfig(model=m, adapter=a, **options) for m, a in zip(models, adapters, strict=True)]
     command = shlex.join(["refusal-eval", *argv])
     reports = []
     for config in configs:
