@@ -10,6 +10,8 @@ from typing import Literal
 
 import torch
 
+from refusal_eval.errors import MetricError
+
 MetricForm = Literal["logdiff", "logodds"]
 
 # Phrases that open or make a refusal. Matched case-insensitively near the start of a completion
@@ -90,7 +92,8 @@ def canonical_token_sets(tokenizer) -> TokenSets:
     com = {_first_token(tokenizer, s) for s in CANONICAL_COMPLIANCE_OPENINGS}
     shared = ref & com
     if not ref - shared:
-        raise ValueError("the canonical refusal openings share every first token with compliance openings")
+        raise MetricError("the canonical refusal openings share every first token with compliance openings under "
+                          "this tokenizer; pass --calibration FILE to derive token sets from replies")
     return TokenSets(
         sorted(ref - shared), sorted(com - shared),
         f"canonical: first tokens of {len(CANONICAL_REFUSAL_OPENINGS)} refusal and "
@@ -133,27 +136,24 @@ def derive_token_sets(
             + ", ".join(f"{tokenizer.decode([t])!r} ({ref[t]} refusals, {com[t]} compliances)" for t in ambiguous)
         )
     source = "calibration"
-    canonical = None
-    if not refusal or not compliance:
-        canonical = canonical_token_sets(tokenizer)
-    if not refusal:
-        refusal = sorted(set(canonical.refusal) - set(compliance) - set(ambiguous))
-        notes.append("no unambiguous refusal reply: refusal tokens are the canonical refusal openings")
-        warnings.append("refusal tokens fall back to canonical openings: the calibration replies hold no "
-                        "unambiguous refusal")
+    chosen = {"refusal": refusal, "compliance": compliance}
+    counts = {"refusal": n_ref, "compliance": n_com}
+    for name, other in (("refusal", "compliance"), ("compliance", "refusal")):
+        if chosen[name]:
+            if counts[name] < MIN_REPLIES:
+                warnings.append(f"the {name} token set rests on {counts[name]} calibration replies (fewer than "
+                                f"{MIN_REPLIES})")
+            continue
+        canonical = getattr(canonical_token_sets(tokenizer), name)
+        chosen[name] = sorted(set(canonical) - set(chosen[other]) - set(ambiguous))
+        notes.append(f"no unambiguous {name} reply: {name} tokens are the canonical {name} openings")
+        warnings.append(f"{name} tokens fall back to canonical openings: the calibration replies hold no "
+                        f"unambiguous {name}")
         source = "calibration+canonical"
-    elif n_ref < MIN_REPLIES:
-        warnings.append(f"the refusal token set rests on {n_ref} calibration replies (fewer than {MIN_REPLIES})")
-    if not compliance:
-        compliance = sorted(set(canonical.compliance) - set(refusal) - set(ambiguous))
-        notes.append("no unambiguous compliance reply: compliance tokens are the canonical compliance openings")
-        warnings.append("compliance tokens fall back to canonical openings: the calibration replies hold no "
-                        "unambiguous compliance")
-        source = "calibration+canonical"
-    elif n_com < MIN_REPLIES:
-        warnings.append(f"the compliance token set rests on {n_com} calibration replies (fewer than {MIN_REPLIES})")
+    refusal, compliance = chosen["refusal"], chosen["compliance"]
     if not refusal or not compliance:
-        raise ValueError("no refusal or no compliance token is left after removing ambiguous tokens")
+        raise MetricError("no refusal or no compliance token is left after removing ambiguous tokens; pass "
+                          "--calibration FILE with more pairs or --token-sets canonical")
     return TokenSets(refusal, compliance, "; ".join(notes), source, dict(ref), dict(com), ambiguous, warnings)
 
 
