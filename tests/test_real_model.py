@@ -44,3 +44,4 @@ def test_head_level_audit_of_smollm2():
     gaps = np.array([p.m_harmful - p.m_benign for p in report.pairs if p.used])
     np.testing.assert_allclose(final.effects, gaps, atol=1e-3)
     assert report.metric.refusal_tokens and report.metric.compliance_tokens
+

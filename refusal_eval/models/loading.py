@@ -19,9 +19,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def shipped_model_path(name: str = SHIPPED_MODEL) -> Path:
-    """Folder of a model organism shipped inside the package."""
+    """Folder of a model organism (or a peft adapter) shipped inside the package."""
     path = Path(__file__).resolve().parent / "assets" / name
-    if not (path / "config.json").is_file():
+    if not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
         raise ModelError(f"shipped model '{name}' is missing at {path}; reinstall the package")
     return path
 
