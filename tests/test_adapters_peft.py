@@ -60,3 +60,15 @@ def test_bad_adapter_input_exits_2(tmp_path, adapter, capsys):
     assert "one per model" in capsys.readouterr().err
     with pytest.raises(ModelError, match="not a peft adapter folder"):
         load_model(None, adapter=str(tmp_path))
+
+
+def test_base_and_adapter_audited_and_compared_in_one_run(adapter, tmp_path):
+    out = tmp_path / "out"
+    args = ["run", "--model", "tiny-refuser", "--adapter", "none", "--model", "tiny-refuser", "--adapter",
+            str(adapter), "--max-pairs", "6", "--n-boot", "200", "--n-permutations", "200", "--components",
+            "mlp_out", "--positions", "all", "--tricky", "", "--max-calibration-pairs", "8", "--out", str(out),
+            "--quiet"]
+    assert main(args) == 0
+    assert (out / "tiny-refuser" / "report.json").is_file()
+    assert (out / "tiny-refuser+random-lora" / "report.json").is_file()
+    assert (out / "comparison-tiny-refuser-vs-tiny-refuser+random-lora" / "comparison.json").is_file()
