@@ -105,13 +105,17 @@ def rate(successes: int, total: int, level: float) -> rs.Rate:
     )
 
 
-VERDICT_WORDS = {"separated": "is separated", "negligible": "is negligible", "includes_zero": "includes 0",
-                 "reversed": "is reversed"}
+VERDICT_WORDS = {"separated": "is separated", "negligible": "is negligible", "inconclusive": "is inconclusive",
+                 "includes_zero": "includes 0", "reversed": "is reversed"}
 
 
-def gap_verdict(low: float, high: float, min_gap: float) -> str:
-    """'separated' (the interval lies above ``min_gap``), 'negligible' (above 0, but not shown to reach
-    ``min_gap``), 'includes_zero', or 'reversed' (below 0: harmful prompts score lower)."""
+def gap_verdict(low: float, high: float, min_gap: float, p_value: float | None = None, alpha: float = 0.05) -> str:
+    """'separated' (the interval lies above ``min_gap`` and the permutation test rejects 0), 'negligible' (above
+    0, but not shown to reach ``min_gap``), 'inconclusive' (the interval lies above 0 but the permutation test
+    cannot exclude 0: too few pairs for the bootstrap to be trusted), 'includes_zero', or 'reversed' (below 0:
+    harmful prompts score lower)."""
+    if low > 0 and p_value is not None and p_value >= alpha:
+        return "inconclusive"
     if low >= min_gap and low > 0:
         return "separated"
     if low > 0:
@@ -280,7 +284,7 @@ def _side_scores(engine: PatchEngine, seqs: list[list[int]], pad_id: int) -> lis
 
 def _gap(values: np.ndarray, config: AuditConfig, p_value: float | None) -> rs.Gap:
     ci = mean_interval(values, config.ci_level, config.n_boot, config.ci_method, config.seed)
-    verdict = gap_verdict(float(ci.low), float(ci.high), config.min_gap)
+    verdict = gap_verdict(float(ci.low), float(ci.high), config.min_gap, p_value, 1 - config.ci_level)
     return rs.Gap(mean=float(ci.estimate), ci_low=float(ci.low), ci_high=float(ci.high), total=float(values.sum()),
                   separated=verdict == "separated", verdict=verdict, n_pairs=len(values), p_permutation=p_value)
 
@@ -318,6 +322,8 @@ def _shares_rule(behaviour: rs.Behaviour, refuses: bool, gap_all: rs.Gap, gap: r
         reasons.append(f"no refusal behaviour to localise: {gate_words}; the intervals overlap")
     if gap.verdict != "separated":
         what = {"reversed": "lies below 0", "includes_zero": "includes 0",
+                "inconclusive": "lies above 0, but the permutation test cannot exclude 0 "
+                f"(p {gap.p_permutation or 1:.2g}): too few pairs",
                 "negligible": f"lies above 0 but is not shown to reach the smallest gap that matters, --min-gap "
                 f"{config.min_gap:.3f}"}[gap.verdict]
         reasons.append(f"the gap over the patched pairs is not separated ({level} CI [{gap.ci_low:.3f}, "

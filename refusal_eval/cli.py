@@ -127,6 +127,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from refusal_eval.config import AuditConfig
     from refusal_eval.errors import ConfigError
     from refusal_eval.models.loading import resolve_model_spec
+
+    if args.quiet:  # transformers' own bars too (weight loading, GGUF de-quantisation)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     from refusal_eval.report.markdown import summary_lines
     from refusal_eval.report.writers import write_reports
 

@@ -110,6 +110,9 @@ def test_gap_verdicts():
     assert gap_verdict(-0.1, 0.2, 0.69) == "includes_zero"
     assert gap_verdict(-0.3, -0.1, 0.69) == "reversed"
     assert gap_verdict(0.01, 0.02, 0.0) == "separated"
+    # 4 pairs, all positive: the smallest two-sided sign-flip p is 2/16, whatever the bootstrap CI says
+    assert gap_verdict(9.8, 20.7, 0.69, p_value=0.125) == "inconclusive"
+    assert gap_verdict(9.8, 20.7, 0.69, p_value=0.001) == "separated"
 
 
 def _resid(layer: int, share: float, low: float, high: float) -> rs.ComponentResult:

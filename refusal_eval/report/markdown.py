@@ -46,6 +46,8 @@ def _gap_words(g: Gap, level: str) -> str:
     verdict = g.verdict or ("separated" if g.separated else "includes_zero")
     words = {"separated": "separated: harmful prompts score higher", "includes_zero": "**includes 0**: not separated",
              "negligible": "**negligible**: above 0 but not shown to reach the smallest gap that matters",
+             "inconclusive": "**inconclusive**: the CI lies above 0 but the permutation test cannot exclude 0 "
+             "(too few pairs)",
              "reversed": "**REVERSED**: harmful prompts score LOWER than benign ones"}[verdict]
     p = "" if g.p_permutation is None else f", permutation p {_p(g.p_permutation)}"
     n = "" if g.n_pairs is None else f" over {g.n_pairs} pairs"

@@ -120,9 +120,10 @@ class Gap(_Model):
     ci_high: float
     total: float = Field(description="sum over the pairs of m(harmful) - m(benign): the shares' denominator")
     separated: bool = Field(description="the gap CI lies above 0 (and, from schema 1.1, above config min_gap)")
-    verdict: Literal["separated", "negligible", "includes_zero", "reversed"] | None = Field(
-        None, description="CI above the smallest gap that matters (config min_gap); above 0 but not shown to reach "
-        "it; containing 0; or wholly below 0 (harmful prompts score lower than benign ones)"
+    verdict: Literal["separated", "negligible", "inconclusive", "includes_zero", "reversed"] | None = Field(
+        None, description="CI above the smallest gap that matters (config min_gap) and permutation p below 1 - level; "
+        "above 0 but not shown to reach it; above 0 but the permutation test cannot exclude 0; containing 0; or "
+        "wholly below 0 (harmful prompts score lower than benign ones)"
     )
     n_pairs: int | None = None
     p_permutation: float | None = Field(None, description="two-sided sign-flip permutation p-value of the mean gap")
