@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from refusal_eval import __version__
 from refusal_eval.config import AuditConfig
 from refusal_eval.controls import last_position_finding, noise_floor_info, random_control, trivial_reason
-from refusal_eval.data.pairs import PromptPair, file_sha256, load_pairs, shipped_dataset
+from refusal_eval.data.pairs import PromptPair, file_sha256, load_pairs, select_split, shipped_dataset
 from refusal_eval.errors import DataError, MetricError
 from refusal_eval.metrics import TokenSets, canonical_token_sets, derive_token_sets, is_refusal, refusal_score
 from refusal_eval.models.loading import LoadedModel, load_model
@@ -137,6 +137,7 @@ class Inputs:
     calibration_path: Path | None
     calibration: list[PromptPair]
     calibration_note: str
+    notes: list[str] = field(default_factory=list)
 
 
 def _calibration(config: AuditConfig, dataset_path: Path, pairs: list[PromptPair]) -> tuple[Path | None, list, str]:
@@ -175,7 +176,13 @@ def _calibration(config: AuditConfig, dataset_path: Path, pairs: list[PromptPair
 def load_inputs(config: AuditConfig) -> Inputs:
     """Read and validate every pair file the audit needs (errors name file and line, before any model work)."""
     dataset_path = Path(config.dataset) if config.dataset else shipped_dataset()
-    pairs = load_pairs(dataset_path, split=config.split)
+    pairs = load_pairs(dataset_path)
+    notes = []
+    if config.split != "all" and all(p.split is None for p in pairs):
+        notes.append(f"{dataset_path.name} has no 'split' field: all {len(pairs)} pairs are scored (--split "
+                     f"{config.split} applies to files that mark their pairs)")
+    else:
+        pairs = select_split(pairs, config.split, dataset_path)
     if config.max_pairs:
         pairs = pairs[: config.max_pairs]
     if config.tricky is None:
@@ -184,7 +191,7 @@ def load_inputs(config: AuditConfig) -> Inputs:
         tricky_path = Path(config.tricky) if config.tricky else None
     tricky = load_pairs(tricky_path) if tricky_path else []
     calibration_path, calibration, note = _calibration(config, dataset_path, pairs)
-    return Inputs(dataset_path, pairs, tricky_path, tricky, calibration_path, calibration, note)
+    return Inputs(dataset_path, pairs, tricky_path, tricky, calibration_path, calibration, note, notes)
 
 
 # -- the model-touching stages ----------------------------------------------------------------------------------------
@@ -562,7 +569,7 @@ def build_report(a: Analysis, inputs: Inputs, config: AuditConfig, command: str,
     """Assemble the validated report of an analysis, with its controls."""
     tok, loaded, batch, pairs = a.loaded.tokenizer, a.loaded, a.batch, inputs.pairs
     results = _component_results(a)
-    warnings = list(a.warnings)
+    warnings = list(inputs.notes) + list(a.warnings)
     random = None
     if "random" in config.controls:
         random = random_control(a, inputs, config, analyse, progress)

@@ -188,3 +188,16 @@ def test_calibration_sharing_every_prompt_with_the_scored_pairs_exits_2(tmp_path
     err = capsys.readouterr().err
     assert "calibration" in err and "disjoint" in err
     assert not (tmp_path / "tiny-refuser").exists()
+
+
+def test_pair_file_without_split_is_scored_whole(tmp_path):
+    """A file that marks no split is used whole under the default --split eval, with a note; the token sets
+    then come from the canonical openings (no disjoint calibration pairs exist)."""
+    rows = [json.loads(line) for line in open(shipped_dataset())][:6]
+    data = tmp_path / "nosplit.jsonl"
+    data.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "split"}) + "\n" for r in rows))
+    report = audit(AuditConfig(dataset=str(data), n_boot=200, n_permutations=200, components=["mlp_out"],
+                               positions=["all"]), progress=False)
+    assert report.dataset.n_pairs == 6 and report.dataset.split == "eval"
+    assert any("no 'split' field: all 6 pairs are scored" in w for w in report.warnings)
+    assert report.metric.token_set_source == "canonical" and report.dataset.n_calibration == 0

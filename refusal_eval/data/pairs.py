@@ -115,11 +115,17 @@ def load_pairs(
         raise DataError(f"{len(problems)} problem(s) in {path}:\n  {shown}{more}")
     if not pairs:
         raise DataError(f"{path}: the file holds no pairs")
-    if split != "all":
-        pairs = [p for p in pairs if p.split == split]
-        if not pairs:
-            raise DataError(f"{path}: no pair has split '{split}'. Use --split all to use every pair.")
-    return pairs
+    return select_split(pairs, split, path)
+
+
+def select_split(pairs: list[PromptPair], split: Split | Literal["all"], path: str | Path) -> list[PromptPair]:
+    """The pairs of one split ('all': every pair); DataError naming the file when none has it."""
+    if split == "all":
+        return pairs
+    chosen = [p for p in pairs if p.split == split]
+    if not chosen:
+        raise DataError(f"{path}: no pair has split '{split}'. Use --split all to use every pair.")
+    return chosen
 
 
 def shipped_dataset(name: str = "refusal_pairs.jsonl") -> Path:
