@@ -79,3 +79,16 @@ def test_missing_and_empty_files(tmp_path):
         load_pairs(tmp_path / "nope.jsonl")
     with pytest.raises(DataError, match="holds no pairs"):
         load_pairs(write(tmp_path, [""]))
+
+
+def test_folder_array_and_non_utf8_files_get_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="is a folder, not a pair file"):
+        load_pairs(tmp_path)
+    array = tmp_path / "pairs.json"
+    array.write_text('[\n  {"id": "a", "category": "c", "harmful": "x", "benign": "y", "source": "s"}\n]\n')
+    with pytest.raises(DataError, match="JSON array; a pair file is JSONL"):
+        load_pairs(array)
+    binary = tmp_path / "pairs.jsonl"
+    binary.write_bytes(b'{"id": "\xff"}\n')
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_pairs(binary)

@@ -69,8 +69,17 @@ def load_pairs(
 ) -> list[PromptPair]:
     """Load and validate a JSONL pair file; raise DataError naming file and line on any problem."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a pair file. Pass --dataset PATH to a JSONL file of pairs.")
     if not path.is_file():
         raise DataError(f"{path}: no such pair file. Pass --dataset PATH to a JSONL file of pairs.")
+    try:
+        head = path.read_text(encoding="utf-8").lstrip()[:1]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); a pair file is UTF-8 JSONL") from exc
+    if head == "[":
+        raise DataError(f"{path}: holds a JSON array; a pair file is JSONL, one JSON object per line "
+                        "(convert with: jq -c '.[]' FILE > pairs.jsonl)")
     # Read every line and collect all problems, so the user fixes the file in one pass.
     pairs: list[PromptPair] = []
     problems: list[str] = []
