@@ -344,6 +344,50 @@ def _shares_rule(behaviour: rs.Behaviour, refuses: bool, gap_all: rs.Gap, gap: r
     return True, "the model refuses harmful prompts more often than benign ones and the gap is separated", warnings
 
 
+def patchable_pairs(pairs, harmful_ids, benign_ids, full_alignment: bool) -> tuple[list[int], list[rs.Exclusion]]:
+    """Indices of the pairs that can be patched, and why the others cannot. Pairs are never dropped for their
+    scores: patching every position (or all at once) needs both sides to have the same length, while the suffix
+    and last-token modes right-align pairs, so unequal pairs stay in."""
+    exclusions: list[rs.Exclusion] = []
+    used: list[int] = []
+    for i, pair in enumerate(pairs):
+        if full_alignment and len(harmful_ids[i]) != len(benign_ids[i]):
+            exclusions.append(rs.Exclusion(
+                pair_id=pair.id, reason="unequal_token_length",
+                detail=f"harmful side {len(harmful_ids[i])} tokens, benign side {len(benign_ids[i])} tokens; "
+                "use --positions suffix,last to keep such pairs (right-aligned)",
+            ))
+        else:
+            used.append(i)
+    if len(used) < 2:
+        raise DataError(f"only {len(used)} pair(s) can be patched ({len(exclusions)} have sides of unequal token "
+                        "length); patching needs at least 2. Use more pairs, pairs of equal token length, or "
+                        "--positions suffix,last (right-aligned).")
+    return used, exclusions
+
+
+def effects_stage(engine: PatchEngine, batch: PairBatch, components: list[Component], config: AuditConfig,
+                  base_h: np.ndarray, base_b: np.ndarray):
+    """Per-component, per-pair effects [C, N] (denoise: patched - m(benign); noise: m(harmful) - patched), which
+    of them are gradient estimates, and the attribution check where one ran."""
+    attribution_info = None
+    approximate = np.zeros(len(components), dtype=bool)
+    target = base_b if config.direction == "denoise" else base_h
+    if config.method == "exact":
+        patched = engine.patch(batch, components, config.direction).numpy().astype(np.float64)
+    else:
+        patched = attribute(engine, batch, components, config.direction).numpy().astype(np.float64)
+        approximate[:] = True
+        if config.method == "attribution+verify":
+            patched, attribution_info = _verify(engine, batch, components, config, patched, approximate, target)
+    effects = patched - base_b if config.direction == "denoise" else base_h - patched
+    bad = ~np.isfinite(effects)
+    if bad.any():
+        c, p = np.argwhere(bad)[0]
+        raise MetricError(f"non-finite patched score for pair {batch.pair_ids[p]}, component {components[c].id}")
+    return effects, approximate, attribution_info
+
+
 def analyse(
     loaded: LoadedModel, inputs: Inputs, config: AuditConfig, progress: bool = True, noise: bool | None = None
 ) -> Analysis:
@@ -365,24 +409,8 @@ def analyse(
         if not np.isfinite(value):
             raise MetricError(f"pair {pair.id}: refusal score is not finite ({value}); check the model's dtype")
 
-    # Pairs are never dropped for their scores. Patching every position (or all at once) needs both sides to
-    # have the same length; the suffix and last-token modes right-align pairs, so unequal pairs stay in.
     full_alignment = bool({"all", "each"} & set(config.positions))
-    exclusions: list[rs.Exclusion] = []
-    used: list[int] = []
-    for i, pair in enumerate(pairs):
-        if full_alignment and len(harmful_ids[i]) != len(benign_ids[i]):
-            exclusions.append(rs.Exclusion(
-                pair_id=pair.id, reason="unequal_token_length",
-                detail=f"harmful side {len(harmful_ids[i])} tokens, benign side {len(benign_ids[i])} tokens; "
-                "use --positions suffix,last to keep such pairs (right-aligned)",
-            ))
-        else:
-            used.append(i)
-    if len(used) < 2:
-        raise DataError(f"only {len(used)} pair(s) can be patched ({len(exclusions)} have sides of unequal token "
-                        "length); patching needs at least 2. Use more pairs, pairs of equal token length, or "
-                        "--positions suffix,last (right-aligned).")
+    used, exclusions = patchable_pairs(pairs, harmful_ids, benign_ids, full_alignment)
     if exclusions:
         warnings.append(f"{len(exclusions)} of {len(pairs)} pair(s) cannot be patched at every position (sides of "
                         "unequal token length); the gap over all pairs is reported beside the patched pairs' gap")
@@ -406,22 +434,9 @@ def analyse(
     components = components_at(config.components, loaded.n_layers, loaded.n_heads,
                                _positions_wanted(config, batch.width, suffix))
     log.info("patching %d components x %d pairs", len(components), len(used))
-    attribution_info = None
-    approximate = np.zeros(len(components), dtype=bool)
     base_h, base_b = np.array(m_h)[used], np.array(m_b)[used]
     target = base_b if config.direction == "denoise" else base_h
-    if config.method == "exact":
-        patched = engine.patch(batch, components, config.direction).numpy().astype(np.float64)
-    else:
-        patched = attribute(engine, batch, components, config.direction).numpy().astype(np.float64)
-        approximate[:] = True
-        if config.method == "attribution+verify":
-            patched, attribution_info = _verify(engine, batch, components, config, patched, approximate, target)
-    effects = patched - base_b if config.direction == "denoise" else base_h - patched
-    bad = ~np.isfinite(effects)
-    if bad.any():
-        c, p = np.argwhere(bad)[0]
-        raise MetricError(f"non-finite patched score for pair {batch.pair_ids[p]}, component {components[c].id}")
+    effects, approximate, attribution_info = effects_stage(engine, batch, components, config, base_h, base_b)
 
     # -- statistics and the noise floor ---------------------------------------------------------------------------
     floor = None
