@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from refusal_eval import __version__
 from refusal_eval.config import AuditConfig
 from refusal_eval.controls import last_position_finding, noise_floor_info, random_control, trivial_reason
+from refusal_eval.data.formats import PRESET_HUB_IDS, ColumnMap, PairSource, load_pair_source
 from refusal_eval.data.pairs import PromptPair, file_sha256, load_pairs, select_split, shipped_dataset
 from refusal_eval.errors import DataError, MetricError
 from refusal_eval.metrics import TokenSets, canonical_token_sets, derive_token_sets, is_refusal, refusal_score
@@ -131,6 +132,7 @@ class Inputs:
     """The scored pairs, the tricky-benign pairs and the calibration pairs of an audit."""
 
     dataset_path: Path
+    fingerprint: str
     pairs: list[PromptPair]
     tricky_path: Path | None
     tricky: list[PromptPair]
@@ -140,7 +142,9 @@ class Inputs:
     notes: list[str] = field(default_factory=list)
 
 
-def _calibration(config: AuditConfig, dataset_path: Path, pairs: list[PromptPair]) -> tuple[Path | None, list, str]:
+def _calibration(
+    config: AuditConfig, dataset_path: Path, everything: list[PromptPair], pairs: list[PromptPair]
+) -> tuple[Path | None, list, str]:
     """Pairs whose replies choose the token sets: never a scored prompt (choosing them on the scored pairs
     manufactures a gap). --calibration FILE, else the dataset's other split (train for an eval audit)."""
     if config.token_sets == "canonical":
@@ -155,7 +159,7 @@ def _calibration(config: AuditConfig, dataset_path: Path, pairs: list[PromptPair
         if other is None:
             return None, [], ("the whole dataset is scored (--split all), so no disjoint calibration pairs exist: "
                               "canonical token sets are used (pass --calibration FILE to derive them)")
-        candidates = [p for p in load_pairs(dataset_path) if p.split == other]
+        candidates = [p for p in everything if p.split == other]
         path, where = dataset_path, f"the {other} split of {dataset_path.name}"
         if not candidates:
             return None, [], (f"{dataset_path.name} has no {other} split to calibrate on: canonical token sets are "
@@ -175,23 +179,32 @@ def _calibration(config: AuditConfig, dataset_path: Path, pairs: list[PromptPair
 
 def load_inputs(config: AuditConfig) -> Inputs:
     """Read and validate every pair file the audit needs (errors name file and line, before any model work)."""
-    dataset_path = Path(config.dataset) if config.dataset else shipped_dataset()
-    pairs = load_pairs(dataset_path)
-    notes = []
-    if config.split != "all" and all(p.split is None for p in pairs):
-        notes.append(f"{dataset_path.name} has no 'split' field: all {len(pairs)} pairs are scored (--split "
-                     f"{config.split} applies to files that mark their pairs)")
+    if config.dataset is None and config.preset is None:
+        dataset_path = shipped_dataset()
+        source = PairSource(load_pairs(dataset_path), [], file_sha256(dataset_path), "shipped curated pairs")
     else:
-        pairs = select_split(pairs, config.split, dataset_path)
+        dataset = config.dataset or PRESET_HUB_IDS[config.preset]
+        dataset_path = Path(dataset)
+        columns = ColumnMap(harmful=config.harmful_column, benign=config.benign_column, id=config.id_column,
+                            category=config.category_column, split=config.split_column)
+        source = load_pair_source(dataset, config.preset, columns, seed=config.seed)
+    everything, notes = source.pairs, list(source.notes)
+    if config.split != "all" and all(p.split is None for p in everything):
+        notes.append(f"{dataset_path.name} has no split field: all {len(everything)} pairs are scored (--split "
+                     f"{config.split} applies to files that mark their pairs)")
+        pairs = everything
+    else:
+        pairs = select_split(everything, config.split, dataset_path)
     if config.max_pairs:
         pairs = pairs[: config.max_pairs]
     if config.tricky is None:
-        tricky_path = shipped_dataset("tricky_benign.jsonl") if config.dataset is None else None
+        tricky_path = shipped_dataset("tricky_benign.jsonl") if config.dataset is None and not config.preset else None
     else:
         tricky_path = Path(config.tricky) if config.tricky else None
     tricky = load_pairs(tricky_path) if tricky_path else []
-    calibration_path, calibration, note = _calibration(config, dataset_path, pairs)
-    return Inputs(dataset_path, pairs, tricky_path, tricky, calibration_path, calibration, note, notes)
+    calibration_path, calibration, note = _calibration(config, dataset_path, everything, pairs)
+    return Inputs(dataset_path, source.fingerprint, pairs, tricky_path, tricky, calibration_path, calibration, note,
+                  notes)
 
 
 # -- the model-touching stages ----------------------------------------------------------------------------------------
@@ -639,14 +652,15 @@ def build_report(a: Analysis, inputs: Inputs, config: AuditConfig, command: str,
             weights_sha256=loaded.weights_sha256(),
         ),
         dataset=rs.DatasetInfo(
-            path=str(inputs.dataset_path), sha256=file_sha256(inputs.dataset_path), split=config.split,
+            path=str(inputs.dataset_path), sha256=inputs.fingerprint, split=config.split,
             n_pairs=len(pairs), n_used=len(a.used), exclusions=a.exclusions, exclusion_counts=counts,
             alignment="full" if a.full_alignment else "right",
             n_aligned_positions=batch.width if a.full_alignment else a.suffix,
             tricky_path=str(inputs.tricky_path) if inputs.tricky_path else None,
             tricky_sha256=file_sha256(inputs.tricky_path) if inputs.tricky_path else None, n_tricky=len(inputs.tricky),
             calibration_path=str(inputs.calibration_path) if inputs.calibration_path else None,
-            calibration_sha256=file_sha256(inputs.calibration_path) if inputs.calibration_path else None,
+            calibration_sha256=None if inputs.calibration_path is None else inputs.fingerprint
+            if inputs.calibration_path == inputs.dataset_path else file_sha256(inputs.calibration_path),
             n_calibration=len(inputs.calibration),
         ),
         metric=rs.MetricInfo(

@@ -46,7 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--adapter", action="append",
                      help="peft (LoRA) adapter folder merged into the model; with two --model, give one --adapter per "
                      "model in the same order ('none' for a plain model)")
-    run.add_argument("--dataset", help="pair JSONL (default: shipped datasets/refusal_pairs.jsonl)")
+    run.add_argument("--dataset", help="pair file (JSONL, CSV, JSON, Parquet), a datasets folder, or a hub id "
+                     "(default: shipped datasets/refusal_pairs.jsonl, or the preset's hub id)")
+    run.add_argument("--preset", choices=["jbb", "xstest", "advbench"],
+                     help="public layout of --dataset: JailbreakBench JBB-Behaviors (folder of its two CSVs), "
+                     "XSTest v2 (xstest_prompts.csv), AdvBench (harmful_behaviors.csv, paired with benign prompts "
+                     "synthetically)")
+    for name in ("harmful", "benign", "id", "category", "split"):
+        run.add_argument(f"--{name}-column", help=f"column of --dataset holding the {name} field")
     run.add_argument("--tricky", help="tricky-benign pair JSONL for over-refusal ('' to skip)")
     run.add_argument("--split", choices=["eval", "train", "all"], default="eval")
     run.add_argument("--out", default="reports", help="output folder; reports go to OUT/<model>/ (default: reports)")
@@ -153,7 +160,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         raise ConfigError(f"models {names} share a name, so their reports would overwrite each other in "
                           f"{args.out}/<name>/; give the model folders different names")
     options = {
-        "dataset": args.dataset, "tricky": args.tricky, "split": args.split,
+        "dataset": args.dataset, "tricky": args.tricky, "split": args.split, "preset": args.preset,
+        "harmful_column": args.harmful_column, "benign_column": args.benign_column, "id_column": args.id_column,
+        "category_column": args.category_column, "split_column": args.split_column,
         "direction": args.direction, "metric": args.metric, "token_sets": args.token_sets,
         "calibration": args.calibration, "max_calibration_pairs": args.max_calibration_pairs,
         "force_shares": args.force_shares, "controls": args.control or [], "n_permutations": args.n_permutations,

@@ -17,7 +17,18 @@ class AuditConfig(BaseModel):
 
     model: str | None = Field(None, description="hub id, local folder or .gguf file; None = shipped tiny-refuser")
     adapter: str | None = Field(None, description="peft (LoRA) adapter folder, merged into the model for the audit")
-    dataset: str | None = Field(None, description="pair JSONL; None = shipped datasets/refusal_pairs.jsonl")
+    dataset: str | None = Field(
+        None, description="pair file (JSONL, CSV, JSON, Parquet), a datasets folder or a hub id; None = the shipped "
+        "datasets/refusal_pairs.jsonl (or the preset's hub id)"
+    )
+    preset: Literal["jbb", "xstest", "advbench"] | None = Field(
+        None, description="public layout: JailbreakBench JBB-Behaviors, XSTest v2, AdvBench (synthetic pairing)"
+    )
+    harmful_column: str | None = Field(None, description="column holding the harmful prompt (default 'harmful')")
+    benign_column: str | None = Field(None, description="column holding the benign prompt (default 'benign')")
+    id_column: str | None = Field(None, description="column holding the pair id (default 'id', else the row)")
+    category_column: str | None = Field(None, description="column holding the category (default 'category')")
+    split_column: str | None = Field(None, description="column holding train/eval (default 'split')")
     tricky: str | None = Field(
         None, description="tricky-benign pair JSONL for over-refusal; None = shipped file, '' = skip"
     )

@@ -201,3 +201,26 @@ def test_pair_file_without_split_is_scored_whole(tmp_path):
     assert report.dataset.n_pairs == 6 and report.dataset.split == "eval"
     assert any("no 'split' field: all 6 pairs are scored" in w for w in report.warnings)
     assert report.metric.token_set_source == "canonical" and report.dataset.n_calibration == 0
+
+
+@pytest.mark.parametrize("preset, folder, n_pairs", [("jbb", "jbb", None), ("xstest", "xstest", None),
+                                                     ("advbench", "advbench/harmful_behaviors.csv", 5)])
+def test_audit_of_a_public_preset(preset, folder, n_pairs, tmp_path):
+    """Each preset end to end on its fixture: scored whole (no split), canonical token sets, notes in the report."""
+    from pathlib import Path
+
+    from refusal_eval.data import load_pair_source
+
+    data = Path(__file__).parent / "fixtures" / folder
+    expected = load_pair_source(str(data), preset, seed=0)
+    out = tmp_path / "out"
+    args = ["run", "--dataset", str(data), "--preset", preset, "--positions", "last", "--components", "mlp_out",
+            "--n-boot", "200", "--n-permutations", "200", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    report = load_report(out / "tiny-refuser" / "report.json")
+    assert report.dataset.n_pairs == len(expected.pairs) == (n_pairs or len(expected.pairs))
+    assert report.dataset.sha256 == expected.fingerprint and report.config["preset"] == preset
+    assert report.dataset.alignment == "right" and report.dataset.n_used == report.dataset.n_pairs
+    assert report.metric.token_set_source == "canonical"
+    assert any("no split field" in w for w in report.warnings)
+    assert all(note in report.warnings for note in expected.notes)
