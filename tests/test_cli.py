@@ -199,7 +199,7 @@ def test_pair_file_without_split_is_scored_whole(tmp_path):
     report = audit(AuditConfig(dataset=str(data), n_boot=200, n_permutations=200, components=["mlp_out"],
                                positions=["all"]), progress=False)
     assert report.dataset.n_pairs == 6 and report.dataset.split == "eval"
-    assert any("no 'split' field: all 6 pairs are scored" in w for w in report.warnings)
+    assert any("no split field: all 6 pairs are scored" in w for w in report.warnings)
     assert report.metric.token_set_source == "canonical" and report.dataset.n_calibration == 0
 
 
