@@ -220,3 +220,63 @@ def test_patches_that_cannot_reach_the_last_position_are_exactly_zero(llama, eng
         for h, b in pairs:
             clean = naive_patched_score(llama, h, b, Component("resid_pre", 0, position=-len(b) - 1), "denoise")
             assert abs(naive_patched_score(llama, h, b, comp, "denoise") - clean) < 1e-5
+
+
+def _right_aligned_naive(loaded, harmful, benign, component: Component, direction: str) -> float:
+    """One unpadded forward per cell for pairs of unequal length: offset -k is the k-th token from the end on
+    each side (the source activation is read at its own side's index)."""
+    model = loaded.model
+    target, source = (benign, harmful) if direction == "denoise" else (harmful, benign)
+    block = model.model.layers[component.layer]
+    module, pre = {"resid_pre": (block, True), "attn_out": (block.self_attn, False),
+                   "mlp_out": (block.mlp, False), "head": (block.self_attn.o_proj, True)}[component.kind]
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    cols = (slice(None) if component.head is None
+            else slice(component.head * head_dim, (component.head + 1) * head_dim))
+    saved = {}
+
+    def hooked(ids, fn):
+        if pre:
+            handle = module.register_forward_pre_hook(lambda m, args: (fn(args[0]), *args[1:]))
+        else:
+            handle = module.register_forward_hook(
+                lambda m, a, out: (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out))
+        try:
+            with torch.no_grad():
+                return model(input_ids=torch.tensor([ids])).logits[0, -1]
+        finally:
+            handle.remove()
+
+    def grab(x):
+        saved["x"] = x[0, len(source) + component.position, cols].detach().clone()
+        return x
+
+    def put(x):
+        x = x.clone()
+        x[0, len(target) + component.position, cols] = saved["x"]
+        return x
+
+    hooked(source, grab)
+    return float(score_fn(hooked(target, put)))
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_right_aligned_unequal_pairs_equal_naive_with_prefix_reuse(llama, direction):
+    """Pairs of different token lengths, right-aligned: no column is shared by all pairs, yet single-position
+    cells reuse the clean prefix before their column (checked against one unpadded forward per cell)."""
+    gen = torch.Generator().manual_seed(7)
+    pairs = []
+    for n_h, n_b in ((6, 9), (8, 5), (7, 7), (10, 6)):
+        suffix = torch.randint(5, 97, (4,), generator=gen).tolist()
+        pairs.append((torch.randint(5, 97, (n_h,), generator=gen).tolist() + suffix,
+                      torch.randint(5, 97, (n_b,), generator=gen).tolist() + suffix))
+    batch = build_pair_batch(pairs, 0, [f"u{i}" for i in range(len(pairs))], allow_unequal=True)
+    comps = [Component(kind, layer, head, -k) for kind in ("resid_pre", "attn_out", "mlp_out", "head")
+             for layer in range(3) for head in ((0, 3) if kind == "head" else (None,)) for k in (1, 2, 6)]
+    engine = PatchEngine(llama, score_fn, max_rows=64)
+    patched = engine.patch(batch, comps, direction)
+    assert engine.work["prefix_batches"] > 0
+    for j, comp in enumerate(comps):
+        for i, (h, b) in enumerate(pairs):
+            want = _right_aligned_naive(llama, h, b, comp, direction)
+            assert abs(float(patched[j, i]) - want) < 1e-4, (comp.id, i, float(patched[j, i]), want)

@@ -452,7 +452,8 @@ class PatchEngine:
 
         Layer skip is decided by the first batch of a model, with a replay from layer 0. Prefix reuse is
         checked on every batch: the replay that records the keys/values must reproduce ``full``, and so must
-        a replay of columns ``first_diff:`` on top of them; otherwise every column is recomputed.
+        a replay of columns ``first_diff:`` (the first column a cell replays from) on top of them; otherwise
+        every column is recomputed.
         """
 
         def agrees(values: torch.Tensor) -> bool:
@@ -585,10 +586,14 @@ class PatchEngine:
             # (the identity patch writes the target's own activations, from its own clean full forward)
             recorded_ids, recorded_mask = (target, target_mask) if identity else (source, source_mask)
             source_cache = self.cache(recorded_ids, recorded_mask, points, from_col=first_diff)
-            skip, prefix = self._check_replay(inputs, clean, first_diff)
+            width = sub.width
+            # A patch at one column leaves every earlier column untouched, whatever the padding: where no column
+            # is shared by all pairs (right-aligned pairs of unequal length), single-position cells still reuse
+            # the clean prefix before their own column.
+            single = [width + components[k].position for k in active if components[k].position is not None]
+            skip, prefix = self._check_replay(inputs, clean, first_diff if first_diff > 0 else min(single, default=0))
             self.work["batches"] += 1
             self.work["prefix_batches"] += prefix is not None
-            width = sub.width
             # Where each cell's forward can start: its layer (layer skip) and, with prefix reuse, its column
             # (a single position) or the batch's first differing column (all positions).
             starts = {}
