@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from refusal_eval import __version__
 from refusal_eval.config import AuditConfig
 from refusal_eval.controls import last_position_finding, noise_floor_info, random_control, trivial_reason
-from refusal_eval.data.formats import PRESET_HUB_IDS, ColumnMap, PairSource, load_pair_source
+from refusal_eval.data.formats import PRESET_HUB_IDS, ColumnMap, load_pair_source
 from refusal_eval.data.pairs import PromptPair, file_sha256, load_pairs, select_split, shipped_dataset
 from refusal_eval.errors import DataError, MetricError
 from refusal_eval.metrics import TokenSets, canonical_token_sets, derive_token_sets, is_refusal, refusal_score
@@ -179,15 +179,11 @@ def _calibration(
 
 def load_inputs(config: AuditConfig) -> Inputs:
     """Read and validate every pair file the audit needs (errors name file and line, before any model work)."""
-    if config.dataset is None and config.preset is None:
-        dataset_path = shipped_dataset()
-        source = PairSource(load_pairs(dataset_path), [], file_sha256(dataset_path), "shipped curated pairs")
-    else:
-        dataset = config.dataset or PRESET_HUB_IDS[config.preset]
-        dataset_path = Path(dataset)
-        columns = ColumnMap(harmful=config.harmful_column, benign=config.benign_column, id=config.id_column,
-                            category=config.category_column, split=config.split_column)
-        source = load_pair_source(dataset, config.preset, columns, seed=config.seed)
+    dataset = config.dataset or (PRESET_HUB_IDS[config.preset] if config.preset else str(shipped_dataset()))
+    dataset_path = Path(dataset)
+    columns = ColumnMap(harmful=config.harmful_column, benign=config.benign_column, id=config.id_column,
+                        category=config.category_column, split=config.split_column)
+    source = load_pair_source(dataset, config.preset, columns, seed=config.seed)
     everything, notes = source.pairs, list(source.notes)
     if config.split != "all" and all(p.split is None for p in everything):
         notes.append(f"{dataset_path.name} has no split field: all {len(everything)} pairs are scored (--split "
@@ -219,7 +215,6 @@ class Analysis:
     replies: tuple[list[str], list[str]]
     refused: tuple[list[bool], list[bool]]
     behaviour: rs.Behaviour
-    refuses: bool
     token_sets: TokenSets
     m_h: list[float]
     m_b: list[float]
@@ -243,6 +238,11 @@ class Analysis:
     floor: np.ndarray | None
     significant: np.ndarray | None
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def refuses(self) -> bool:
+        """The behaviour gate: harmful refusal's interval lies wholly above benign over-refusal's."""
+        return bool(self.behaviour.refuses)
 
     @property
     def n_significant(self) -> int:
@@ -272,9 +272,8 @@ def behaviour_stage(loaded: LoadedModel, inputs: Inputs, config: AuditConfig, pr
         behaviour.tricky_harmful_refusal = rate(sum(map(is_refusal, tr_h)), len(inputs.tricky), level)
         behaviour.tricky_benign_over_refusal = rate(sum(map(is_refusal, tr_b)), len(inputs.tricky), level)
     h, b = behaviour.harmful_refusal, behaviour.benign_over_refusal
-    refuses = h.ci_low is not None and b.ci_high is not None and h.ci_low > b.ci_high
-    behaviour.refuses = refuses
-    return harmful_ids, benign_ids, (reply_h, reply_b), (refused_h, refused_b), behaviour, refuses
+    behaviour.refuses = h.ci_low is not None and b.ci_high is not None and h.ci_low > b.ci_high
+    return harmful_ids, benign_ids, (reply_h, reply_b), (refused_h, refused_b), behaviour
 
 
 def token_set_stage(loaded: LoadedModel, inputs: Inputs, config: AuditConfig, progress: bool) -> TokenSets:
@@ -407,7 +406,7 @@ def analyse(
     """Run the model-touching stages (behaviour, token sets, scores, gap, effects, statistics) on one model."""
     tok = loaded.tokenizer
     torch.manual_seed(config.seed)
-    harmful_ids, benign_ids, replies, refused, behaviour, refuses = behaviour_stage(loaded, inputs, config, progress)
+    harmful_ids, benign_ids, replies, refused, behaviour = behaviour_stage(loaded, inputs, config, progress)
     token_sets = token_set_stage(loaded, inputs, config, progress)
     warnings = list(token_sets.warnings)
     ref_ids, com_ids = torch.tensor(token_sets.refusal), torch.tensor(token_sets.compliance)
@@ -435,6 +434,7 @@ def analyse(
                                                                             config.seed)
     gap = _gap(gaps, config, float(gap_perm.p[0]))
     gap_all = _gap(all_gaps, config, float(gap_all_perm.p[0]))
+    refuses = bool(behaviour.refuses)
     shares_defined, shares_reason, rule_warnings = _shares_rule(behaviour, refuses, gap_all, gap, config)
     warnings += rule_warnings
     if not shares_defined:
@@ -468,7 +468,7 @@ def analyse(
             significant &= np.abs(effects).max(axis=1) > floor
     return Analysis(
         loaded=loaded, pairs=pairs, harmful_ids=harmful_ids, benign_ids=benign_ids, replies=replies, refused=refused,
-        behaviour=behaviour, refuses=refuses, token_sets=token_sets, m_h=m_h, m_b=m_b, used=used,
+        behaviour=behaviour, token_sets=token_sets, m_h=m_h, m_b=m_b, used=used,
         exclusions=exclusions, full_alignment=full_alignment, gap_all=gap_all, gap=gap, shares_defined=shares_defined,
         shares_reason=shares_reason, engine=engine, batch=batch, suffix=suffix, components=components,
         effects=effects, approximate=approximate, attribution_info=attribution_info, permutation=permutation,
@@ -549,10 +549,7 @@ def _component_results(a: Analysis) -> list[rs.ComponentResult]:
     return out
 
 
-def ranked(results: Sequence[rs.ComponentResult]) -> list[rs.ComponentResult]:
-    """Components with a defined share, largest |share| first, leaving out the trivial ones (share 1 or the
-    input itself by construction)."""
-    return sorted((c for c in results if c.share is not None and c.trivial is None), key=lambda c: -abs(c.share or 0))
+ranked = rs.rank_components
 
 
 def _heterogeneity(a: Analysis, results: list[rs.ComponentResult], config: AuditConfig, top_k: int = 10):

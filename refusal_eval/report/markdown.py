@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from refusal_eval.patching.components import KINDS
-from refusal_eval.report.schema import AuditReport, ComponentResult, Gap, Rate
+from refusal_eval.report.schema import AuditReport, ComponentResult, Gap, Rate, rank_components
 
 
 def _pct(value: float | None) -> str:
@@ -105,13 +105,8 @@ def render_markdown(report: AuditReport, top_k: int = 15) -> str:
     level = f"{r.stats.level:.0%}"
     lines = [f"# Refusal audit: {r.model.name}", ""]
     all_pos = [c for c in r.components if c.position is None]
-    # Trivial patches (the run's whole input or output by construction) are sanity checks, kept in the per-layer
-    # tables, never ranked as findings. Schema 1.0 reports have no flag: leave out resid_pre at all positions.
-    ranked = sorted(
-        (c for c in r.components if c.share is not None and c.trivial is None
-         and not (r.schema_version == "1.0" and c.kind == "resid_pre" and c.position is None)),
-        key=lambda c: -abs(c.share or 0),
-    )
+    # Trivial patches are sanity checks, kept in the per-layer tables, never ranked as findings.
+    ranked = rank_components(r.components, legacy=r.schema_version == "1.0")
     # Summary ------------------------------------------------------------------------------------------------
     lines += [
         "## Summary",

@@ -245,6 +245,17 @@ class Controls(_Model):
     noise_floor: NoiseFloor | None = None
 
 
+def rank_components(components: list[ComponentResult], legacy: bool = False) -> list[ComponentResult]:
+    """Components with a defined share, largest |share| first, leaving out the trivial ones (the run's whole input
+    or output by construction). ``legacy``: schema-1.0 components carry no flag, so resid_pre at all positions is
+    left out by kind."""
+    return sorted(
+        (c for c in components if c.share is not None and c.trivial is None
+         and not (legacy and c.kind == "resid_pre" and c.position is None)),
+        key=lambda c: -abs(c.share or 0),
+    )
+
+
 class AttributionInfo(_Model):
     n_verified: int = Field(description="cells patched exactly to check the attribution estimate")
     n_top: int
