@@ -224,3 +224,13 @@ def test_audit_of_a_public_preset(preset, folder, n_pairs, tmp_path):
     assert report.metric.token_set_source == "canonical"
     assert any("no split field" in w for w in report.warnings)
     assert all(note in report.warnings for note in expected.notes)
+
+
+def test_canonical_token_sets_and_no_noise_floor_on_request():
+    report = audit(AuditConfig(token_sets="canonical", noise_floor=False, max_pairs=6, n_boot=200,
+                               n_permutations=200, components=["mlp_out"], positions=["all"], tricky=""),
+                   progress=False)
+    assert report.metric.token_set_source == "canonical" and "--token-sets canonical" in report.metric.derivation
+    assert report.dataset.n_calibration == 0 and report.dataset.calibration_path is None
+    assert report.controls.noise_floor is None
+    assert all(c.noise_floor is None and c.within_noise is None for c in report.components)
