@@ -238,6 +238,10 @@ class Analysis:
     floor: np.ndarray | None
     significant: np.ndarray | None
     warnings: list[str] = field(default_factory=list)
+    alignment: str = "full"
+    on_full: np.ndarray | None = None  # [C] mixed alignment: the component was patched on equal-length pairs only
+    full_cols: list[int] | None = None  # mixed alignment: columns of ``used`` whose sides have equal token length
+    gap_full: rs.Gap | None = None  # mixed alignment: the gap over those pairs
 
     @property
     def refuses(self) -> bool:
@@ -356,33 +360,49 @@ def _shares_rule(behaviour: rs.Behaviour, refuses: bool, gap_all: rs.Gap, gap: r
     return True, "the model refuses harmful prompts more often than benign ones and the gap is separated", warnings
 
 
-def patchable_pairs(pairs, harmful_ids, benign_ids, full_alignment: bool) -> tuple[list[int], list[rs.Exclusion]]:
-    """Indices of the pairs that can be patched, and why the others cannot. Pairs are never dropped for their
-    scores: patching every position (or all at once) needs both sides to have the same length, while the suffix
-    and last-token modes right-align pairs, so unequal pairs stay in."""
+def patchable_pairs(pairs, harmful_ids, benign_ids, config: AuditConfig) -> tuple[list[int], list[rs.Exclusion], str]:
+    """Indices of the pairs that can be patched, why the others cannot, and the alignment.
+
+    Pairs are never dropped for their scores. Patching every position (or all at once) needs both sides to have
+    the same length, while suffix and last-token patches right-align a pair, so:
+    * ``full``: every pair has sides of equal length (or only 'all' was asked for: unequal pairs are left out);
+    * ``right``: only 'suffix'/'last' positions: every pair, right-aligned;
+    * ``mixed``: 'all'/'each' with some unequal pairs: every pair is patched at the positions of the shared
+      suffix and the last one; the all-position patches (and 'each' before the suffix) use the equal-length pairs.
+    """
+    wants_full = bool({"all", "each"} & set(config.positions))
+    equal = [len(h) == len(b) for h, b in zip(harmful_ids, benign_ids, strict=True)]
+    aligned_positions = bool({"each", "suffix", "last"} & set(config.positions))
+    if not wants_full:
+        alignment = "right"
+    elif all(equal) or not aligned_positions:
+        alignment = "full"
+    else:
+        alignment = "mixed"
     exclusions: list[rs.Exclusion] = []
     used: list[int] = []
     for i, pair in enumerate(pairs):
-        if full_alignment and len(harmful_ids[i]) != len(benign_ids[i]):
+        if alignment == "full" and not equal[i]:
             exclusions.append(rs.Exclusion(
                 pair_id=pair.id, reason="unequal_token_length",
                 detail=f"harmful side {len(harmful_ids[i])} tokens, benign side {len(benign_ids[i])} tokens; "
-                "use --positions suffix,last to keep such pairs (right-aligned)",
+                "add 'last' or 'suffix' to --positions to patch such pairs at the aligned positions",
             ))
         else:
             used.append(i)
     if len(used) < 2:
         raise DataError(f"only {len(used)} pair(s) can be patched ({len(exclusions)} have sides of unequal token "
                         "length); patching needs at least 2. Use more pairs, pairs of equal token length, or "
-                        "--positions suffix,last (right-aligned).")
-    return used, exclusions
+                        "--positions all,suffix,last (right-aligned where lengths differ).")
+    return used, exclusions, alignment
 
 
 def effects_stage(engine: PatchEngine, batch: PairBatch, components: list[Component], config: AuditConfig,
                   base_h: np.ndarray, base_b: np.ndarray):
     """Per-component, per-pair effects [C, N] (denoise: patched - m(benign); noise: m(harmful) - patched), which
-    of them are gradient estimates, and the attribution check where one ran."""
-    attribution_info = None
+    of them are gradient estimates, and the attribution check where one ran: (info, exact and estimated summed
+    moves of the verified cells)."""
+    check = None
     approximate = np.zeros(len(components), dtype=bool)
     target = base_b if config.direction == "denoise" else base_h
     if config.method == "exact":
@@ -391,13 +411,13 @@ def effects_stage(engine: PatchEngine, batch: PairBatch, components: list[Compon
         patched = attribute(engine, batch, components, config.direction).numpy().astype(np.float64)
         approximate[:] = True
         if config.method == "attribution+verify":
-            patched, attribution_info = _verify(engine, batch, components, config, patched, approximate, target)
+            patched, check = _verify(engine, batch, components, config, patched, approximate, target)
     effects = patched - base_b if config.direction == "denoise" else base_h - patched
     bad = ~np.isfinite(effects)
     if bad.any():
         c, p = np.argwhere(bad)[0]
         raise MetricError(f"non-finite patched score for pair {batch.pair_ids[p]}, component {components[c].id}")
-    return effects, approximate, attribution_info
+    return effects, approximate, check
 
 
 def analyse(
@@ -421,8 +441,8 @@ def analyse(
         if not np.isfinite(value):
             raise MetricError(f"pair {pair.id}: refusal score is not finite ({value}); check the model's dtype")
 
-    full_alignment = bool({"all", "each"} & set(config.positions))
-    used, exclusions = patchable_pairs(pairs, harmful_ids, benign_ids, full_alignment)
+    used, exclusions, alignment = patchable_pairs(pairs, harmful_ids, benign_ids, config)
+    full_alignment = alignment == "full"
     if exclusions:
         warnings.append(f"{len(exclusions)} of {len(pairs)} pair(s) cannot be patched at every position (sides of "
                         "unequal token length); the gap over all pairs is reported beside the patched pairs' gap")
@@ -444,28 +464,81 @@ def analyse(
     batch = build_pair_batch([(harmful_ids[i], benign_ids[i]) for i in used], tok.pad_token_id,
                              [pairs[i].id for i in used], allow_unequal=not full_alignment)
     suffix = min(common_suffix(harmful_ids[i], benign_ids[i]) for i in used)
-    components = components_at(config.components, loaded.n_layers, loaded.n_heads,
-                               _positions_wanted(config, batch.width, suffix))
-    log.info("patching %d components x %d pairs", len(components), len(used))
     base_h, base_b = np.array(m_h)[used], np.array(m_b)[used]
     target = base_b if config.direction == "denoise" else base_h
-    effects, approximate, attribution_info = effects_stage(engine, batch, components, config, base_h, base_b)
+    full_cols = gap_full = None
+    if alignment == "mixed":
+        full_cols = [k for k, i in enumerate(used) if len(harmful_ids[i]) == len(benign_ids[i])]
+        span = max(suffix, 1)  # right-aligned positions every pair shares (the last one always)
+        width = max((len(harmful_ids[used[k]]) for k in full_cols), default=span)
+        components = components_at(config.components, loaded.n_layers, loaded.n_heads,
+                                   _positions_wanted(config, width, span))
+        on_full = np.array([c.position is None or c.position < -span for c in components])
+        if len(full_cols) < 2:
+            warnings.append(f"only {len(full_cols)} of {len(used)} pair(s) have sides of equal token length: the "
+                            "all-position patches (and 'each' before the shared suffix) need at least 2 and are "
+                            "left out")
+            components = [c for c, f in zip(components, on_full, strict=True) if not f]
+            on_full = np.zeros(len(components), dtype=bool)
+        if not components:
+            raise DataError("no component can be patched: add 'last' or 'suffix' to --positions")
+        if on_full.any():
+            full_perm = sign_flip_test(gaps[full_cols], config.n_permutations, config.seed)
+            gap_full = _gap(gaps[full_cols], config, float(full_perm.p[0]))
+            warnings.append(f"mixed alignment: {len(used) - len(full_cols)} of {len(used)} pairs have sides of "
+                            f"unequal token length; {int(on_full.sum())} all-position component(s) use the "
+                            f"{len(full_cols)} equal-length pairs, the other {int((~on_full).sum())} use every pair "
+                            f"(right-aligned: the last {span} position(s))")
+        families = [(np.flatnonzero(~on_full), list(range(len(used))), batch)]
+        if on_full.any():
+            full_batch = build_pair_batch([(harmful_ids[used[k]], benign_ids[used[k]]) for k in full_cols],
+                                          tok.pad_token_id, [batch.pair_ids[k] for k in full_cols])
+            families.append((np.flatnonzero(on_full), full_cols, full_batch))
+    else:
+        components = components_at(config.components, loaded.n_layers, loaded.n_heads,
+                                   _positions_wanted(config, batch.width, suffix))
+        on_full = None
+        families = [(np.arange(len(components)), list(range(len(used))), batch)]
+    log.info("patching %d components x %d pairs", len(components), len(used))
+    effects = np.full((len(components), len(used)), np.nan)
+    approximate = np.zeros(len(components), dtype=bool)
+    checks = []
+    for rows, cols, fam_batch in families:
+        if not rows.size:
+            continue
+        fam_effects, fam_approx, check = effects_stage(engine, fam_batch, [components[k] for k in rows], config,
+                                                       base_h[cols], base_b[cols])
+        effects[np.ix_(rows, cols)] = fam_effects
+        approximate[rows] = fam_approx
+        checks.append(check)
+    attribution_info = merge_attribution_checks([c for c in checks if c is not None])
 
     # -- statistics and the noise floor ---------------------------------------------------------------------------
     floor = None
     if (config.noise_floor if noise is None else noise) and config.method == "exact":
         work = dict(engine.work)  # the report's engine section describes the audit's patching, not this check
-        floor = noise_floor(engine, batch, components, config.direction,
-                            torch.tensor(target, dtype=torch.float32)).numpy().astype(np.float64)
+        floor = np.zeros(len(components))
+        for rows, cols, fam_batch in families:
+            if rows.size:
+                floor[rows] = noise_floor(engine, fam_batch, [components[k] for k in rows], config.direction,
+                                          torch.tensor(target[cols], dtype=torch.float32)).numpy()
         engine.work = work
-    permutation = sign_flip_test(effects, config.n_permutations, config.seed)
+    # A pair a component was not patched on (NaN) adds nothing to its statistic, flipped or not.
+    permutation = sign_flip_test(np.nan_to_num(effects, nan=0.0), config.n_permutations, config.seed)
     intervals = significant = None
     if shares_defined:
         intervals = share_intervals(effects, gaps, config.ci_level, config.n_boot, config.ci_method, config.seed)
         alpha = 1 - config.ci_level
         significant = ((intervals.fw_low > 0) | (intervals.fw_high < 0)) & (permutation.p_familywise < alpha)
         if floor is not None:
-            significant &= np.abs(effects).max(axis=1) > floor
+            significant &= np.nanmax(np.abs(effects), axis=1) > floor
+        if gap_full is not None and gap_full.verdict != "separated":
+            for values in (intervals.estimate, intervals.low, intervals.high, intervals.fw_low, intervals.fw_high):
+                values[on_full] = np.nan
+            significant[on_full] = False
+            warnings.append(f"UNDEFINED SHARES for the {int(on_full.sum())} all-position component(s): the gap over "
+                            f"the {gap_full.n_pairs} equal-length pairs they use {VERDICT_WORDS[gap_full.verdict]} "
+                            f"({gap_full.mean:.3f} [{gap_full.ci_low:.3f}, {gap_full.ci_high:.3f}])")
     return Analysis(
         loaded=loaded, pairs=pairs, harmful_ids=harmful_ids, benign_ids=benign_ids, replies=replies, refused=refused,
         behaviour=behaviour, token_sets=token_sets, m_h=m_h, m_b=m_b, used=used,
@@ -473,6 +546,7 @@ def analyse(
         shares_reason=shares_reason, engine=engine, batch=batch, suffix=suffix, components=components,
         effects=effects, approximate=approximate, attribution_info=attribution_info, permutation=permutation,
         gap_permutation=gap_perm, intervals=intervals, floor=floor, significant=significant, warnings=warnings,
+        alignment=alignment, on_full=on_full, full_cols=full_cols, gap_full=gap_full,
     )
 
 
@@ -500,7 +574,26 @@ def _verify(engine, batch, components, config, estimated, approximate, target_sc
         max_abs_error=float(np.abs(exact - est).max()),
         verified_ids=[components[k].id for k in chosen],
     )
-    return corrected, info
+    return corrected, (info, moves_exact, moves_est)
+
+
+def merge_attribution_checks(checks: list[tuple[rs.AttributionInfo, np.ndarray, np.ndarray]]):
+    """One attribution check over the families of components (mixed alignment patches two sets of pairs)."""
+    if not checks:
+        return None
+    if len(checks) == 1:
+        return checks[0][0]
+    from scipy.stats import spearmanr
+
+    exact = np.concatenate([c[1] for c in checks])
+    est = np.concatenate([c[2] for c in checks])
+    rho = float(spearmanr(exact, est).statistic) if exact.size > 2 else None
+    infos = [c[0] for c in checks]
+    return rs.AttributionInfo(
+        n_verified=sum(i.n_verified for i in infos), n_top=sum(i.n_top for i in infos),
+        n_random=sum(i.n_random for i in infos), spearman=None if rho is None or not np.isfinite(rho) else rho,
+        max_abs_error=max(i.max_abs_error for i in infos), verified_ids=[x for i in infos for x in i.verified_ids],
+    )
 
 
 # -- the report ---------------------------------------------------------------------------------------------------
@@ -528,22 +621,29 @@ def _engine_info(engine: PatchEngine, loaded: LoadedModel, batch: PairBatch) -> 
     )
 
 
+def _finite(x) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
 def _component_results(a: Analysis) -> list[rs.ComponentResult]:
     iv, perm, floor = a.intervals, a.permutation, a.floor
-    largest = np.abs(a.effects).max(axis=1)
+    largest = np.nanmax(np.abs(a.effects), axis=1)
+    patched = np.isfinite(a.effects)
     out = []
     for k, c in enumerate(a.components):
+        defined = iv is not None and np.isfinite(iv.estimate[k])
         out.append(rs.ComponentResult(
             id=c.id, hook_name=c.hook_name, kind=c.kind, layer=c.layer, head=c.head, position=c.position,
-            share=float(iv.estimate[k]) if iv else None,
-            ci_low=float(iv.low[k]) if iv else None, ci_high=float(iv.high[k]) if iv else None,
-            fw_low=float(iv.fw_low[k]) if iv else None, fw_high=float(iv.fw_high[k]) if iv else None,
+            share=float(iv.estimate[k]) if defined else None,
+            ci_low=_finite(iv.low[k]) if defined else None, ci_high=_finite(iv.high[k]) if defined else None,
+            fw_low=_finite(iv.fw_low[k]) if defined else None, fw_high=_finite(iv.fw_high[k]) if defined else None,
             significant=bool(a.significant[k]) if a.significant is not None else None,
             p_permutation=float(perm.p[k]), p_permutation_fw=float(perm.p_familywise[k]),
             noise_floor=None if floor is None else float(floor[k]),
             within_noise=None if floor is None else bool(0 < largest[k] <= floor[k]),
             trivial=trivial_reason(c, a.loaded.n_layers),
-            effects=[round(float(v), 6) for v in a.effects[k]],
+            effects=[round(float(v), 6) if ok else None for v, ok in zip(a.effects[k], patched[k], strict=True)],
+            n_pairs=int(patched[k].sum()),
             approximate=bool(a.approximate[k]),
         ))
     return out
@@ -559,17 +659,26 @@ def _heterogeneity(a: Analysis, results: list[rs.ComponentResult], config: Audit
     top = [index[c.id] for c in ranked(results)[:top_k]]
     if not top:
         return []
-    categories = [a.pairs[i].category for i in a.used]
+    categories = np.array([a.pairs[i].category for i in a.used], dtype=object)
     gaps = np.array(a.m_h)[a.used] - np.array(a.m_b)[a.used]
-    found = share_heterogeneity(a.effects[top], gaps, categories, config.ci_level, config.n_boot, config.seed)
+    pair_ids = np.array(a.batch.pair_ids, dtype=object)
+    found: dict[int, tuple] = {}
+    patched = np.isfinite(a.effects)
+    for group in {tuple(np.flatnonzero(patched[k])) for k in top}:  # components patched on the same pairs
+        cols = list(group)
+        rows = [k for k in top if tuple(np.flatnonzero(patched[k])) == group]
+        diagnostics = share_heterogeneity(a.effects[np.ix_(rows, cols)], gaps[cols], categories[cols].tolist(),
+                                          config.ci_level, config.n_boot, config.seed)
+        found.update({k: (h, pair_ids[cols]) for k, h in zip(rows, diagnostics, strict=True)})
     out = []
-    for k, h in zip(top, found, strict=True):
+    for k in top:
+        h, ids = found[k]
         out.append(rs.ComponentHeterogeneity(
             id=a.components[k].id,
             by_category={name: rs.CategoryShare(n_pairs=s.n_pairs, share=s.share, ci_low=s.ci_low, ci_high=s.ci_high)
                          for name, s in h.by_category.items()},
             loo_min=h.loo_min, loo_max=h.loo_max, largest_pair_fraction=h.largest_pair_fraction,
-            largest_pair_id=None if h.largest_pair_index is None else a.batch.pair_ids[h.largest_pair_index],
+            largest_pair_id=None if h.largest_pair_index is None else str(ids[h.largest_pair_index]),
             ratio_quantiles=list(h.ratio_quantiles) if h.ratio_quantiles is not None else None,
             concentrated=h.concentrated,
         ))
@@ -651,8 +760,10 @@ def build_report(a: Analysis, inputs: Inputs, config: AuditConfig, command: str,
         dataset=rs.DatasetInfo(
             path=str(inputs.dataset_path), sha256=inputs.fingerprint, split=config.split,
             n_pairs=len(pairs), n_used=len(a.used), exclusions=a.exclusions, exclusion_counts=counts,
-            alignment="full" if a.full_alignment else "right",
-            n_aligned_positions=batch.width if a.full_alignment else a.suffix,
+            alignment=a.alignment,
+            n_aligned_positions=batch.width if a.full_alignment else max(a.suffix, 1) if a.alignment == "mixed"
+            else a.suffix,
+            n_full_pairs=len(a.full_cols) if a.full_cols is not None else None,
             tricky_path=str(inputs.tricky_path) if inputs.tricky_path else None,
             tricky_sha256=file_sha256(inputs.tricky_path) if inputs.tricky_path else None, n_tricky=len(inputs.tricky),
             calibration_path=str(inputs.calibration_path) if inputs.calibration_path else None,
@@ -679,6 +790,7 @@ def build_report(a: Analysis, inputs: Inputs, config: AuditConfig, command: str,
         behaviour=a.behaviour,
         gap=a.gap,
         gap_all_pairs=a.gap_all,
+        gap_equal_length=a.gap_full,
         shares_defined=a.shares_defined,
         shares_reason=a.shares_reason,
         stats=rs.StatsInfo(method=config.ci_method, level=config.ci_level, n_resamples=config.n_boot,

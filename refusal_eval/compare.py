@@ -215,7 +215,13 @@ def share_difference_intervals(
         raise ValueError(f"effects {ea.shape}/{eb.shape} do not match gaps ({na}, {nb})")
     if paired and na != nb:
         raise ValueError("a paired comparison needs the same pairs on both sides")
-    sa, sb = ea.sum(1) / ga.sum(), eb.sum(1) / gb.sum()
+    # NaN effects: pairs a component was not patched on (mixed alignment); they count in neither its effect nor
+    # its gap sums, so every component has its own gap columns.
+    ma, mb = np.isfinite(ea), np.isfinite(eb)
+    ea, eb = np.where(ma, ea, 0.0), np.where(mb, eb, 0.0)
+    masked = not (ma.all() and mb.all())
+    Ga, Gb = (ma * ga).T, (mb * gb).T  # [n, C]
+    sa, sb = (ea.sum(1) / Ga.sum(0), eb.sum(1) / Gb.sum(0)) if masked else (ea.sum(1) / ga.sum(), eb.sum(1) / gb.sum())
     out = {"share_a": sa, "share_b": sb, "diff": sb - sa}
     for key in ("share_a", "share_b", "diff"):
         out[key + "_low"], out[key + "_high"] = out[key].copy(), out[key].copy()
@@ -224,7 +230,7 @@ def share_difference_intervals(
     # inputs the difference is exactly 0 in every resample.
     va = np.flatnonzero(~np.all(ea == 0.0, axis=1))
     vb = np.flatnonzero(~np.all(eb == 0.0, axis=1))
-    same = paired and np.array_equal(ga, gb)
+    same = paired and np.array_equal(ga, gb) and np.array_equal(ma, mb)
     vd = np.flatnonzero(~(np.all(ea == eb, axis=1) if same else np.zeros(ea.shape[0], bool)) &
                         ~(np.all(ea == 0.0, axis=1) & np.all(eb == 0.0, axis=1)))
     if (min(na, nb) < 2) or not (va.size or vb.size or vd.size):
@@ -232,8 +238,13 @@ def share_difference_intervals(
     A, B, Ad, Bd = ea[va].T, eb[vb].T, ea[vd].T, eb[vd].T
 
     def rows(wa: np.ndarray, wb: np.ndarray) -> np.ndarray:
-        da, db = (wa @ ga)[..., None], (wb @ gb)[..., None]
-        stacked = np.concatenate([(wa @ A) / da, (wb @ B) / db, (wb @ Bd) / db - (wa @ Ad) / da], axis=-1)
+        if masked:
+            da, db = (wa @ Ga[:, va], wb @ Gb[:, vb]), (wa @ Ga[:, vd], wb @ Gb[:, vd])
+        else:
+            one_a, one_b = (wa @ ga)[..., None], (wb @ gb)[..., None]
+            da, db = (one_a, one_b), (one_a, one_b)
+        stacked = np.concatenate([(wa @ A) / da[0], (wb @ B) / da[1], (wb @ Bd) / db[1] - (wa @ Ad) / db[0]],
+                                 axis=-1)
         return np.moveaxis(stacked, -1, 0)
 
     if paired:
@@ -305,6 +316,11 @@ def _side(r: AuditReport) -> Side:
         compliance_tokens=[t.text for t in r.metric.compliance_tokens], gap=r.gap,
         shares_defined=r.gap.separated and all(c.share is not None for c in r.components),
     )
+
+
+def _effects_matrix(components) -> np.ndarray:
+    """Per-pair effects [C, N]; NaN where a component was not patched on a pair (mixed alignment)."""
+    return np.array([[np.nan if v is None else v for v in c.effects] for c in components], dtype=np.float64)
 
 
 def _gaps(r: AuditReport, ids: list[str]) -> np.ndarray:
@@ -392,8 +408,8 @@ def compare_reports(a: AuditReport, b: AuditReport, n_boot: int = 2000, level: f
         ga, gb = _gaps(a, a.used_pair_ids), _gaps(b, b.used_pair_ids)
     changes: list[ComponentChange] = []
     if shares_defined and shared:
-        ea = np.array([c.effects for c in shared], dtype=np.float64)[:, ia]
-        eb = np.array([comp_b[c.id].effects for c in shared], dtype=np.float64)[:, ib]
+        ea = _effects_matrix(shared)[:, ia]
+        eb = _effects_matrix([comp_b[c.id] for c in shared])[:, ib]
         res = share_difference_intervals(ea, ga, eb, gb, paired, level, n_boot, method, seed)
         for k, c in enumerate(shared):
             d = float(res["diff"][k])

@@ -38,8 +38,9 @@ class AuditConfig(BaseModel):
         default_factory=lambda: ["all", "each"],
         description=(
             "'all': every position at once; 'each': every position, one at a time; 'suffix': each position of "
-            "the shared chat-template suffix; 'last': the last prompt token only. With only 'suffix'/'last', "
-            "pairs of unequal token length are right-aligned and kept instead of excluded"
+            "the shared chat-template suffix; 'last': the last prompt token only. Pairs of unequal token length "
+            "are right-aligned and patched at the shared suffix and last positions; 'all' (and 'each' before the "
+            "suffix) use the equal-length pairs only"
         ),
     )
     direction: Literal["denoise", "noise"] = "denoise"
@@ -48,7 +49,8 @@ class AuditConfig(BaseModel):
         description="exact patching; gradient attribution patching (approximate, one backward pass); or "
         "attribution then exact patching of the top cells and a random sample, measuring the estimate's error",
     )
-    verify_top: int = Field(20, ge=0, description="attribution+verify: exact-patch the top-k estimated cells")
+    verify_top: int = Field(20, ge=0, description="attribution+verify: exact-patch the top-k estimated cells "
+                            "(per set of pairs under mixed alignment)")
     verify_random: int = Field(20, ge=0, description="attribution+verify: and this many random other cells")
     metric: Literal["logdiff", "logodds"] = "logdiff"
     token_sets: Literal["calibration", "canonical"] = Field(

@@ -34,8 +34,15 @@ def _counts(indices: np.ndarray, n: int) -> np.ndarray:
 
 
 def ratio_of_sums(effects: np.ndarray, gaps: np.ndarray) -> np.ndarray:
-    """share = sum_i effect_i / sum_i gap_i, for effects [C, N] and gaps [N] -> [C]."""
-    return effects.sum(axis=-1) / gaps.sum()
+    """share = sum_i effect_i / sum_i gap_i, for effects [C, N] and gaps [N] -> [C].
+
+    A NaN effect means the component was not patched on that pair (all-position patches need sides of equal
+    token length): that pair then counts in neither the component's effect sum nor its gap sum.
+    """
+    patched = np.isfinite(effects)
+    if patched.all():
+        return effects.sum(axis=-1) / gaps.sum()
+    return np.where(patched, effects, 0.0).sum(axis=-1) / (patched * gaps).sum(axis=-1)
 
 
 def expanded_level(level: float, n: int) -> float:
@@ -66,6 +73,8 @@ def share_intervals(
     component from the same drawn pairs (scipy.stats.bootstrap on pair indices, vectorised through a
     count matrix so memory is components x batch, not components x batch x pairs). With ``expand`` the
     level passed to scipy is :func:`expanded_level` (small-sample correction; see benchmarks/coverage.py).
+    NaN effects mark pairs a component was not patched on (see :func:`ratio_of_sums`); each component's
+    resampled share then sums only its own pairs' effects and gaps, and ``expand`` uses the fewest pairs.
     """
     effects = np.atleast_2d(np.asarray(effects, dtype=np.float64))
     gaps = np.asarray(gaps, dtype=np.float64)
@@ -73,6 +82,9 @@ def share_intervals(
     if effects.shape[1] != n:
         raise ValueError(f"effects have {effects.shape[1]} pairs, gaps have {n}")
     estimate = ratio_of_sums(effects, gaps)
+    patched = np.isfinite(effects)
+    masked = not patched.all()
+    effects = np.where(patched, effects, 0.0)
     low = np.full(effects.shape[0], np.nan)
     high = np.full(effects.shape[0], np.nan)
     fw_low, fw_high = estimate.copy(), estimate.copy()
@@ -80,12 +92,19 @@ def share_intervals(
     constant = np.all(effects == 0.0, axis=1)
     low[constant] = high[constant] = 0.0
     todo = np.flatnonzero(~constant)
+    if masked and todo.size:
+        n_min = int(patched[todo].sum(axis=1).min())
+        level_asked = expanded_level(level, n_min) if expand else level
+    else:
+        level_asked = expanded_level(level, n) if expand else level
     if todo.size and n >= 2:
         sub = effects[todo]
+        sub_gaps = (patched[todo] * gaps).T if masked else gaps  # [n, C] per-component gap columns, or [n]
 
         def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
             w = _counts(np.asarray(idx), n)  # [..., n]
-            return np.moveaxis((w @ sub.T) / (w @ gaps)[..., None], -1, 0)
+            denominator = (w @ sub_gaps) if masked else (w @ gaps)[..., None]
+            return np.moveaxis((w @ sub.T) / denominator, -1, 0)
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # degenerate resamples surface as NaN, handled below
@@ -95,7 +114,7 @@ def share_intervals(
                 n_resamples=n_resamples,
                 batch=max(1, min(n_resamples, 2_000_000 // max(1, todo.size))),
                 vectorized=True,
-                confidence_level=expanded_level(level, n) if expand else level,
+                confidence_level=level_asked,
                 method=method,
                 rng=np.random.default_rng(seed),
             )
@@ -104,7 +123,7 @@ def share_intervals(
         if bad.any() and method.lower() == "bca":
             # BCa is undefined when the jackknife has no spread; the percentile interval still is.
             dist = np.atleast_2d(result.bootstrap_distribution)[bad]
-            tail = (1 - (expanded_level(level, n) if expand else level)) / 2
+            tail = (1 - level_asked) / 2
             lo[bad] = np.quantile(dist, tail, axis=-1)
             hi[bad] = np.quantile(dist, 1 - tail, axis=-1)
         low[todo], high[todo] = lo, hi

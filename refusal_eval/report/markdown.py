@@ -94,6 +94,19 @@ def summary_lines(report: AuditReport) -> list[str]:
     return lines
 
 
+def _alignment_words(r: AuditReport) -> str:
+    """How the used pairs were lined up, and how many pairs each family of components used."""
+    d = r.dataset
+    if d.alignment == "full":
+        return "equal token length, every position aligned"
+    if d.alignment == "right":
+        return f"right-aligned, {d.n_aligned_positions} shared suffix positions"
+    n_full = sum(1 for c in r.components if c.n_pairs is not None and c.n_pairs < d.n_used)
+    return (f"mixed: {len(r.components) - n_full} component(s) at the last {d.n_aligned_positions} right-aligned "
+            f"position(s) use all {d.n_used} pairs; {n_full} all-position component(s) use the {d.n_full_pairs} "
+            "pairs of equal token length")
+
+
 def _ci(rate: Rate) -> str:
     return f"[{_pct(rate.ci_low)}, {_pct(rate.ci_high)}]"
 
@@ -117,8 +130,7 @@ def render_markdown(report: AuditReport, top_k: int = 15) -> str:
         f"{r.model.n_kv_heads} KV heads, {r.model.n_params:,} parameters, {r.model.dtype} on {r.model.device})",
         f"- Dataset: `{r.dataset.path}` split `{r.dataset.split}`: {r.dataset.n_pairs} pairs, "
         f"{r.dataset.n_used} used for patching ("
-        + ("equal token length, every position aligned" if r.dataset.alignment == "full"
-           else f"right-aligned, {r.dataset.n_aligned_positions} shared suffix positions")
+        + _alignment_words(r)
         + "); no pair is ever dropped for its score",
         f"- Direction: **{r.direction}** ("
         + ("benign run, harmful activation patched in: sufficiency" if r.direction == "denoise"
@@ -136,6 +148,9 @@ def render_markdown(report: AuditReport, top_k: int = 15) -> str:
     ]
     if r.gap_all_pairs is not None and r.gap_all_pairs.n_pairs != r.gap.n_pairs:
         lines.append(f"- Gap over all {r.gap_all_pairs.n_pairs} scored pairs: {_gap_words(r.gap_all_pairs, level)}")
+    if r.gap_equal_length is not None:
+        lines.append(f"- Gap over the {r.gap_equal_length.n_pairs} equal-length pairs (all-position components): "
+                     f"{_gap_words(r.gap_equal_length, level)}")
     if r.shares_reason:
         lines.append(f"- Shares: {'defined' if r.shares_defined else '**undefined**'} — {r.shares_reason}")
     if ranked:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from refusal_eval.errors import ReportError
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 
 
 class _Model(BaseModel):
@@ -48,10 +48,14 @@ class DatasetInfo(_Model):
     n_used: int = Field(description="pairs used for patching")
     exclusions: list[Exclusion]
     exclusion_counts: dict[str, int]
-    alignment: Literal["full", "right"] = Field(
-        description="full: equal-length pairs, every position aligned; right: right-aligned on the shared suffix"
+    alignment: Literal["full", "right", "mixed"] = Field(
+        description="full: equal-length pairs, every position aligned; right: right-aligned on the shared suffix; "
+        "mixed: every pair right-aligned at the shared suffix and last positions, all-position patches on the "
+        "equal-length pairs only (see each component's n_pairs)"
     )
     n_aligned_positions: int = Field(description="positions (from the end) patchable on every used pair")
+    n_full_pairs: int | None = Field(
+        None, description="mixed alignment: used pairs with sides of equal token length (all-position patches)")
     tricky_path: str | None = None
     tricky_sha256: str | None = None
     n_tricky: int = 0
@@ -174,7 +178,10 @@ class ComponentResult(_Model):
     noise_floor: float | None = Field(None, description="largest |score change| of an identity patch")
     within_noise: bool | None = Field(None, description="it moves the score, but no pair by more than the noise floor")
     trivial: str | None = Field(None, description="why the patch is the run's whole input or output by construction")
-    effects: list[float] = Field(description="per used pair: signed change in refusal score, same order as pairs")
+    effects: list[float | None] = Field(
+        description="per used pair: signed change in refusal score, same order as pairs; null where the component "
+        "was not patched on that pair (mixed alignment: all-position patches need sides of equal token length)")
+    n_pairs: int | None = Field(None, description="pairs this component was patched on")
     approximate: bool = Field(False, description="estimated by attribution patching, not patched exactly")
 
 
@@ -292,7 +299,7 @@ class Environment(_Model):
 class AuditReport(_Model):
     """One model's refusal audit."""
 
-    schema_version: Literal["1.0", "1.1"] = SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2"] = SCHEMA_VERSION
     created: str
     command: str
     config: dict
@@ -305,6 +312,9 @@ class AuditReport(_Model):
     behaviour: Behaviour
     gap: Gap = Field(description="over the patched pairs: the shares' denominator")
     gap_all_pairs: Gap | None = Field(None, description="over every scored pair, patchable or not")
+    gap_equal_length: Gap | None = Field(
+        None, description="mixed alignment: over the equal-length pairs the all-position components use; their "
+        "shares are undefined unless it is separated")
     shares_defined: bool | None = None
     shares_reason: str | None = Field(None, description="why shares are (un)defined, in words")
     stats: StatsInfo
