@@ -31,7 +31,7 @@ from refusal_eval.data.formats import PRESET_HUB_IDS, ColumnMap, load_pair_sourc
 from refusal_eval.data.pairs import PromptPair, file_sha256, load_pairs, select_split, shipped_dataset
 from refusal_eval.errors import DataError, MetricError
 from refusal_eval.metrics import TokenSets, canonical_token_sets, derive_token_sets, is_refusal, refusal_score
-from refusal_eval.models.loading import LoadedModel, load_model
+from refusal_eval.models.loading import LoadedModel, check_device, load_model
 from refusal_eval.patching.attribution import attribute
 from refusal_eval.patching.components import Component, components_at
 from refusal_eval.patching.exact import PairBatch, PatchEngine, build_pair_batch, noise_floor
@@ -253,6 +253,25 @@ class Analysis:
         return 0 if self.significant is None else int(self.significant.sum())
 
 
+def check_prompt_lengths(loaded: LoadedModel, inputs: Inputs, config: AuditConfig) -> None:
+    """DataError naming the pair when a chat-formatted prompt plus the reply would not fit the model's context
+    (``max_position_embeddings``/``n_positions``); checked before any forward pass."""
+    cfg = loaded.model.config
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if not limit:
+        return
+    room = int(limit) - config.max_new_tokens
+    for what, pairs in (("pair", inputs.pairs), ("tricky pair", inputs.tricky),
+                        ("calibration pair", inputs.calibration)):
+        for pair in pairs:
+            for side in ("harmful", "benign"):
+                n = len(format_prompt(loaded.tokenizer, getattr(pair, side)))
+                if n > room:
+                    raise DataError(f"{what} {pair.id}: the {side} prompt is {n} tokens with the chat template; "
+                                    f"with {config.max_new_tokens} reply tokens it exceeds the model's context of "
+                                    f"{limit} positions. Shorten it or leave the pair out")
+
+
 def behaviour_stage(loaded: LoadedModel, inputs: Inputs, config: AuditConfig, progress: bool):
     """Greedy replies to both sides of every scored pair (and the tricky set): rates with Wilson intervals,
     and the behaviour gate: harmful refusal's interval lies wholly above benign over-refusal's."""
@@ -294,6 +313,11 @@ def token_set_stage(loaded: LoadedModel, inputs: Inputs, config: AuditConfig, pr
                                      progress=progress)
     sets = derive_token_sets(firsts, [is_refusal(r) for r in replies], tok, where=inputs.calibration_note)
     return sets
+
+
+# A component whose every effect is below this fraction of the mean |gap| is numerically zero: it stays out of the
+# family-wise (max-t) quantile, where its studentised rounding noise would move every other band.
+NUMERIC_ZERO = 1e-6
 
 
 def _side_scores(engine: PatchEngine, seqs: list[list[int]], pad_id: int) -> list[float]:
@@ -426,6 +450,7 @@ def analyse(
     """Run the model-touching stages (behaviour, token sets, scores, gap, effects, statistics) on one model."""
     tok = loaded.tokenizer
     torch.manual_seed(config.seed)
+    check_prompt_lengths(loaded, inputs, config)
     harmful_ids, benign_ids, replies, refused, behaviour = behaviour_stage(loaded, inputs, config, progress)
     token_sets = token_set_stage(loaded, inputs, config, progress)
     warnings = list(token_sets.warnings)
@@ -527,11 +552,16 @@ def analyse(
     permutation = sign_flip_test(np.nan_to_num(effects, nan=0.0), config.n_permutations, config.seed)
     intervals = significant = None
     if shares_defined:
-        intervals = share_intervals(effects, gaps, config.ci_level, config.n_boot, config.ci_method, config.seed)
+        largest = np.nanmax(np.abs(effects), axis=1)
+        numeric_zero = largest <= NUMERIC_ZERO * np.abs(gaps).mean()
+        if floor is not None:
+            numeric_zero |= largest <= floor
+        intervals = share_intervals(effects, gaps, config.ci_level, config.n_boot, config.ci_method, config.seed,
+                                    outside_family=numeric_zero)
         alpha = 1 - config.ci_level
         significant = ((intervals.fw_low > 0) | (intervals.fw_high < 0)) & (permutation.p_familywise < alpha)
         if floor is not None:
-            significant &= np.nanmax(np.abs(effects), axis=1) > floor
+            significant &= largest > floor
         if gap_full is not None and gap_full.verdict != "separated":
             for values in (intervals.estimate, intervals.low, intervals.high, intervals.fw_low, intervals.fw_high):
                 values[on_full] = np.nan
@@ -691,6 +721,7 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
     started = time.perf_counter()
     if config.device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    check_device(config.device)
     inputs = load_inputs(config)
     log.info("loading model %s", config.model or "tiny-refuser")
     loaded = load_model(config.model, dtype=config.dtype, device=config.device, adapter=config.adapter)

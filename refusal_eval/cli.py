@@ -7,7 +7,9 @@ import json
 import logging
 import math
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -16,6 +18,7 @@ from refusal_eval import __version__
 from refusal_eval.errors import RefusalEvalError
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERNAL, EXIT_INTERNAL_GATE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 3, 130, 143
 
 
 def _csv(value: str) -> list[str]:
@@ -37,6 +40,7 @@ def _batch_rows(value: str) -> int | str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refusal-eval", description="Find where a model's refusal lives.")
     parser.add_argument("--version", action="version", version=f"refusal-eval {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="audit a model on harmful/benign pairs and write JSON + Markdown reports")
@@ -130,7 +134,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
-    from refusal_eval.audit import audit
     from refusal_eval.config import AuditConfig
     from refusal_eval.errors import ConfigError
     from refusal_eval.models.loading import resolve_model_spec
@@ -139,8 +142,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    from refusal_eval.report.markdown import summary_lines
-    from refusal_eval.report.writers import write_reports
+    from refusal_eval.models.loading import check_device
+    from refusal_eval.report.writers import output_lock
 
     models = args.model or [None]
     adapters = [None if a in (None, "", "none") else a for a in (args.adapter or [])]
@@ -177,6 +180,16 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         options["positions"] = args.positions
     # validate every option before the first audit
     configs = [AuditConfig(model=m, adapter=a, **options) for m, a in zip(models, adapters, strict=True)]
+    check_device(configs[0].device)
+    with output_lock(args.out):
+        return _run_audits(configs, args, argv)
+
+
+def _run_audits(configs, args: argparse.Namespace, argv: list[str]) -> int:
+    from refusal_eval.audit import audit
+    from refusal_eval.report.markdown import summary_lines
+    from refusal_eval.report.writers import write_reports
+
     command = shlex.join(["refusal-eval", *argv])
     reports = []
     for config in configs:
@@ -226,11 +239,27 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
     return compare_command(args, argv)
 
 
+def _terminate(signum, frame):
+    raise _Terminated(signum)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that locks and temporary files are cleaned up on the way out."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``refusal-eval`` command; returns the exit code."""
+    """Entry point of the ``refusal-eval`` command; returns the exit code.
+
+    Expected failures (bad input) print one ``error:`` line and return 2; an unexpected exception prints one line
+    with a hint to rerun with ``--debug`` (which shows the traceback) and returns 1 (3 for the gate, whose 1 means
+    "a rule failed"); Ctrl-C returns 130 and SIGTERM 143, after the output lock is released.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         return int(args.handler(args, argv))
     except RefusalEvalError as exc:
@@ -240,6 +269,26 @@ def main(argv: list[str] | None = None) -> int:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         print(f"error: invalid option: {problems}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C); earlier reports are unchanged", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _Terminated:
+        print("terminated (SIGTERM); earlier reports are unchanged", file=sys.stderr)
+        return EXIT_TERMINATED
+    except Exception as exc:
+        if debug:
+            raise
+        where = f" in 'refusal-eval {args.command}'" if getattr(args, "command", None) else ""
+        print(f"error: unexpected {type(exc).__name__}{where}: {exc}. Rerun with --debug for the traceback, and "
+              "please report it", file=sys.stderr)
+        return EXIT_INTERNAL_GATE if getattr(args, "command", None) == "gate" else EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats as sps
 
 from refusal_eval.report.schema import AuditReport, Gap, Rate
+from refusal_eval.report.writers import write_files
 from refusal_eval.stats import _counts, _max_t_band, mean_interval, wilson_interval
 
 COMPARISON_SCHEMA_VERSION = "1.0"
@@ -672,10 +673,8 @@ def render_comparison_markdown(c: ComparisonReport, top_k: int = 15) -> str:
 def write_comparison(c: ComparisonReport, out_dir: str | Path) -> tuple[Path, Path]:
     """Write comparison.json and comparison.md under out_dir and return their paths."""
     folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     json_path, md_path = folder / "comparison.json", folder / "comparison.md"
-    json_path.write_text(c.model_dump_json(indent=1) + "\n", encoding="utf-8")
-    md_path.write_text(render_comparison_markdown(c), encoding="utf-8")
+    write_files({json_path: c.model_dump_json(indent=1) + "\n", md_path: render_comparison_markdown(c)})
     return json_path, md_path
 
 
@@ -709,9 +708,18 @@ def compare_command(args: argparse.Namespace, argv: list[str]) -> int:
     """Handler of ``refusal-eval compare A.json B.json``."""
     import sys
 
+    from refusal_eval.errors import ConfigError
     from refusal_eval.report.schema import load_report
+    from refusal_eval.report.writers import check_writable
 
+    if args.n_boot < 100:
+        raise ConfigError(f"--n-boot {args.n_boot}: use at least 100 bootstrap resamples (2000 is the default)")
+    if not 0.5 < args.ci_level < 1:
+        raise ConfigError(f"--ci-level {args.ci_level}: give a level between 0.5 and 1, e.g. 0.95")
+    if args.seed < 0:
+        raise ConfigError(f"--seed {args.seed}: seeds are integers >= 0")
     a, b = load_report(args.report_a), load_report(args.report_b)
+    check_writable(args.out or "reports", "--out")
     c = compare_reports(a, b, n_boot=args.n_boot, level=args.ci_level, method=args.ci_method, seed=args.seed,
                         command=shlex.join(["refusal-eval", *argv]))
     json_path, md_path = write_comparison(c, args.out or default_comparison_dir(c))

@@ -79,7 +79,7 @@ class AuditConfig(BaseModel):
     n_boot: int = Field(2000, ge=100)
     ci_level: float = Field(0.95, gt=0.5, lt=1.0)
     ci_method: Literal["BCa", "percentile", "basic"] = "BCa"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     max_new_tokens: int = Field(24, ge=1)
     batch_rows: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="rows (pairs x patched variants) per forward pass; 'auto' sizes them from free memory"

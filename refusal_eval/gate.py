@@ -50,7 +50,7 @@ class GateError(RefusalEvalError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a threshold of nan or inf is a typo
 
 
 class BehaviourRules(_Strict):

@@ -66,6 +66,7 @@ def share_intervals(
     method: str = "BCa",
     seed: int = 0,
     expand: bool = True,
+    outside_family: np.ndarray | None = None,
 ) -> Interval:
     """Bootstrap (over pairs) CIs for ratio-of-sums shares of many components at once.
 
@@ -75,6 +76,11 @@ def share_intervals(
     level passed to scipy is :func:`expanded_level` (small-sample correction; see benchmarks/coverage.py).
     NaN effects mark pairs a component was not patched on (see :func:`ratio_of_sums`); each component's
     resampled share then sums only its own pairs' effects and gaps, and ``expand`` uses the fewest pairs.
+
+    Every interval holds its estimate, and the family-wise band ``fw_low``/``fw_high`` (max-t over the
+    components) always holds the marginal interval: a simultaneous band is never narrower. Components flagged in
+    ``outside_family`` (numerically zero effects, whose studentised resamples are rounding noise) stay out of the
+    max-t quantile so they cannot move the other components' bands; their band is their marginal interval.
     """
     effects = np.atleast_2d(np.asarray(effects, dtype=np.float64))
     gaps = np.asarray(gaps, dtype=np.float64)
@@ -127,7 +133,16 @@ def share_intervals(
             lo[bad] = np.quantile(dist, tail, axis=-1)
             hi[bad] = np.quantile(dist, 1 - tail, axis=-1)
         low[todo], high[todo] = lo, hi
-        fw_low[todo], fw_high[todo] = _max_t_band(estimate[todo], np.atleast_2d(result.bootstrap_distribution), level)
+        dist = np.atleast_2d(result.bootstrap_distribution)
+        family = np.ones(todo.size, dtype=bool) if outside_family is None else ~np.asarray(outside_family)[todo]
+        if family.any():
+            fw_low[todo[family]], fw_high[todo[family]] = _max_t_band(estimate[todo[family]], dist[family], level)
+        fw_low[todo[~family]], fw_high[todo[~family]] = low[todo[~family]], high[todo[~family]]
+    defined = np.isfinite(low) & np.isfinite(high)
+    low[defined] = np.minimum(low[defined], estimate[defined])
+    high[defined] = np.maximum(high[defined], estimate[defined])
+    fw_low[defined] = np.minimum(fw_low[defined], low[defined])
+    fw_high[defined] = np.maximum(fw_high[defined], high[defined])
     return Interval(estimate, low, high, fw_low, fw_high)
 
 

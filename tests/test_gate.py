@@ -237,7 +237,10 @@ def test_undefined_shares_fail_share_rules_with_the_reason(report):
 
 
 def raised(report: AuditReport, ids: set[str], by: float) -> AuditReport:
-    comps = [c.model_copy(update={"share": c.share + by}) if c.id in ids else c for c in report.components]
+    """The report with these components' shares and intervals moved up by ``by`` (a baseline that was better)."""
+    keys = ("share", "ci_low", "ci_high", "fw_low", "fw_high")
+    comps = [c.model_copy(update={k: getattr(c, k) + by for k in keys}) if c.id in ids else c
+             for c in report.components]
     return report.model_copy(update={"components": comps})
 
 

@@ -90,16 +90,59 @@ def _merge_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
         raise ModelError(f"could not apply adapter {folder} to this model: {exc}") from exc
 
 
+HUB_PREFIX = "hub:"
+
+
+def looks_local(spec: str) -> bool:
+    """A --model value meant as a local path: absolute, ./ ../ ~, a .gguf/.safetensors file, more than two
+    path parts, or a first part that exists here (``models/nope`` when ``models/`` exists)."""
+    if spec.startswith(("/", "./", "../", "~", ".\\")) or spec in (".", ".."):
+        return True
+    path = Path(spec)
+    if path.suffix in (".gguf", ".safetensors", ".bin"):
+        return True
+    parts = [p for p in spec.replace("\\", "/").split("/") if p]
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).exists())
+
+
 def resolve_model_spec(spec: str | None) -> tuple[str, str]:
-    """Map a --model value to (display name, source); None means the shipped tiny refuser."""
+    """Map a --model value to (display name, source); None means the shipped tiny refuser.
+
+    A value that looks local (:func:`looks_local`) must exist: it is never looked up on the hub, where a missing
+    checkpoint folder could match a stranger's repository. Hub ids are ``org/name`` (whose ``org`` is not a local
+    folder) or any id written ``hub:org/name``."""
     if spec is None or spec == SHIPPED_MODEL:
         return SHIPPED_MODEL, str(shipped_model_path())
-    path = Path(spec)
+    if spec.startswith(HUB_PREFIX):
+        hub_id = spec[len(HUB_PREFIX):]
+        return hub_id.rstrip("/").split("/")[-1], hub_id
+    path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         return path.stem, str(path)
     if path.exists():
         return path.resolve().name, str(path)
+    if looks_local(spec):
+        raise ModelError(f"--model {spec}: no such file or folder. A local path is never looked up on the hub; "
+                         f"check the path, or write {HUB_PREFIX}ORG/NAME for a hub model")
     return spec.rstrip("/").split("/")[-1], spec
+
+
+def check_device(device: str) -> None:
+    """ModelError, before any work, for a device torch does not know or that this machine does not have."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ModelError(f"--device {device}: not a device torch knows (use cpu, cuda, cuda:N or mps)") from exc
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {device}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ModelError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"--device {device}: unsupported device type '{parsed.type}' (use cpu, cuda or mps)")
 
 
 def load_model(

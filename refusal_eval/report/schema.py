@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from refusal_eval.errors import ReportError
 
@@ -14,7 +15,18 @@ SCHEMA_VERSION = "1.2"
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN and Infinity are never valid numbers
+
+
+_SLACK = 1e-9  # rounding slack when checking that an interval holds its estimate
+
+
+def _ordered(low: float | None, mid: float | None, high: float | None, what: str) -> None:
+    """ValueError unless low <= mid <= high (each pair checked where both ends are given)."""
+    values = [(n, v) for n, v in (("low", low), ("estimate", mid), ("high", high)) if v is not None]
+    for (n1, v1), (n2, v2) in pairwise(values):
+        if v1 > v2 + _SLACK * max(1.0, abs(v1), abs(v2)):
+            raise ValueError(f"{what}: {n1} {v1} is above {n2} {v2}; an interval must hold its estimate")
 
 
 class ModelInfo(_Model):
@@ -95,6 +107,16 @@ class Rate(_Model):
     ci_high: float | None
     method: str = "wilson"
 
+    @model_validator(mode="after")
+    def _interval(self):
+        if not 0 <= self.successes <= self.total:
+            raise ValueError(f"successes {self.successes} must lie between 0 and total {self.total}")
+        _ordered(self.ci_low, self.rate, self.ci_high, "rate")
+        for v in (self.rate, self.ci_low, self.ci_high):
+            if v is not None and not 0 <= v <= 1:
+                raise ValueError(f"rate bound {v} is not a proportion in [0, 1]")
+        return self
+
 
 class Behaviour(_Model):
     harmful_refusal: Rate = Field(description="eval harmful prompts whose greedy reply is a refusal")
@@ -130,7 +152,13 @@ class Gap(_Model):
         "wholly below 0 (harmful prompts score lower than benign ones)"
     )
     n_pairs: int | None = None
-    p_permutation: float | None = Field(None, description="two-sided sign-flip permutation p-value of the mean gap")
+    p_permutation: float | None = Field(None, description="two-sided sign-flip permutation p-value of the mean gap",
+                                        ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _interval(self):
+        _ordered(self.ci_low, self.mean, self.ci_high, "gap")
+        return self
 
 
 class PairResult(_Model):
@@ -183,6 +211,12 @@ class ComponentResult(_Model):
         "was not patched on that pair (mixed alignment: all-position patches need sides of equal token length)")
     n_pairs: int | None = Field(None, description="pairs this component was patched on")
     approximate: bool = Field(False, description="estimated by attribution patching, not patched exactly")
+
+    @model_validator(mode="after")
+    def _intervals(self):
+        _ordered(self.ci_low, self.share, self.ci_high, f"{self.id} share CI")
+        _ordered(self.fw_low, self.share, self.fw_high, f"{self.id} family-wise band")
+        return self
 
 
 class CategoryShare(_Model):
@@ -338,7 +372,10 @@ class AuditReport(_Model):
         raise KeyError(component_id)
 
     def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(self.model_dump_json(indent=1) + "\n", encoding="utf-8")
+        """Write the report's JSON atomically (whole or not at all)."""
+        from refusal_eval.report.writers import write_files
+
+        write_files({Path(path): self.model_dump_json(indent=1) + "\n"})
 
 
 def report_json_schema() -> dict:
@@ -351,10 +388,17 @@ def report_json_schema() -> dict:
 def load_report(path: str | Path) -> AuditReport:
     """Read and validate a report JSON; ReportError names the file and the failing fields."""
     path = Path(path)
+    if path.is_dir():
+        raise ReportError(f"{path}: is a folder; give the report.json inside it")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ReportError(f"{path}: no such report file") from exc
+    except UnicodeDecodeError as exc:
+        raise ReportError(f"{path}: not UTF-8 text (byte {exc.start}); a report is the report.json a run "
+                          "wrote") from exc
+    except OSError as exc:
+        raise ReportError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
     except json.JSONDecodeError as exc:
         raise ReportError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
     try:
