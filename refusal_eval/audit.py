@@ -667,7 +667,7 @@ def _component_results(a: Analysis) -> list[rs.ComponentResult]:
             share=float(iv.estimate[k]) if defined else None,
             ci_low=_finite(iv.low[k]) if defined else None, ci_high=_finite(iv.high[k]) if defined else None,
             fw_low=_finite(iv.fw_low[k]) if defined else None, fw_high=_finite(iv.fw_high[k]) if defined else None,
-            significant=bool(a.significant[k]) if a.significant is not None else None,
+            significant=bool(a.significant[k]) if a.significant is not None and defined else None,
             p_permutation=float(perm.p[k]), p_permutation_fw=float(perm.p_familywise[k]),
             noise_floor=None if floor is None else float(floor[k]),
             within_noise=None if floor is None else bool(0 < largest[k] <= floor[k]),

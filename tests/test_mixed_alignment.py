@@ -147,3 +147,28 @@ def test_each_position_before_the_shared_suffix_uses_equal_pairs_only(mixed_file
         inside = c.position >= -d.n_aligned_positions
         assert c.n_pairs == (d.n_used if inside else N_EQUAL), c.id
     assert {c.n_pairs for c in report.components} == {d.n_used, N_EQUAL}
+
+
+def test_all_position_shares_are_undefined_when_their_pairs_do_not_separate(tmp_path):
+    """Equal-length pairs that differ only in punctuation (no harmful word: gap ~ 0) and unequal real pairs: the
+    last-position shares stand, the all-position ones are undefined, and the report says why."""
+    rows = [json.loads(line) for line in open(shipped_dataset())]
+    rows = [r for r in rows if r["split"] == "eval"][:24]
+    for r in rows[:6]:
+        body = r["benign"].rstrip("?.!")
+        r["harmful"], r["benign"] = body + "?", body + "."
+    for r in rows[6:]:
+        r["benign"] = r["benign"].rstrip("?.!") + " please?"
+    path = tmp_path / "flat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = audit(_config(path), progress=False)
+    assert report.dataset.alignment == "mixed" and report.dataset.n_full_pairs == 6
+    assert report.gap_equal_length.verdict != "separated"
+    assert report.shares_defined
+    for c in report.components:
+        if c.position is None:
+            assert c.share is None and c.significant is None and c.fw_low is None
+        else:
+            assert c.share is not None and c.significant is not None
+    assert any(w.startswith(f"UNDEFINED SHARES for the {sum(c.position is None for c in report.components)} "
+                            "all-position component(s)") for w in report.warnings)
