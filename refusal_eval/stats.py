@@ -25,6 +25,10 @@ class Interval:
     fw_high: np.ndarray | None = None
 
 
+# Largest resample batch, in count-matrix entries (resamples x pairs): 2**24 float64s = 128 MiB.
+_BATCH_ELEMENTS = 2**24
+
+
 def _counts(indices: np.ndarray, n: int) -> np.ndarray:
     """Resample index arrays [..., m] -> how often each pair was drawn [..., n] (float64)."""
     flat = indices.reshape(-1, indices.shape[-1])
@@ -107,8 +111,17 @@ def share_intervals(
         sub = effects[todo]
         sub_gaps = (patched[todo] * gaps).T if masked else gaps  # [n, C] per-component gap columns, or [n]
 
+        sum_e, sum_g = sub.sum(axis=1), (sub_gaps.sum(axis=0) if masked else gaps.sum())
+
         def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
-            w = _counts(np.asarray(idx), n)  # [..., n]
+            idx = np.asarray(idx)
+            if idx.shape[-1] == n - 1:
+                # scipy's BCa jackknife: every pair but one. Closed form (S - e_i) / (G - g_i), O(n C) in all,
+                # instead of n count vectors of length n (O(n^2 C) time, n^2 memory).
+                out = n * (n - 1) // 2 - idx.sum(axis=-1)  # the left-out pair of each row
+                left = sub_gaps[out] if masked else gaps[out][..., None]
+                return np.moveaxis((sum_e - sub.T[out]) / (sum_g - left), -1, 0)
+            w = _counts(idx, n)  # [..., n]
             denominator = (w @ sub_gaps) if masked else (w @ gaps)[..., None]
             return np.moveaxis((w @ sub.T) / denominator, -1, 0)
 
@@ -118,7 +131,7 @@ def share_intervals(
                 (np.arange(n),),
                 statistic,
                 n_resamples=n_resamples,
-                batch=max(1, min(n_resamples, 2_000_000 // max(1, todo.size))),
+                batch=max(1, min(n_resamples, 2_000_000 // max(1, todo.size), _BATCH_ELEMENTS // n)),
                 vectorized=True,
                 confidence_level=level_asked,
                 method=method,
@@ -165,18 +178,16 @@ def _max_t_band(estimate: np.ndarray, dist: np.ndarray, level: float) -> tuple[n
 def mean_interval(
     values: np.ndarray, level: float = 0.95, n_resamples: int = 2000, method: str = "BCa", seed: int = 0
 ) -> Interval:
-    """Bootstrap CI of the mean of per-pair values (used for the harmful-benign gap)."""
+    """Bootstrap CI of the mean of per-pair values (used for the harmful-benign gap).
+
+    The mean is the ratio of sums sum(v) / sum(1), so this is :func:`share_intervals` with unit denominators (the
+    same resamples as ``scipy.stats.bootstrap((values,), np.mean)``, with its jackknife in closed form)."""
     values = np.asarray(values, dtype=np.float64)
     estimate = np.asarray(values.mean())
     if values.size < 2 or np.all(values == values[0]):
         return Interval(estimate, estimate.copy(), estimate.copy())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = stats.bootstrap(
-            (values,), np.mean, n_resamples=n_resamples, confidence_level=level, method=method,
-            rng=np.random.default_rng(seed),
-        )
-    return Interval(estimate, np.asarray(result.confidence_interval.low), np.asarray(result.confidence_interval.high))
+    iv = share_intervals(values[None, :], np.ones(values.size), level, n_resamples, method, seed, expand=False)
+    return Interval(estimate, np.asarray(iv.low[0]), np.asarray(iv.high[0]))
 
 
 def wilson_interval(successes: int, total: int, level: float = 0.95) -> tuple[float, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from scipy import stats
 
 from refusal_eval.stats import expanded_level, mean_interval, ratio_of_sums, share_intervals, wilson_interval
@@ -104,3 +105,26 @@ def test_wilson_closed_form():
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     low, high = wilson_interval(k, n)
     assert math.isclose(low, centre - half, rel_tol=1e-9) and math.isclose(high, centre + half, rel_tol=1e-9)
+
+
+def test_closed_form_jackknife_gives_scipys_bca_interval():
+    """share_intervals computes BCa's jackknife in closed form; scipy.stats.bootstrap with a plain ratio-of-sums
+    statistic (its own jackknife) on the same resamples gives the same intervals, and mean_interval equals
+    scipy's bootstrap of np.mean."""
+    rng = np.random.default_rng(7)
+    n = 23
+    gaps = rng.gamma(3, 0.7, n)
+    effects = 0.4 * gaps + rng.normal(0, 0.6, (3, n))
+    fast = share_intervals(effects, gaps, n_resamples=999, seed=5, expand=False)
+    for c in range(3):
+        ref = stats.bootstrap((effects[c], gaps), lambda e, g, axis=-1: e.sum(axis) / g.sum(axis), paired=True,
+                            vectorized=True, n_resamples=999, confidence_level=0.95, method="BCa",
+                            rng=np.random.default_rng(5))
+        assert fast.low[c] == pytest.approx(ref.confidence_interval.low, rel=1e-9)
+        assert fast.high[c] == pytest.approx(ref.confidence_interval.high, rel=1e-9)
+    values = rng.normal(1.0, 2.0, 40)
+    ours = mean_interval(values, 0.9, 1500, "BCa", 3)
+    ref = stats.bootstrap((values,), np.mean, n_resamples=1500, confidence_level=0.9, method="BCa",
+                        rng=np.random.default_rng(3))
+    assert float(ours.low) == pytest.approx(ref.confidence_interval.low, rel=1e-9)
+    assert float(ours.high) == pytest.approx(ref.confidence_interval.high, rel=1e-9)
