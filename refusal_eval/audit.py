@@ -36,6 +36,7 @@ from refusal_eval.patching.attribution import attribute
 from refusal_eval.patching.components import Component, components_at
 from refusal_eval.patching.exact import PairBatch, PatchEngine, build_pair_batch, noise_floor
 from refusal_eval.report import schema as rs
+from refusal_eval.resume import ResultsLog
 from refusal_eval.stats import (
     Interval,
     PermutationResult,
@@ -445,9 +446,11 @@ def effects_stage(engine: PatchEngine, batch: PairBatch, components: list[Compon
 
 
 def analyse(
-    loaded: LoadedModel, inputs: Inputs, config: AuditConfig, progress: bool = True, noise: bool | None = None
+    loaded: LoadedModel, inputs: Inputs, config: AuditConfig, progress: bool = True, noise: bool | None = None,
+    checkpoint: ResultsLog | None = None,
 ) -> Analysis:
-    """Run the model-touching stages (behaviour, token sets, scores, gap, effects, statistics) on one model."""
+    """Run the model-touching stages (behaviour, token sets, scores, gap, effects, statistics) on one model;
+    ``checkpoint`` keeps (and on resume supplies) the patching engine's finished chunks."""
     tok = loaded.tokenizer
     torch.manual_seed(config.seed)
     check_prompt_lengths(loaded, inputs, config)
@@ -460,6 +463,7 @@ def analyse(
         return refusal_score(logits, ref_ids.to(logits.device), com_ids.to(logits.device), config.metric)
 
     engine = PatchEngine(loaded, score_fn, max_rows=config.batch_rows, progress=progress)
+    engine.checkpoint = checkpoint
     pairs = inputs.pairs
     m_h, m_b = _side_scores(engine, harmful_ids, tok.pad_token_id), _side_scores(engine, benign_ids, tok.pad_token_id)
     for value, pair in zip(m_h + m_b, pairs + pairs, strict=True):
@@ -715,8 +719,13 @@ def _heterogeneity(a: Analysis, results: list[rs.ComponentResult], config: Audit
     return out
 
 
-def audit(config: AuditConfig | None = None, command: str = "", progress: bool = True) -> rs.AuditReport:
-    """Run a complete refusal audit and return the validated report (nothing is written)."""
+def audit(config: AuditConfig | None = None, command: str = "", progress: bool = True,
+          partial: str | Path | None = None, resume: bool = False) -> rs.AuditReport:
+    """Run a complete refusal audit and return the validated report (the report itself is not written).
+
+    With ``partial`` (a ``partial.jsonl`` path), every finished chunk of patching is appended there as it is done
+    (:class:`refusal_eval.resume.ResultsLog`); with ``resume`` the chunks already there are reused after the
+    file's header (version, weights, dataset, options) is checked against this run."""
     config = config or AuditConfig()
     started = time.perf_counter()
     if config.device.startswith("cuda") and torch.cuda.is_available():
@@ -725,8 +734,20 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
     inputs = load_inputs(config)
     log.info("loading model %s", config.model or "tiny-refuser")
     loaded = load_model(config.model, dtype=config.dtype, device=config.device, adapter=config.adapter)
-    analysis = analyse(loaded, inputs, config, progress=progress)
-    return build_report(analysis, inputs, config, command, started, progress)
+    results_log = None
+    if partial is not None:
+        header = {"refusal_eval": __version__, "model": loaded.name, "weights_sha256": loaded.weights_sha256(),
+                  "dataset_sha256": inputs.fingerprint, "config": config.model_dump()}
+        results_log = ResultsLog(partial, header, resume)
+    try:
+        analysis = analyse(loaded, inputs, config, progress=progress, checkpoint=results_log)
+        report = build_report(analysis, inputs, config, command, started, progress)
+    finally:
+        if results_log is not None:
+            results_log.close()
+    if results_log is not None and results_log.reused:
+        log.warning("resumed: %d finished chunk(s) of patching read from %s", results_log.reused, partial)
+    return report
 
 
 def build_report(a: Analysis, inputs: Inputs, config: AuditConfig, command: str, started: float,

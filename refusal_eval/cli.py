@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tricky", help="tricky-benign pair JSONL for over-refusal ('' to skip)")
     run.add_argument("--split", choices=["eval", "train", "all"], default="eval")
     run.add_argument("--out", default="reports", help="output folder; reports go to OUT/<model>/ (default: reports)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run from OUT/<model>/partial.jsonl (same model, data and options)")
     run.add_argument("--components", type=_csv, default=None,
                      help="comma-separated kinds: resid_pre,attn_out,mlp_out,head,resid_post "
                      "(default: resid_pre,attn_out,mlp_out,head)")
@@ -182,20 +184,23 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     configs = [AuditConfig(model=m, adapter=a, **options) for m, a in zip(models, adapters, strict=True)]
     check_device(configs[0].device)
     with output_lock(args.out):
-        return _run_audits(configs, args, argv)
+        return _run_audits(configs, names, args, argv)
 
 
-def _run_audits(configs, args: argparse.Namespace, argv: list[str]) -> int:
+def _run_audits(configs, names: list[str], args: argparse.Namespace, argv: list[str]) -> int:
     from refusal_eval.audit import audit
     from refusal_eval.report.markdown import summary_lines
     from refusal_eval.report.writers import write_reports
+    from refusal_eval.resume import PARTIAL_NAME
 
     command = shlex.join(["refusal-eval", *argv])
     reports = []
-    for config in configs:
-        report = audit(config, command=command, progress=not args.quiet)
+    for config, name in zip(configs, names, strict=True):
+        partial = Path(args.out) / name / PARTIAL_NAME
+        report = audit(config, command=command, progress=not args.quiet, partial=partial, resume=args.resume)
         reports.append(report)
         json_path, md_path = write_reports(report, args.out)
+        partial.unlink(missing_ok=True)
         print(f"{report.model.name}: " if len(configs) > 1 else "", end="")
         print("\n".join(summary_lines(report)))
         for warning in report.warnings:

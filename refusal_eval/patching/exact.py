@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from refusal_eval.models.loading import LoadedModel
 from refusal_eval.patching.components import Component
+from refusal_eval.resume import chunk_key
 
 Point = tuple[str, int]
 
@@ -240,6 +241,8 @@ class PatchEngine:
         self._attribution_prefix: bool | None = None if prefix_reuse else False
         # what the patched forwards computed: decoder-layer applications to one token, summed
         self.work = {"patched_forwards": 0, "token_layers": 0, "batches": 0, "prefix_batches": 0, "batch_rows": 0}
+        # Optional store of finished pair chunks (``refusal_eval.resume.ResultsLog``): get(key) / put(key, values).
+        self.checkpoint = None
         self.merge_overhead = merge_overhead
         self.max_chunk_tokens = max_chunk_tokens
         # keys/values of a chunk span every column: cap rows x width as well (a multiple of the token cap)
@@ -562,71 +565,88 @@ class PatchEngine:
         pair_chunks = self._pair_chunks(batch.n_pairs, rows_per_forward)
         bar = tqdm(total=len(components) * len(pair_chunks), desc="patching", unit="component",
                    disable=not self.progress, leave=False)
+        ids = [c.id for c in components]
         for rows in pair_chunks:
-            sub = batch.select(rows)
-            target, target_mask = sub.side(harmful=direction == "noise")
-            source, source_mask = sub.side(harmful=direction == "denoise")
-            masks, first_diff = self._position_masks(target, target_mask, source, source_mask, components)
-            # A patch that touches no slot (every chosen position precedes the pair's first differing token,
-            # where both runs are identical, or lies outside the prompt) leaves the target run unchanged.
-            # Nor does a patch after the last layer's attention at a position other than the last: nothing
-            # carries it to the last position any more.
-            last = self.loaded.n_layers - 1
-            active = [k for k, c in enumerate(components) if masks[c.position].any()
-                      and not (c.layer == last and c.kind in _OUTPUTS and c.position not in (None, -1))]
-            idle = sorted(set(range(len(components))) - set(active))
-            if not active:
-                result[:, rows] = self.scores(target, target_mask)
-                bar.update(len(components))
-                continue
-            inputs, clean = self._clean_run(target, target_mask)
-            result[idle, rows] = clean
-            bar.update(len(idle))
-            # Columns before the first difference are never written (both runs agree there): not kept.
-            # (the identity patch writes the target's own activations, from its own clean full forward)
-            recorded_ids, recorded_mask = (target, target_mask) if identity else (source, source_mask)
-            source_cache = self.cache(recorded_ids, recorded_mask, points, from_col=first_diff)
-            width = sub.width
-            # A patch at one column leaves every earlier column untouched, whatever the padding: where no column
-            # is shared by all pairs (right-aligned pairs of unequal length), single-position cells still reuse
-            # the clean prefix before their own column.
-            single = [width + components[k].position for k in active if components[k].position is not None]
-            skip, prefix = self._check_replay(inputs, clean, first_diff if first_diff > 0 else min(single, default=0))
-            self.work["batches"] += 1
-            self.work["prefix_batches"] += prefix is not None
-            # Where each cell's forward can start: its layer (layer skip) and, with prefix reuse, its column
-            # (a single position) or the batch's first differing column (all positions).
-            starts = {}
-            for k in active:
-                c = components[k]
-                layer = c.layer if skip and c.kind != "embed" else -1
-                col = 0
-                if prefix is not None and layer >= 0:
-                    col = first_diff if c.position is None else width + c.position
-                starts[k] = (layer, col)
-            for ks in self._plan_chunks(active, starts, len(target), width, rows_per_forward):
-                chunk = [components[k] for k in ks]
-                layer, col0 = min(starts[k][0] for k in ks), min(starts[k][1] for k in ks)
-                transforms = self._patch_transforms(chunk, source_cache, masks, col0, first_diff)
-                v = len(chunk)
-                if layer >= 0:
-                    values = self.scores_from_layer(layer, inputs, v, transforms, col0, prefix if col0 else None)
-                else:
-                    values = self.scores(target.repeat(v, 1), target_mask.repeat(v, 1), transforms)
-                values = values.view(v, -1)
-                if identity:
-                    result[ks, rows] = values.to(result.dtype)
-                else:
-                    # A pair whose slots this cell does not touch keeps its clean score exactly (a replay of
-                    # fewer columns may round differently; unmoved pairs must read as exactly 0).
-                    touched = torch.stack([self._moves(c, masks, source_cache, inputs, first_diff) for c in chunk])
-                    touched = touched.to(values.device)
-                    result[ks, rows] = torch.where(touched, values, clean[None, :].to(values.device)).to(result.dtype)
-                self.work["patched_forwards"] += 1
-                self.work["token_layers"] += v * len(target) * (width - col0) * (self.loaded.n_layers - max(layer, 0))
-                bar.update(v)
+            key = None
+            if self.checkpoint is not None:
+                chunk_ids = batch.pair_ids[rows]
+                key = chunk_key("identity" if identity else "patch", direction, ids, chunk_ids)
+                done = self.checkpoint.get(key)
+                if done is not None and tuple(done.shape) == (len(components), len(chunk_ids)):
+                    result[:, rows] = done
+                    bar.update(len(components))
+                    continue
+            self._patch_chunk(batch, components, direction, identity, rows, points, rows_per_forward, result, bar)
+            if key is not None:
+                self.checkpoint.put(key, result[:, rows])
         bar.close()
         return result
+
+    def _patch_chunk(self, batch: PairBatch, components: Sequence[Component], direction: str, identity: bool,
+                     rows, points, rows_per_forward: int, result: torch.Tensor, bar) -> None:
+        """One chunk of pairs of :meth:`_patch`: fills ``result[:, rows]``."""
+        sub = batch.select(rows)
+        target, target_mask = sub.side(harmful=direction == "noise")
+        source, source_mask = sub.side(harmful=direction == "denoise")
+        masks, first_diff = self._position_masks(target, target_mask, source, source_mask, components)
+        # A patch that touches no slot (every chosen position precedes the pair's first differing token,
+        # where both runs are identical, or lies outside the prompt) leaves the target run unchanged.
+        # Nor does a patch after the last layer's attention at a position other than the last: nothing
+        # carries it to the last position any more.
+        last = self.loaded.n_layers - 1
+        active = [k for k, c in enumerate(components) if masks[c.position].any()
+                  and not (c.layer == last and c.kind in _OUTPUTS and c.position not in (None, -1))]
+        idle = sorted(set(range(len(components))) - set(active))
+        if not active:
+            result[:, rows] = self.scores(target, target_mask)
+            bar.update(len(components))
+            return
+        inputs, clean = self._clean_run(target, target_mask)
+        result[idle, rows] = clean
+        bar.update(len(idle))
+        # Columns before the first difference are never written (both runs agree there): not kept.
+        # (the identity patch writes the target's own activations, from its own clean full forward)
+        recorded_ids, recorded_mask = (target, target_mask) if identity else (source, source_mask)
+        source_cache = self.cache(recorded_ids, recorded_mask, points, from_col=first_diff)
+        width = sub.width
+        # A patch at one column leaves every earlier column untouched, whatever the padding: where no column
+        # is shared by all pairs (right-aligned pairs of unequal length), single-position cells still reuse
+        # the clean prefix before their own column.
+        single = [width + components[k].position for k in active if components[k].position is not None]
+        skip, prefix = self._check_replay(inputs, clean, first_diff if first_diff > 0 else min(single, default=0))
+        self.work["batches"] += 1
+        self.work["prefix_batches"] += prefix is not None
+        # Where each cell's forward can start: its layer (layer skip) and, with prefix reuse, its column
+        # (a single position) or the batch's first differing column (all positions).
+        starts = {}
+        for k in active:
+            c = components[k]
+            layer = c.layer if skip and c.kind != "embed" else -1
+            col = 0
+            if prefix is not None and layer >= 0:
+                col = first_diff if c.position is None else width + c.position
+            starts[k] = (layer, col)
+        for ks in self._plan_chunks(active, starts, len(target), width, rows_per_forward):
+            chunk = [components[k] for k in ks]
+            layer, col0 = min(starts[k][0] for k in ks), min(starts[k][1] for k in ks)
+            transforms = self._patch_transforms(chunk, source_cache, masks, col0, first_diff)
+            v = len(chunk)
+            if layer >= 0:
+                values = self.scores_from_layer(layer, inputs, v, transforms, col0, prefix if col0 else None)
+            else:
+                values = self.scores(target.repeat(v, 1), target_mask.repeat(v, 1), transforms)
+            values = values.view(v, -1)
+            if identity:
+                result[ks, rows] = values.to(result.dtype)
+            else:
+                # A pair whose slots this cell does not touch keeps its clean score exactly (a replay of
+                # fewer columns may round differently; unmoved pairs must read as exactly 0).
+                touched = torch.stack([self._moves(c, masks, source_cache, inputs, first_diff) for c in chunk])
+                touched = touched.to(values.device)
+                result[ks, rows] = torch.where(touched, values, clean[None, :].to(values.device)).to(result.dtype)
+            self.work["patched_forwards"] += 1
+            self.work["token_layers"] += v * len(target) * (width - col0) * (self.loaded.n_layers - max(layer, 0))
+            bar.update(v)
 
     def _moves(
         self,
