@@ -135,15 +135,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_transformers() -> None:
+    """Hide transformers' progress bars: its switch covers weight loading; the GGUF de-quantisation bar is a plain
+    tqdm in ``modeling_gguf_pytorch_utils``, which that switch does not reach."""
+    import functools
+
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        return
+    if hasattr(gguf_utils, "tqdm"):
+        gguf_utils.tqdm = functools.partial(tqdm, disable=True)
+
+
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from refusal_eval.config import AuditConfig
     from refusal_eval.errors import ConfigError
     from refusal_eval.models.loading import resolve_model_spec
 
     if args.quiet:  # transformers' own bars too (weight loading, GGUF de-quantisation)
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+        _silence_transformers()
     from refusal_eval.models.loading import check_device
     from refusal_eval.report.writers import output_lock
 

