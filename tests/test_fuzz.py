@@ -29,35 +29,30 @@ rows = st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=7) | st.fi
      "benign": st.text(max_size=30), "source": st.text(max_size=5), "split": st.sampled_from(["train", "eval", "x"])})
 
 
-def _write(data: bytes, suffix: str) -> Path:
+def _load_or_own_error(data: bytes, suffix: str, load, error: type[Exception]) -> None:
+    """Write ``data`` to a temporary file and load it: success, or ``error`` naming the file (nothing else)."""
     handle = tempfile.NamedTemporaryFile("wb", suffix=suffix, delete=False)
     handle.write(data)
     handle.close()
-    return Path(handle.name)
-
-
-@SETTINGS
-@given(lines=st.lists(rows.map(json.dumps) | st.text(max_size=40), max_size=6))
-def test_pair_loader_accepts_or_names_the_problem(lines):
-    path = _write("\n".join(lines).encode(), ".jsonl")
+    path = Path(handle.name)
     try:
-        load_pairs(path)
-    except DataError as exc:
+        load(path)
+    except error as exc:
         assert str(path) in str(exc)
     finally:
         path.unlink()
 
 
 @SETTINGS
+@given(lines=st.lists(rows.map(json.dumps) | st.text(max_size=40), max_size=6))
+def test_pair_loader_accepts_or_names_the_problem(lines):
+    _load_or_own_error("\n".join(lines).encode(), ".jsonl", load_pairs, DataError)
+
+
+@SETTINGS
 @given(data=st.binary(max_size=200), suffix=st.sampled_from([".jsonl", ".json", ".csv"]))
 def test_any_bytes_in_a_pair_file_are_data_or_an_error(data, suffix):
-    path = _write(data, suffix)
-    try:
-        load_pair_source(str(path))
-    except DataError:
-        pass
-    finally:
-        path.unlink()
+    _load_or_own_error(data, suffix, lambda path: load_pair_source(str(path)), DataError)
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +88,7 @@ def test_report_validator_accepts_or_names_the_field(report_json, data):
         node = node[key]
     if target:
         node[target[-1]] = value
-    path = _write(json.dumps(mutated, allow_nan=True).encode(), ".json")
-    try:
-        load_report(path)
-    except ReportError as exc:
-        assert str(path) in str(exc)
-    finally:
-        path.unlink()
+    _load_or_own_error(json.dumps(mutated, allow_nan=True).encode(), ".json", load_report, ReportError)
 
 
 toml_scalars = st.one_of(st.integers(-5, 5).map(str), st.floats(allow_nan=True, allow_infinity=True).map(
@@ -117,10 +106,4 @@ toml_sections = st.sampled_from(["[behaviour]", "[gap]", "[[component_share]]", 
 def test_policy_loader_accepts_or_names_the_rule(blocks, noise):
     text = "\n".join(f"{section}\n" + "\n".join(f"{k} = {v}" for k, v in pairs) for section, pairs in blocks)
     for candidate in (text, text + "\n" + noise):
-        path = _write(candidate.encode(), ".toml")
-        try:
-            load_policy(path)
-        except GateError as exc:
-            assert str(path) in str(exc)
-        finally:
-            path.unlink()
+        _load_or_own_error(candidate.encode(), ".toml", load_policy, GateError)
