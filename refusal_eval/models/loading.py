@@ -160,13 +160,22 @@ def load_model(
         if not gguf.is_file():
             raise ModelError(f"GGUF file not found: {gguf}")
         location, kwargs["gguf_file"] = str(gguf.parent), gguf.name
+    elif Path(location).is_dir() and not (Path(location) / "config.json").is_file():
+        raise ModelError(f"--model {spec}: {location} has no config.json, so it is not a Hugging Face model folder. "
+                         "Pass a folder with config.json, tokenizer files and weights (save_pretrained), or a .gguf")
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=_DTYPES[dtype], **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         raise ModelError(
-            f"could not load model '{spec}' from {location}: {exc}\n"
+            f"could not load the tokenizer of '{spec}' from {location}: {exc}\n"
             "Pass a local folder with config.json and weights, a .gguf file, or a hub id this machine can reach."
+        ) from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=_DTYPES[dtype], **kwargs)
+    except Exception as exc:  # noqa: BLE001 (any failure to read the weights is a model problem: say which)
+        raise ModelError(
+            f"could not load the weights of '{spec}' from {location}: {type(exc).__name__}: {exc}\n"
+            "A truncated or corrupt weights file reads like this: copy or save the model again."
         ) from exc
     if adapter:
         model = _merge_adapter(model, adapter)
