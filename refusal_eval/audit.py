@@ -321,10 +321,11 @@ def token_set_stage(loaded: LoadedModel, inputs: Inputs, config: AuditConfig, pr
 NUMERIC_ZERO = 1e-6
 
 
-def _side_scores(engine: PatchEngine, seqs: list[list[int]], pad_id: int) -> list[float]:
+def _side_scores(engine: PatchEngine, seqs: list[list[int]], pad_id: int, desc: str = "scores",
+                 progress: bool = False) -> list[float]:
     values: list[float] = []
     size = engine.rows(max(map(len, seqs), default=1))
-    for start in range(0, len(seqs), size):
+    for start in tqdm(range(0, len(seqs), size), desc=desc, unit="batch", disable=not progress, leave=False):
         ids, mask = _left_pad(seqs[start : start + size], pad_id)
         values.extend(engine.scores(ids, mask).tolist())
     return values
@@ -465,7 +466,8 @@ def analyse(
     engine = PatchEngine(loaded, score_fn, max_rows=config.batch_rows, progress=progress)
     engine.checkpoint = checkpoint
     pairs = inputs.pairs
-    m_h, m_b = _side_scores(engine, harmful_ids, tok.pad_token_id), _side_scores(engine, benign_ids, tok.pad_token_id)
+    m_h = _side_scores(engine, harmful_ids, tok.pad_token_id, "scores (harmful)", progress)
+    m_b = _side_scores(engine, benign_ids, tok.pad_token_id, "scores (benign)", progress)
     for value, pair in zip(m_h + m_b, pairs + pairs, strict=True):
         if not np.isfinite(value):
             raise MetricError(f"pair {pair.id}: refusal score is not finite ({value}); check the model's dtype")
@@ -553,7 +555,9 @@ def analyse(
                                           torch.tensor(target[cols], dtype=torch.float32)).numpy()
         engine.work = work
     # A pair a component was not patched on (NaN) adds nothing to its statistic, flipped or not.
+    bar = tqdm(total=2, desc="statistics (permutations, bootstrap)", disable=not progress, leave=False)
     permutation = sign_flip_test(np.nan_to_num(effects, nan=0.0), config.n_permutations, config.seed)
+    bar.update(1)
     intervals = significant = None
     if shares_defined:
         largest = np.nanmax(np.abs(effects), axis=1)
@@ -573,6 +577,8 @@ def analyse(
             warnings.append(f"UNDEFINED SHARES for the {int(on_full.sum())} all-position component(s): the gap over "
                             f"the {gap_full.n_pairs} equal-length pairs they use {VERDICT_WORDS[gap_full.verdict]} "
                             f"({gap_full.mean:.3f} [{gap_full.ci_low:.3f}, {gap_full.ci_high:.3f}])")
+    bar.update(1)
+    bar.close()
     return Analysis(
         loaded=loaded, pairs=pairs, harmful_ids=harmful_ids, benign_ids=benign_ids, replies=replies, refused=refused,
         behaviour=behaviour, token_sets=token_sets, m_h=m_h, m_b=m_b, used=used,

@@ -264,3 +264,14 @@ def test_verdicts_do_not_depend_on_batch_rows_or_threads():
         np.testing.assert_allclose([c.share for c in r.components], [c.share for c in reference.components],
                                    atol=1e-5)
 
+
+
+def test_quiet_silences_every_progress_bar(tmp_path, capsys):
+    loud = [a for a in FAST if a != "--quiet"]
+    assert main(["run", "--out", str(tmp_path / "loud"), *loud]) == 0
+    err = capsys.readouterr().err
+    for phase in ("replies (harmful)", "scores (benign)", "patching", "statistics"):
+        assert phase in err, phase
+    assert main(["run", "--out", str(tmp_path / "quiet"), *FAST]) == 0
+    err = capsys.readouterr().err
+    assert "%|" not in err and "it/s" not in err, err
