@@ -25,6 +25,8 @@ class Interval:
     fw_high: np.ndarray | None = None
 
 
+# A share whose bootstrap standard error is below this (relative to max(1, |share|)) varies by rounding only.
+_ROUNDING_SE = 1e-6
 # Largest resample batch, in count-matrix entries (resamples x pairs): 2**24 float64s = 128 MiB.
 _BATCH_ELEMENTS = 2**24
 
@@ -83,8 +85,9 @@ def share_intervals(
 
     Every interval holds its estimate, and the family-wise band ``fw_low``/``fw_high`` (max-t over the
     components) always holds the marginal interval: a simultaneous band is never narrower. Components flagged in
-    ``outside_family`` (numerically zero effects, whose studentised resamples are rounding noise) stay out of the
-    max-t quantile so they cannot move the other components' bands; their band is their marginal interval.
+    ``outside_family`` (numerically zero effects), and shares whose bootstrap standard error is at rounding level
+    (``_ROUNDING_SE``), have studentised resamples of rounding noise: they stay out of the max-t quantile so they
+    cannot move the other components' bands, and their band is their marginal interval.
     """
     effects = np.atleast_2d(np.asarray(effects, dtype=np.float64))
     gaps = np.asarray(gaps, dtype=np.float64)
@@ -148,6 +151,11 @@ def share_intervals(
         low[todo], high[todo] = lo, hi
         dist = np.atleast_2d(result.bootstrap_distribution)
         family = np.ones(todo.size, dtype=bool) if outside_family is None else ~np.asarray(outside_family)[todo]
+        # A share that does not vary beyond rounding over resamples (e.g. a patch of the whole input, share 1 on
+        # every pair) has studentised resamples of pure rounding noise: kept out of the max-t quantile too.
+        with np.errstate(invalid="ignore"):
+            spread = np.nanstd(dist, axis=1, ddof=1)
+        family &= spread > _ROUNDING_SE * np.maximum(1.0, np.abs(estimate[todo]))
         if family.any():
             fw_low[todo[family]], fw_high[todo[family]] = _max_t_band(estimate[todo[family]], dist[family], level)
         fw_low[todo[~family]], fw_high[todo[~family]] = low[todo[~family]], high[todo[~family]]

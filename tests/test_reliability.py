@@ -245,15 +245,16 @@ def test_numerically_zero_components_do_not_move_the_others_bands():
     np.testing.assert_array_equal(a.fw_high[1:], b.fw_high[1:])
 
 
+@pytest.mark.slow
 def test_verdicts_do_not_depend_on_batch_rows_or_threads():
-    """The same audit with 1, 8 and auto rows per forward, on 1 and 2 threads: identical significance verdicts."""
+    """The default audit (784 components, 77 pairs) with 1, 8 and auto rows per forward, on 1 and 2 threads:
+    identical significance verdicts (before the fix, one component flipped between auto and 8 rows)."""
     threads = torch.get_num_threads()
     results = {}
     try:
         for rows, n_threads in (("auto", 2), (8, 2), (1, 2), ("auto", 1)):
             torch.set_num_threads(n_threads)
-            r = audit(AuditConfig(max_pairs=12, batch_rows=rows, n_boot=300, n_permutations=300,
-                                  components=["mlp_out"], positions=["all", "each"]), progress=False)
+            r = audit(AuditConfig(batch_rows=rows), progress=False)
             results[(rows, n_threads)] = r
     finally:
         torch.set_num_threads(threads)

@@ -136,7 +136,8 @@ class StatsInfo(_Model):
     seed: int
     unit: str = "pair"
     estimator: str = "ratio of sums over pairs"
-    familywise: str = "max-t bootstrap band over all components of the report"
+    familywise: str = ("max-t bootstrap band over all components of the report, never narrower than the marginal "
+                       "interval; components whose share varies by rounding only keep their marginal interval")
     n_components: int = Field(description="size of the family for the family-wise intervals")
 
 
