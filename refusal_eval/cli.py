@@ -204,15 +204,21 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _run_audits(configs, names: list[str], args: argparse.Namespace, argv: list[str]) -> int:
     from refusal_eval.audit import audit
+    from refusal_eval.errors import ConfigError
     from refusal_eval.report.markdown import summary_lines
     from refusal_eval.report.writers import write_reports
     from refusal_eval.resume import PARTIAL_NAME
 
     command = shlex.join(["refusal-eval", *argv])
+    partials = [Path(args.out) / name / PARTIAL_NAME for name in names]
+    if args.resume and not any(p.is_file() for p in partials):
+        raise ConfigError(f"--resume: no unfinished audit in {args.out} (no {PARTIAL_NAME} for "
+                          f"{', '.join(names)}); run without --resume")
     reports = []
-    for config, name in zip(configs, names, strict=True):
-        partial = Path(args.out) / name / PARTIAL_NAME
-        report = audit(config, command=command, progress=not args.quiet, partial=partial, resume=args.resume)
+    for config, partial in zip(configs, partials, strict=True):
+        # with two models, the one that finished before the interruption has no partial file: it runs again
+        resume = args.resume and partial.is_file()
+        report = audit(config, command=command, progress=not args.quiet, partial=partial, resume=resume)
         reports.append(report)
         json_path, md_path = write_reports(report, args.out)
         partial.unlink(missing_ok=True)

@@ -86,3 +86,10 @@ def test_a_killed_run_resumes_to_the_uninterrupted_report(sig, code, uninterrupt
     report = load_report(tmp_path / "tiny-refuser" / "report.json")
     assert _numbers(report) == _numbers(uninterrupted_cli)
     assert not partial.exists()
+
+
+def test_resume_with_nothing_to_resume_exits_2(tmp_path, capsys):
+    from refusal_eval.cli import main
+
+    assert main(["run", "--out", str(tmp_path), "--resume", *OPTIONS, "--quiet"]) == 2
+    assert "--resume: no unfinished audit" in capsys.readouterr().err
