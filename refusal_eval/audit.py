@@ -40,6 +40,7 @@ from refusal_eval.resume import ResultsLog
 from refusal_eval.stats import (
     Interval,
     PermutationResult,
+    _finite_or_none,
     mean_interval,
     share_heterogeneity,
     share_intervals,
@@ -234,7 +235,6 @@ class Analysis:
     approximate: np.ndarray
     attribution_info: rs.AttributionInfo | None
     permutation: PermutationResult
-    gap_permutation: PermutationResult
     intervals: Interval | None
     floor: np.ndarray | None
     significant: np.ndarray | None
@@ -243,6 +243,11 @@ class Analysis:
     on_full: np.ndarray | None = None  # [C] mixed alignment: the component was patched on equal-length pairs only
     full_cols: list[int] | None = None  # mixed alignment: columns of ``used`` whose sides have equal token length
     gap_full: rs.Gap | None = None  # mixed alignment: the gap over those pairs
+
+    @property
+    def largest_effect(self) -> np.ndarray:
+        """[C] each component's largest |effect| over the pairs it was patched on."""
+        return np.nanmax(np.abs(self.effects), axis=1)
 
     @property
     def refuses(self) -> bool:
@@ -331,7 +336,9 @@ def _side_scores(engine: PatchEngine, seqs: list[list[int]], pad_id: int, desc: 
     return values
 
 
-def _gap(values: np.ndarray, config: AuditConfig, p_value: float | None) -> rs.Gap:
+def _gap(values: np.ndarray, config: AuditConfig) -> rs.Gap:
+    """The mean gap over these pairs: bootstrap CI, sign-flip permutation p and verdict."""
+    p_value = float(sign_flip_test(values, config.n_permutations, config.seed).p[0])
     ci = mean_interval(values, config.ci_level, config.n_boot, config.ci_method, config.seed)
     verdict = gap_verdict(float(ci.low), float(ci.high), config.min_gap, p_value, 1 - config.ci_level)
     return rs.Gap(mean=float(ci.estimate), ci_low=float(ci.low), ci_high=float(ci.high), total=float(values.sum()),
@@ -480,11 +487,8 @@ def analyse(
 
     all_gaps = np.array(m_h) - np.array(m_b)
     gaps = all_gaps[used]
-    gap_perm = sign_flip_test(gaps, config.n_permutations, config.seed)
-    gap_all_perm = gap_perm if len(used) == len(pairs) else sign_flip_test(all_gaps, config.n_permutations,
-                                                                            config.seed)
-    gap = _gap(gaps, config, float(gap_perm.p[0]))
-    gap_all = _gap(all_gaps, config, float(gap_all_perm.p[0]))
+    gap = _gap(gaps, config)
+    gap_all = gap if len(used) == len(pairs) else _gap(all_gaps, config)
     refuses = bool(behaviour.refuses)
     shares_defined, shares_reason, rule_warnings = _shares_rule(behaviour, refuses, gap_all, gap, config)
     warnings += rule_warnings
@@ -514,8 +518,7 @@ def analyse(
         if not components:
             raise DataError("no component can be patched: add 'last' or 'suffix' to --positions")
         if on_full.any():
-            full_perm = sign_flip_test(gaps[full_cols], config.n_permutations, config.seed)
-            gap_full = _gap(gaps[full_cols], config, float(full_perm.p[0]))
+            gap_full = _gap(gaps[full_cols], config)
             warnings.append(f"mixed alignment: {len(used) - len(full_cols)} of {len(used)} pairs have sides of "
                             f"unequal token length; {int(on_full.sum())} all-position component(s) use the "
                             f"{len(full_cols)} equal-length pairs, the other {int((~on_full).sum())} use every pair "
@@ -585,7 +588,7 @@ def analyse(
         exclusions=exclusions, full_alignment=full_alignment, gap_all=gap_all, gap=gap, shares_defined=shares_defined,
         shares_reason=shares_reason, engine=engine, batch=batch, suffix=suffix, components=components,
         effects=effects, approximate=approximate, attribution_info=attribution_info, permutation=permutation,
-        gap_permutation=gap_perm, intervals=intervals, floor=floor, significant=significant, warnings=warnings,
+        intervals=intervals, floor=floor, significant=significant, warnings=warnings,
         alignment=alignment, on_full=on_full, full_cols=full_cols, gap_full=gap_full,
     )
 
@@ -661,13 +664,9 @@ def _engine_info(engine: PatchEngine, loaded: LoadedModel, batch: PairBatch) -> 
     )
 
 
-def _finite(x) -> float | None:
-    return float(x) if np.isfinite(x) else None
-
-
 def _component_results(a: Analysis) -> list[rs.ComponentResult]:
     iv, perm, floor = a.intervals, a.permutation, a.floor
-    largest = np.nanmax(np.abs(a.effects), axis=1)
+    largest = a.largest_effect
     patched = np.isfinite(a.effects)
     out = []
     for k, c in enumerate(a.components):
@@ -675,8 +674,10 @@ def _component_results(a: Analysis) -> list[rs.ComponentResult]:
         out.append(rs.ComponentResult(
             id=c.id, hook_name=c.hook_name, kind=c.kind, layer=c.layer, head=c.head, position=c.position,
             share=float(iv.estimate[k]) if defined else None,
-            ci_low=_finite(iv.low[k]) if defined else None, ci_high=_finite(iv.high[k]) if defined else None,
-            fw_low=_finite(iv.fw_low[k]) if defined else None, fw_high=_finite(iv.fw_high[k]) if defined else None,
+            ci_low=_finite_or_none(iv.low[k]) if defined else None,
+            ci_high=_finite_or_none(iv.high[k]) if defined else None,
+            fw_low=_finite_or_none(iv.fw_low[k]) if defined else None,
+            fw_high=_finite_or_none(iv.fw_high[k]) if defined else None,
             significant=bool(a.significant[k]) if a.significant is not None and defined else None,
             p_permutation=float(perm.p[k]), p_permutation_fw=float(perm.p_familywise[k]),
             noise_floor=None if floor is None else float(floor[k]),

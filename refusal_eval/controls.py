@@ -68,7 +68,7 @@ def noise_floor_info(analysis: Analysis, config: AuditConfig) -> rs.NoiseFloor |
     floor = analysis.floor
     if floor is None:
         return None
-    largest = np.nanmax(np.abs(analysis.effects), axis=1)  # NaN: a pair the component was not patched on
+    largest = analysis.largest_effect
     return rs.NoiseFloor(
         dtype=config.dtype, max_abs=float(floor.max(initial=0.0)), median_abs=float(np.median(floor)) if floor.size
         else 0.0, n_within=int(((largest > 0) & (largest <= floor)).sum()), n_exact_zero=int((largest == 0).sum()),
