@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     run.add_argument("--device", default="cpu")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--no-pictures", action="store_true",
+                     help="write no PNG heatmaps beside the reports (`refusal-eval plot` can draw them later)")
 
     run.set_defaults(handler=_run)
 
@@ -118,7 +120,15 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--ci-level", type=float, default=0.95)
     compare.add_argument("--ci-method", choices=["BCa", "percentile", "basic"], default="BCa")
+    compare.add_argument("--no-pictures", action="store_true", help="write no PNG pictures of the differences")
     compare.set_defaults(handler=_compare)
+    plot = sub.add_parser(
+        "plot", help="redraw the PNG pictures of a report or comparison (no model needed)",
+        description="Redraw the heatmaps and per-layer bars of an audit report (report.json) or a comparison "
+        "(comparison.json) and rewrite its Markdown page beside them, with the pictures embedded.")
+    plot.add_argument("report", help="report.json or comparison.json")
+    plot.add_argument("--out", help="folder for the pictures and the Markdown (default: the report's own folder)")
+    plot.set_defaults(handler=_plot)
     from refusal_eval.gate import gate_command
 
     gate = sub.add_parser(
@@ -220,7 +230,7 @@ def _run_audits(configs, names: list[str], args: argparse.Namespace, argv: list[
         resume = args.resume and partial.is_file()
         report = audit(config, command=command, progress=not args.quiet, partial=partial, resume=resume)
         reports.append(report)
-        json_path, md_path = write_reports(report, args.out)
+        json_path, md_path = write_reports(report, args.out, pictures=not args.no_pictures)
         partial.unlink(missing_ok=True)
         print(f"{report.model.name}: " if len(configs) > 1 else "", end="")
         print("\n".join(summary_lines(report)))
@@ -232,7 +242,8 @@ def _run_audits(configs, names: list[str], args: argparse.Namespace, argv: list[
 
         comparison = compare_reports(reports[0], reports[1], n_boot=args.n_boot, level=args.ci_level,
                                      method=args.ci_method, seed=args.seed, command=command)
-        json_path, md_path = write_comparison(comparison, default_comparison_dir(comparison, args.out))
+        json_path, md_path = write_comparison(comparison, default_comparison_dir(comparison, args.out),
+                                              pictures=not args.no_pictures)
         print("\n".join(summary_lines(comparison)))
         for warning in comparison.warnings:
             print(f"warning: {warning}", file=sys.stderr)
@@ -256,6 +267,21 @@ def _validate(args: argparse.Namespace, argv: list[str]) -> int:
     report = load_report(args.report)
     print(f"{args.report}: valid audit report (schema {report.schema_version}, model {report.model.name}, "
           f"{len(report.components)} components)")
+    return EXIT_OK
+
+
+def _plot(args: argparse.Namespace, argv: list[str]) -> int:
+    from refusal_eval.report.schema import read_json
+    from refusal_eval.report.writers import output_lock, plot_report
+
+    raw = read_json(args.report)
+    folder = Path(args.out) if args.out else Path(args.report).parent
+    with output_lock(folder):
+        written = plot_report(raw, args.report, folder)
+    if len(written) == 1:
+        print(f"{args.report}: no pictures (its shares are undefined, or it has no components to draw)")
+    for path in written:
+        print(f"wrote {path}")
     return EXIT_OK
 
 

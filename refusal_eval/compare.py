@@ -13,6 +13,7 @@ import argparse
 import shlex
 import warnings as _warnings
 from collections import defaultdict
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -21,8 +22,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats as sps
 
+from refusal_eval.report.plots import comparison_picture, markdown_section, render_pictures
 from refusal_eval.report.schema import AuditReport, Gap, Rate
-from refusal_eval.report.writers import write_files
+from refusal_eval.report.writers import write_with_pictures
 from refusal_eval.stats import _counts, _max_t_band, mean_interval, wilson_interval
 
 COMPARISON_SCHEMA_VERSION = "1.0"
@@ -554,7 +556,7 @@ def _p(value: float | None) -> str:
     return f"{value:.2g}" if value >= 1e-4 else "<1e-4"
 
 
-def render_comparison_markdown(c: ComparisonReport, top_k: int = 15) -> str:
+def render_comparison_markdown(c: ComparisonReport, top_k: int = 15, pictures: Iterable[str] = ()) -> str:
     """The comparison as a Markdown page: summary, behaviour, categories, gap, share changes, identity."""
     level = f"{c.stats.level:.0%}"
     lines = [f"# Checkpoint comparison: {c.a.name} → {c.b.name}", ""]
@@ -594,6 +596,7 @@ def render_comparison_markdown(c: ComparisonReport, top_k: int = 15) -> str:
     lines.append("")
     if c.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in c.warnings] + [""]
+    lines += markdown_section(pictures)
     # Behaviour ------------------------------------------------------------------------------------------------
     lines += ["## Behaviour (greedy replies)", "", c.stats.behaviour, ""]
     rows = []
@@ -670,11 +673,14 @@ def render_comparison_markdown(c: ComparisonReport, top_k: int = 15) -> str:
     return "\n".join(lines)
 
 
-def write_comparison(c: ComparisonReport, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write comparison.json and comparison.md under out_dir and return their paths."""
+def write_comparison(c: ComparisonReport, out_dir: str | Path, pictures: bool = True) -> tuple[Path, Path]:
+    """Write comparison.json, comparison.md and (``pictures``) the B − A PNGs under out_dir together, and return
+    the paths of the JSON and the Markdown."""
     folder = Path(out_dir)
     json_path, md_path = folder / "comparison.json", folder / "comparison.md"
-    write_files({json_path: c.model_dump_json(indent=1) + "\n", md_path: render_comparison_markdown(c)})
+    drawn = render_pictures(comparison_picture(c)) if pictures else {}
+    write_with_pictures({json_path: c.model_dump_json(indent=1) + "\n",
+                         md_path: render_comparison_markdown(c, pictures=drawn)}, drawn)
     return json_path, md_path
 
 
@@ -722,7 +728,7 @@ def compare_command(args: argparse.Namespace, argv: list[str]) -> int:
     check_writable(args.out or "reports", "--out")
     c = compare_reports(a, b, n_boot=args.n_boot, level=args.ci_level, method=args.ci_method, seed=args.seed,
                         command=shlex.join(["refusal-eval", *argv]))
-    json_path, md_path = write_comparison(c, args.out or default_comparison_dir(c))
+    json_path, md_path = write_comparison(c, args.out or default_comparison_dir(c), pictures=not args.no_pictures)
     print("\n".join(summary_lines(c)))
     for w in c.warnings:
         print(f"warning: {w}", file=sys.stderr)

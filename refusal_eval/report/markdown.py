@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from refusal_eval.patching.components import KINDS
+from refusal_eval.report.plots import markdown_section
 from refusal_eval.report.schema import AuditReport, ComponentResult, Gap, Rate, rank_components
 
 
@@ -111,9 +114,9 @@ def _ci(rate: Rate) -> str:
     return f"[{_pct(rate.ci_low)}, {_pct(rate.ci_high)}]"
 
 
-def render_markdown(report: AuditReport, top_k: int = 15) -> str:
-    """The Markdown report: summary, behaviour, metric, controls, top components, per-layer and per-position
-    tables."""
+def render_markdown(report: AuditReport, top_k: int = 15, pictures: Iterable[str] = ()) -> str:
+    """The Markdown report: summary, pictures (the names of the PNGs written beside it), behaviour, metric,
+    controls, top components, per-layer and per-position tables."""
     r = report
     level = f"{r.stats.level:.0%}"
     lines = [f"# Refusal audit: {r.model.name}", ""]
@@ -173,6 +176,7 @@ def render_markdown(report: AuditReport, top_k: int = 15) -> str:
     lines.append("")
     if r.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in r.warnings] + [""]
+    lines += markdown_section(pictures)
     # Behaviour ----------------------------------------------------------------------------------------------
     lines += ["## Behaviour (greedy replies)", ""]
     lines += _table(["measure", "count", "rate", f"{level} CI (Wilson)"], [])[:2]

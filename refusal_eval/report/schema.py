@@ -386,8 +386,8 @@ def report_json_schema() -> dict:
     return schema
 
 
-def load_report(path: str | Path) -> AuditReport:
-    """Read and validate a report JSON; ReportError names the file and the failing fields."""
+def read_json(path: str | Path) -> dict:
+    """A report file's JSON object; ReportError names the file and what is wrong with it."""
     path = Path(path)
     if path.is_dir():
         raise ReportError(f"{path}: is a folder; give the report.json inside it")
@@ -402,10 +402,22 @@ def load_report(path: str | Path) -> AuditReport:
         raise ReportError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
     except json.JSONDecodeError as exc:
         raise ReportError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
+    if not isinstance(raw, dict):
+        raise ReportError(f"{path}: holds a JSON {type(raw).__name__}, not a report object")
+    return raw
+
+
+def validate_json(raw: dict, model: type[BaseModel], path: str | Path, what: str):
+    """``model.model_validate(raw)``; ReportError lists the failing fields (at most 20) under the file's name."""
     try:
-        return AuditReport.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         problems = "\n  ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()[:20]
         )
-        raise ReportError(f"{path}: does not match audit report schema {SCHEMA_VERSION}:\n  {problems}") from exc
+        raise ReportError(f"{path}: does not match {what}:\n  {problems}") from exc
+
+
+def load_report(path: str | Path) -> AuditReport:
+    """Read and validate a report JSON; ReportError names the file and the failing fields."""
+    return validate_json(read_json(path), AuditReport, path, f"audit report schema {SCHEMA_VERSION}")

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from refusal_eval.errors import ConfigError, ReportError
 from refusal_eval.report.markdown import render_markdown
-from refusal_eval.report.schema import AuditReport
+from refusal_eval.report.plots import PICTURE_NAMES, audit_picture, comparison_picture, render_pictures
+from refusal_eval.report.schema import SCHEMA_VERSION, AuditReport, validate_json
 
 LOCK_NAME = ".refusal-eval.lock"
 
@@ -79,8 +80,9 @@ def output_lock(out_dir: str | Path) -> Iterator[Path]:
         lock.unlink(missing_ok=True)
 
 
-def write_files(texts: dict[Path, str]) -> None:
-    """Write every (path, text) or none: temporary files first, then ``os.replace`` once all are complete."""
+def write_files(texts: dict[Path, str | bytes]) -> None:
+    """Write every (path, text or bytes) or none: temporary files first, then ``os.replace`` once all are
+    complete."""
     staged: list[tuple[str, Path]] = []
     path = None
     try:
@@ -88,7 +90,8 @@ def write_files(texts: dict[Path, str]) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             staged.append((tmp, path))
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            binary = isinstance(text, bytes)
+            with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
                 handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -104,9 +107,40 @@ def write_files(texts: dict[Path, str]) -> None:
         os.replace(tmp, path)
 
 
-def write_reports(report: AuditReport, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write report.json and report.md under out_dir/<model name>/ together, and return their paths."""
+def write_with_pictures(texts: dict[Path, str], pictures: dict[str, bytes]) -> None:
+    """Write the texts and the pictures (PNG bytes by name, beside the first text) together, then remove the
+    pictures of an earlier run that this one did not draw, so the folder never shows stale pictures."""
+    folder = next(iter(texts)).parent
+    write_files({**texts, **{folder / name: data for name, data in pictures.items()}})
+    for name in PICTURE_NAMES:
+        if name not in pictures:
+            (folder / name).unlink(missing_ok=True)
+
+
+def write_reports(report: AuditReport, out_dir: str | Path, pictures: bool = True) -> tuple[Path, Path]:
+    """Write report.json, report.md and (``pictures``) the PNGs under out_dir/<model name>/ together, and return
+    the paths of the JSON and the Markdown."""
     folder = Path(out_dir) / report.model.name
     json_path, md_path = folder / "report.json", folder / "report.md"
-    write_files({json_path: report.model_dump_json(indent=1) + "\n", md_path: render_markdown(report)})
+    drawn = render_pictures(audit_picture(report)) if pictures else {}
+    write_with_pictures({json_path: report.model_dump_json(indent=1) + "\n",
+                         md_path: render_markdown(report, pictures=drawn)}, drawn)
     return json_path, md_path
+
+
+def plot_report(raw: dict, path: str | Path, folder: str | Path) -> list[Path]:
+    """Redraw the pictures of a report or comparison JSON (already read as ``raw``) into ``folder``, with its
+    Markdown page rewritten beside them; returns the paths written (the Markdown last)."""
+    folder = Path(folder)
+    if "a" in raw and "b" in raw and "components" in raw:
+        from refusal_eval.compare import ComparisonReport, render_comparison_markdown
+
+        comparison = validate_json(raw, ComparisonReport, path, "the comparison report schema")
+        drawn = render_pictures(comparison_picture(comparison))
+        md_path, markdown = folder / "comparison.md", render_comparison_markdown(comparison, pictures=drawn)
+    else:
+        report = validate_json(raw, AuditReport, path, f"audit report schema {SCHEMA_VERSION}")
+        drawn = render_pictures(audit_picture(report))
+        md_path, markdown = folder / "report.md", render_markdown(report, pictures=drawn)
+    write_with_pictures({md_path: markdown}, drawn)
+    return [folder / name for name in drawn] + [md_path]
