@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     run.add_argument("--device", default="cpu")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--circuit", action="store_true",
+                     help="after the audit, search the minimal refusal circuit (as `refusal-eval circuit`, defaults)")
     run.add_argument("--no-pictures", action="store_true",
                      help="write no PNG heatmaps beside the reports (`refusal-eval plot` can draw them later)")
 
@@ -122,6 +124,22 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--ci-method", choices=["BCa", "percentile", "basic"], default="BCa")
     compare.add_argument("--no-pictures", action="store_true", help="write no PNG pictures of the differences")
     compare.set_defaults(handler=_compare)
+    circuit = sub.add_parser(
+        "circuit", help="find the smallest set of heads and MLPs whose joint patch recovers --target of the gap",
+        description="Search the minimal refusal circuit of an audited model: nodes ranked by share, added greedily "
+        "and pruned, every step a real joint patch; the complement; path-patching edges; Markdown with a Mermaid "
+        "diagram, Graphviz DOT and JSON written beside the report.")
+    circuit.add_argument("report", help="the audit's report.json (its pairs, token sets and options are reused)")
+    circuit.add_argument("--model", help="the audited model (default: the one named in the report)")
+    circuit.add_argument("--adapter", help="the audited peft adapter (default: the report's)")
+    circuit.add_argument("--target", type=float, default=0.8, help="share of the gap to recover (default 0.8)")
+    circuit.add_argument("--directions", choices=["both", "denoise", "noise"], default="both")
+    circuit.add_argument("--nodes", choices=["all", "last"], default="all",
+                         help="heads and MLPs at all positions together (default) or at the last position")
+    circuit.add_argument("--max-edge-nodes", type=int, default=12,
+                         help="path-patch the edges among at most this many circuit nodes (0: no edges)")
+    circuit.add_argument("--out", help="folder for circuit.json/.md/.dot (default: the report's folder)")
+    circuit.set_defaults(handler=_circuit)
     plot = sub.add_parser(
         "plot", help="redraw the PNG pictures of a report or comparison (no model needed)",
         description="Redraw the heatmaps and per-layer bars of an audit report (report.json) or a comparison "
@@ -237,6 +255,8 @@ def _run_audits(configs, names: list[str], args: argparse.Namespace, argv: list[
         for warning in report.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         print(f"wrote {json_path}\nwrote {md_path}")
+        if args.circuit:
+            _search_circuit(report, json_path, json_path.parent, argv, model=config.model, adapter=config.adapter)
     if len(reports) == 2:
         from refusal_eval.compare import compare_reports, default_comparison_dir, summary_lines, write_comparison
 
@@ -267,6 +287,36 @@ def _validate(args: argparse.Namespace, argv: list[str]) -> int:
     report = load_report(args.report)
     print(f"{args.report}: valid audit report (schema {report.schema_version}, model {report.model.name}, "
           f"{len(report.components)} components)")
+    return EXIT_OK
+
+
+def _circuit(args: argparse.Namespace, argv: list[str]) -> int:
+    from refusal_eval.report.schema import load_report
+    from refusal_eval.report.writers import output_lock
+
+    report = load_report(args.report)
+    folder = Path(args.out) if args.out else Path(args.report).parent
+    with output_lock(folder):
+        return _search_circuit(report, args.report, folder, argv, model=args.model, adapter=args.adapter,
+                               target=args.target, directions=args.directions, family=args.nodes,
+                               max_edge_nodes=args.max_edge_nodes)
+
+
+def _search_circuit(report, report_path, folder: Path, argv: list[str], directions: str = "both",
+                    **options) -> int:
+    """Search, print and write a report's circuit (the ``circuit`` command and ``run --circuit``)."""
+    from refusal_eval.circuit import run_circuit
+    from refusal_eval.report.circuit_markdown import summary_lines, write_circuit
+
+    chosen = ("denoise", "noise") if directions == "both" else (directions,)
+    result = run_circuit(report, report_path, directions=chosen, command=shlex.join(["refusal-eval", *argv]),
+                         **options)
+    for c in result.circuits:
+        print("\n  ".join(summary_lines(c, f"{result.level:.0%}")))
+    if result.differences:
+        print(result.differences)
+    for path in write_circuit(result, folder):
+        print(f"wrote {path}")
     return EXIT_OK
 
 

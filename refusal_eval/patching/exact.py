@@ -536,6 +536,36 @@ class PatchEngine:
         """Patched refusal score of the target side, shape [len(components), n_pairs]."""
         return self._patch(batch, components, direction, identity=False)
 
+    def patch_sets(
+        self, batch: PairBatch, sets: Sequence[Sequence[Component]], direction: str = "denoise"
+    ) -> torch.Tensor:
+        """Refusal score of the target side with all the components of each set patched **together** from the
+        source side (a joint patch), shape [len(sets), n_pairs]; an empty set gives the clean score. Every set is
+        a full forward of the model (no layer skip or prefix reuse: a set spans layers and positions)."""
+        if direction not in ("denoise", "noise"):
+            raise ValueError(f"direction must be 'denoise' or 'noise', not '{direction}'")
+        flat = [c for members in sets for c in members]
+        if not batch.equal_lengths and any(c.position is None for c in flat):
+            raise ValueError("an all-positions patch needs pairs of equal token length on both sides")
+        result = torch.empty(len(sets), batch.n_pairs)
+        points = sorted({c.point for c in flat})
+        rows_per_forward = self.rows(batch.width)
+        for rows in self._pair_chunks(batch.n_pairs, rows_per_forward):
+            sub = batch.select(rows)
+            target, target_mask = sub.side(harmful=direction == "noise")
+            source, source_mask = sub.side(harmful=direction == "denoise")
+            masks, first_diff = self._position_masks(target, target_mask, source, source_mask, flat)
+            source_cache = self.cache(source, source_mask, points, from_col=first_diff) if points else {}
+            per_forward = max(1, rows_per_forward // len(target))
+            for start in range(0, len(sets), per_forward):
+                group = sets[start : start + per_forward]
+                entries = [(v, c) for v, members in enumerate(group) for c in members]
+                transforms = self._set_transforms(entries, len(group), source_cache, masks, 0, first_diff)
+                values = self.scores(target.repeat(len(group), 1), target_mask.repeat(len(group), 1), transforms)
+                result[start : start + len(group), rows] = values.view(len(group), -1)
+                self.work["patched_forwards"] += 1
+        return result
+
     def identity_patch(
         self, batch: PairBatch, components: Sequence[Component], direction: str = "denoise"
     ) -> torch.Tensor:
@@ -742,10 +772,22 @@ class PatchEngine:
         """Hook transforms writing each variant's source activation into its rows of a batch whose columns
         start at ``col0`` (rows are variant-major: variant * n_pairs + pair). ``source_cache`` holds columns
         from ``cache_col`` on; the masks are False before it."""
+        return self._set_transforms(list(enumerate(chunk)), len(chunk), source_cache, masks, col0, cache_col)
+
+    def _set_transforms(
+        self,
+        entries: Sequence[tuple[int, Component]],
+        n_variants: int,
+        source_cache: dict[Point, torch.Tensor],
+        masks: dict[int | None, torch.Tensor],
+        col0: int = 0,
+        cache_col: int = 0,
+    ) -> dict[Point, Callable[[torch.Tensor], torch.Tensor]]:
+        """:meth:`_patch_transforms` for ``(variant, component)`` entries: a variant may patch several components
+        together (a joint patch)."""
         by_point: dict[Point, list[tuple[int, Component]]] = {}
-        for v, component in enumerate(chunk):
+        for v, component in entries:
             by_point.setdefault(component.point, []).append((v, component))
-        n_variants = len(chunk)
         head_dim = self.head_dim
         n, width = masks[None].shape
         low = max(col0, cache_col)  # first column that may be written
