@@ -247,3 +247,16 @@ def test_node_family():
     nodes = circuit_nodes(3, 2, "last")
     assert len(nodes) == 3 * 2 + 3 and all(c.position == -1 for c in nodes)
     assert [c.kind for c in nodes[:3]] == ["head", "head", "mlp_out"]  # computation order
+
+
+def test_run_with_circuit_writes_the_circuit_beside_the_report(tmp_path, capsys):
+    args = ["run", "--out", str(tmp_path), "--max-pairs", "8", "--components", "head,mlp_out", "--positions", "all",
+            "--tricky", "", "--n-boot", "200", "--n-permutations", "200", "--quiet", "--circuit"]
+    assert main(args) == 0
+    folder = tmp_path / "tiny-refuser"
+    data = json.loads((folder / "circuit.json").read_text())
+    assert data["report"] == str(folder / "report.json") and data["n_pairs"] == 8
+    denoise = data["circuits"][0]
+    assert denoise["ranking"] == "the audit report's single-component shares"
+    assert denoise["found"] and denoise["joint"]["share"] >= 0.8
+    assert "recover" in capsys.readouterr().out
