@@ -8,8 +8,9 @@ Single shares do not add up (components overlap, interact and cancel), so every 
    (a residual-stream node would be a one-node "circuit" by construction).
 2. **Ranking**: the audit's own shares when the report has every node in the searched direction, else one
    exact single-node patch each.
-3. **Greedy**: the top-k nodes are patched together for k = 1, 2, ... until the joint share reaches ``target``;
-   then **pruning** drops each member (least ranked first) whose removal keeps the joint share at the target.
+3. **Greedy**: the top-k nodes are patched together, k = 1 .. 8 one by one, then doubling, then bisection, for
+   the smallest k whose joint share reaches ``target``; then **pruning** drops each member (least ranked first)
+   whose removal keeps the joint share at the target.
 4. **Checks**: the circuit's joint share with its pair-bootstrap CI, its size as a fraction of the nodes, the
    **complement** (every other node patched together, the circuit left clean) and all nodes together.
 5. **Edges**: path patching between circuit nodes: the sender's patch reaches the receiver only along the
@@ -34,6 +35,7 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
 
 from refusal_eval.errors import ConfigError
 from refusal_eval.patching.components import Component
@@ -151,6 +153,7 @@ class Search:
     m_b: np.ndarray
     direction: str
     patched_sets: int = 0
+    bar: object = None  # a tqdm bar counting joint patches and path-patched edges, or None
 
     @property
     def gaps(self) -> np.ndarray:
@@ -163,7 +166,15 @@ class Search:
             return np.zeros((0, self.batch.n_pairs))
         scores = self.engine.patch_sets(self.batch, sets, self.direction).numpy().astype(np.float64)
         self.patched_sets += len(sets)
+        if self.bar is not None:
+            self.bar.update(len(sets))
         return scores - self.m_b if self.direction == "denoise" else self.m_h - scores
+
+    def single_shares(self, nodes: Sequence[Component]) -> np.ndarray:
+        """Each node's share patched alone (the engine's batched single-component path)."""
+        scores = self.engine.patch(self.batch, list(nodes), self.direction).numpy().astype(np.float64)
+        effects = scores - self.m_b if self.direction == "denoise" else self.m_h - scores
+        return ratio_of_sums(effects, self.gaps)
 
     def opposite(self) -> Search:
         """The same pairs, patched in the other direction."""
@@ -188,22 +199,35 @@ def search_circuit(search: Search, nodes: list[Component], target: float, prior:
         singles = np.array([prior[c.id] for c in nodes])
         ranking = "the audit report's single-component shares"
     else:
-        singles = search.shares([[c] for c in nodes])
+        singles = search.single_shares(nodes)
         ranking = "exact single-node patches in this direction"
     order = [nodes[i] for i in np.argsort(-singles, kind="stable")]
     single_of = {c.id: float(s) for c, s in zip(nodes, singles, strict=True)}
     steps: list[CircuitStep] = []
-    chosen: list[Component] | None = None
-    for start in range(0, len(order), block):  # prefixes top-1 .. top-k, a block of them per call
-        sizes = range(start + 1, min(len(order), start + block) + 1)
-        shares = search.shares([order[:k] for k in sizes])
-        for k, share in zip(sizes, shares, strict=True):
+    tried: dict[int, float] = {}
+
+    def joint(sizes: list[int]) -> None:
+        sizes = [k for k in sizes if k not in tried]
+        for k, share in zip(sizes, search.shares([order[:k] for k in sizes]), strict=True):
+            tried[k] = float(share)
             steps.append(CircuitStep(action="add", id=order[k - 1].id, size=k, joint_share=float(share)))
-            if share >= target:
-                chosen = order[:k]
-                break
-        if chosen is not None:
-            break
+
+    # the smallest prefix reaching the target: the first `block` prefixes one by one, then doubling, then bisection
+    # between the last prefix below the target and the first at or above it
+    joint(list(range(1, min(block, len(order)) + 1)))
+    low, k = max((k for k in tried if tried[k] < target), default=0), block
+    while not any(share >= target for share in tried.values()) and k < len(order):
+        k = min(2 * k, len(order))
+        joint([k])
+    reached = sorted(k for k, share in tried.items() if share >= target)
+    if reached:
+        low = max((k for k in tried if tried[k] < target and k < reached[0]), default=0)
+        high = reached[0]
+        while high - low > 1:
+            mid = (low + high) // 2
+            joint([mid])
+            low, high = (mid, high) if tried[mid] < target else (low, mid)
+    chosen = order[:high] if reached else None
     if chosen is not None:  # prune: least-ranked members first
         for member in list(reversed(chosen)):
             if len(chosen) == 1:
@@ -257,13 +281,14 @@ def path_effects(search: Search, circuit: Sequence[Component], n_layers: int) ->
     noise = search.direction == "noise"
     for rows in engine._pair_chunks(batch.n_pairs, max(1, engine.rows(batch.width))):
         sub = batch.select(rows)
-        moved = _edge_chunk(engine, sub.side(harmful=noise), sub.side(harmful=not noise), circuit, edges, points)
+        moved = _edge_chunk(engine, sub.side(harmful=noise), sub.side(harmful=not noise), circuit, edges, points,
+                            search.bar)
         out[:, rows] = -moved if noise else moved
     names = [(s.id, SCORE if r is None else r.id) for s, r in edges]
     return names, out
 
 
-def _edge_chunk(engine: PatchEngine, target_side, source_side, circuit, edges, points) -> np.ndarray:
+def _edge_chunk(engine: PatchEngine, target_side, source_side, circuit, edges, points, bar=None) -> np.ndarray:
     """Score moves [edges, n] of path patching on one chunk of pairs (see :func:`path_effects`)."""
     target, target_mask = target_side
     source, source_mask = source_side
@@ -306,6 +331,8 @@ def _edge_chunk(engine: PatchEngine, target_side, source_side, circuit, edges, p
         if receiver is not None:
             final = engine.scores(target, target_mask, {receiver.point: written(receiver, recorded["value"])})
         out[e] = (final - clean_score).numpy()
+        if bar is not None:
+            bar.update(1)
     return out
 
 
@@ -411,13 +438,16 @@ def run_circuit(report, report_path: str | Path, model: str | None = None, adapt
         prior = None
         if direction == report.direction and len(ids) == len(report.used_pair_ids):
             prior = {c.id: c.share for c in report.components if c.share is not None}
-        search = Search(engine, batch, m_h, m_b, direction)
+        bar = tqdm(desc=f"circuit ({direction}): joint patches and edges", unit="patch", disable=not progress,
+                   leave=False)
+        search = Search(engine, batch, m_h, m_b, direction, bar=bar)
         result = search_circuit(search, nodes, target, prior, report.stats.level, report.stats.n_resamples,
                                 report.stats.seed)
         members = [c for c in nodes if c.id in {n.id for n in result.nodes}]
         if max_edge_nodes:
             add_edges(result, search, members, loaded.n_layers, max_edge_nodes, report.stats.level,
                       report.stats.n_resamples, report.stats.seed)
+        bar.close()
         circuits.append(result)
     family_words = {"all": "attention heads (hook_z) and MLP outputs, every position patched together",
                     "last": "attention heads (hook_z) and MLP outputs at the last prompt token"}[family]

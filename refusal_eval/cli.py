@@ -139,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     circuit.add_argument("--max-edge-nodes", type=int, default=12,
                          help="path-patch the edges among at most this many circuit nodes (0: no edges)")
     circuit.add_argument("--out", help="folder for circuit.json/.md/.dot (default: the report's folder)")
+    circuit.add_argument("--quiet", action="store_true", help="no progress bar")
     circuit.set_defaults(handler=_circuit)
     plot = sub.add_parser(
         "plot", help="redraw the PNG pictures of a report or comparison (no model needed)",
@@ -256,7 +257,8 @@ def _run_audits(configs, names: list[str], args: argparse.Namespace, argv: list[
             print(f"warning: {warning}", file=sys.stderr)
         print(f"wrote {json_path}\nwrote {md_path}")
         if args.circuit:
-            _search_circuit(report, json_path, json_path.parent, argv, model=config.model, adapter=config.adapter)
+            _search_circuit(report, json_path, json_path.parent, argv, model=config.model, adapter=config.adapter,
+                            progress=not args.quiet)
     if len(reports) == 2:
         from refusal_eval.compare import compare_reports, default_comparison_dir, summary_lines, write_comparison
 
@@ -299,7 +301,7 @@ def _circuit(args: argparse.Namespace, argv: list[str]) -> int:
     with output_lock(folder):
         return _search_circuit(report, args.report, folder, argv, model=args.model, adapter=args.adapter,
                                target=args.target, directions=args.directions, family=args.nodes,
-                               max_edge_nodes=args.max_edge_nodes)
+                               max_edge_nodes=args.max_edge_nodes, progress=not args.quiet)
 
 
 def _search_circuit(report, report_path, folder: Path, argv: list[str], directions: str = "both",

@@ -172,12 +172,25 @@ def test_greedy_then_pruning_keeps_only_what_the_target_needs():
     result = search_circuit(AdditiveSearch(weights), nodes, 0.8, prior, n_boot=200)
     assert result.found and [n.id for n in result.nodes] == [nodes[0].id, nodes[2].id, nodes[3].id]
     assert result.joint.share == pytest.approx(0.82)
-    assert [s.action for s in result.steps] == ["add"] * 4 + ["remove"]
+    # the first block tries every prefix; the top 4 is the smallest reaching the target; pruning then drops b
+    assert [(s.action, s.size) for s in result.steps] == [("add", k) for k in range(1, 7)] + [("remove", 3)]
+    assert [s.joint_share >= 0.8 for s in result.steps[:6]] == [False, False, False, True, True, True]
     assert result.complement.share == pytest.approx(0.05)
     # unreachable target: nothing is claimed
     short = search_circuit(AdditiveSearch(weights), nodes, 0.9, prior, n_boot=200)
     assert not short.found and short.nodes == [] and short.joint is None
     assert short.all_nodes.share == pytest.approx(0.87)
+
+
+def test_long_prefix_search_doubles_then_bisects_to_the_smallest_prefix():
+    nodes = [Component("head", layer, head) for layer in range(8) for head in range(5)]
+    weights = {c.id: 0.0385 for c in nodes}  # 21 of them reach 0.8, 20 do not
+    prior = {c.id: 1.0 - i / 100 for i, c in enumerate(nodes)}
+    result = search_circuit(AdditiveSearch(weights), nodes, 0.8, prior, n_boot=200)
+    assert result.found and result.size == 21 and result.joint.share == pytest.approx(21 * 0.0385)
+    tried = [s.size for s in result.steps if s.action == "add"]
+    assert tried == [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 24, 20, 22, 21]
+    assert not [s for s in result.steps if s.action == "remove"]  # every member is needed
 
 
 @pytest.fixture(scope="module")
