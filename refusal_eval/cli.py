@@ -256,7 +256,9 @@ def _run_audits(configs, names: list[str], args: argparse.Namespace, argv: list[
         for warning in report.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         print(f"wrote {json_path}\nwrote {md_path}")
-        if args.circuit:
+        if args.circuit and not report.shares_defined:
+            print(f"no circuit for {report.model.name}: its shares are undefined ({report.shares_reason})")
+        elif args.circuit:
             _search_circuit(report, json_path, json_path.parent, argv, model=config.model, adapter=config.adapter,
                             progress=not args.quiet)
     if len(reports) == 2:

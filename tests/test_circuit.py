@@ -273,3 +273,12 @@ def test_run_with_circuit_writes_the_circuit_beside_the_report(tmp_path, capsys)
     assert denoise["ranking"] == "the audit report's single-component shares"
     assert denoise["found"] and denoise["joint"]["share"] >= 0.8
     assert "recover" in capsys.readouterr().out
+
+
+def test_run_with_circuit_and_undefined_shares_writes_the_report_and_says_why_there_is_no_circuit(tmp_path, capsys):
+    args = ["run", "--out", str(tmp_path), "--max-pairs", "4", "--components", "mlp_out", "--positions", "all",
+            "--tricky", "", "--n-boot", "200", "--n-permutations", "200", "--quiet", "--circuit", "--min-gap", "1000"]
+    assert main(args) == 0
+    assert "no circuit for tiny-refuser: its shares are undefined" in capsys.readouterr().out
+    assert (tmp_path / "tiny-refuser" / "report.json").is_file()
+    assert not (tmp_path / "tiny-refuser" / "circuit.json").exists()
