@@ -1,4 +1,4 @@
-"""Pictures of a report: where refusal lives at a glance (matplotlib, Agg, no display needed).
+"""Pictures of a report: where refusal lives at a glance (matplotlib's Agg canvas, no display needed).
 
 Three PNGs, drawn from a report alone (no model), for an audit (shares) or a comparison (B − A differences):
 
@@ -112,9 +112,8 @@ def render_pictures(picture: Picture | None) -> dict[str, bytes]:
     """PNG bytes by file name, for each picture the cells allow (none for ``None``)."""
     if picture is None:
         return {}
-    import matplotlib
+    import matplotlib  # drawn on Figure + FigureCanvasAgg directly: no pyplot, the user's backend is left alone
 
-    matplotlib.use("Agg", force=False)
     out = {}
     with matplotlib.rc_context(_STYLE):
         for name, draw in ((POSITIONS_PNG, _positions), (HEADS_PNG, _heads), (LAYERS_PNG, _layers)):
