@@ -1,10 +1,34 @@
-"""refusal_eval: find where a language model's refusal of harmful requests lives."""
+"""refusal_eval: find where a language model's refusal of harmful requests lives.
+
+The public names are imported on first use (PEP 562), so ``import refusal_eval`` — and with it the command
+line's ``--help``, ``validate``, ``schema``, ``gate`` and the pytest plugin — does not load torch or transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from refusal_eval.audit import audit  # noqa: E402
-from refusal_eval.config import AuditConfig  # noqa: E402
-from refusal_eval.data.pairs import PromptPair, load_pairs  # noqa: E402
-from refusal_eval.report.schema import AuditReport, load_report  # noqa: E402
+_LAZY = {
+    "audit": "refusal_eval.audit",
+    "AuditConfig": "refusal_eval.config",
+    "PromptPair": "refusal_eval.data.pairs",
+    "load_pairs": "refusal_eval.data.pairs",
+    "AuditReport": "refusal_eval.report.schema",
+    "load_report": "refusal_eval.report.schema",
+}
 
 __all__ = ["AuditConfig", "AuditReport", "PromptPair", "__version__", "audit", "load_pairs", "load_report"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'refusal_eval' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,3 +235,27 @@ def test_canonical_token_sets_and_no_noise_floor_on_request():
     assert report.dataset.n_calibration == 0 and report.dataset.calibration_path is None
     assert report.controls.noise_floor is None
     assert all(c.noise_floor is None and c.within_noise is None for c in report.components)
+
+
+def test_light_commands_and_the_plugin_never_load_torch():
+    """--help, schema, validate, gate and the pytest plugin import neither torch nor transformers (issue 14)."""
+    import subprocess
+    import sys
+
+    report = Path(__file__).resolve().parent.parent / "reports" / "tiny-refuser" / "report.json"
+    code = (
+        "import sys, contextlib, io\n"
+        "from refusal_eval.cli import main\n"
+        "import refusal_eval.pytest_plugin\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "    for argv in (['schema'], ['validate', sys.argv[1]]):\n"
+        "        assert main(argv) == 0, argv\n"
+        "    for argv in (['--help'], ['gate', '--help'], ['run', '--help']):\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(report)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
