@@ -517,6 +517,10 @@ def run_gate(report_path: str | Path, policy_path: str | Path,
     baseline = load_report(baseline_path) if baseline_path is not None else None
     if policy.baseline is not None and baseline is None:
         raise GateError(f"{policy_path}: the policy has a [baseline] rule but no --baseline report was given")
+    if baseline is not None and policy.baseline is None:
+        raise GateError(f"{policy_path}: --baseline {baseline_path} was given but the policy has no [baseline] "
+                        "section, so the baseline would be ignored; add one (e.g. top_k = 3, max_drop = 0.2) or drop "
+                        "--baseline")
     return evaluate_gate(report, policy, baseline), report
 
 

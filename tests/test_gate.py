@@ -318,6 +318,10 @@ def test_cli_baseline(report, report_path, tmp_path, capsys):
     raised(report, {c.id for c in top_components(report, 2)}, 0.5).write_json(old)
     assert main(["gate", str(report_path), "--policy", str(policy), "--baseline", str(old)]) == 1
     assert "drop 0.500 > max_drop 0.200" in capsys.readouterr().out
+    # a baseline the policy has no rule for is an error, not silently ignored
+    no_rule = toml(tmp_path, "[gap]\nseparated = true\n")
+    assert main(["gate", str(report_path), "--policy", str(no_rule), "--baseline", str(old)]) == 2
+    assert "has no [baseline] section" in capsys.readouterr().err
 
 
 def test_cli_bad_report_or_policy_is_exit_2(report_path, tmp_path, capsys):
