@@ -7,6 +7,8 @@ line's ``--help``, ``validate``, ``schema``, ``gate`` and the pytest plugin — 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -32,3 +34,16 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """The package's module type: ``refusal_eval.audit`` stays the function even after the submodule of the same
+    name is imported (the import system then sets the package attribute to the submodule)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "audit" and isinstance(value, types.ModuleType):
+            value = value.audit
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

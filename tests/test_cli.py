@@ -259,3 +259,16 @@ def test_light_commands_and_the_plugin_never_load_torch():
     )
     out = subprocess.run([sys.executable, "-c", code, str(report)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_audit_stays_the_function_whatever_was_imported_first():
+    """``refusal_eval.audit`` names the function, also after the submodule of the same name was imported."""
+    import subprocess
+    import sys
+
+    code = ("import refusal_eval.audit, refusal_eval.patching.exact\n"
+            "from refusal_eval import audit, AuditConfig\n"
+            "from refusal_eval.patching import PatchEngine\n"
+            "assert callable(audit) and audit.__name__ == 'audit', audit\n"
+            "assert isinstance(PatchEngine, type)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
