@@ -128,10 +128,14 @@ class CircuitReport(_Model):
 
 
 # -- search -----------------------------------------------------------------------------------------------------------
-def circuit_nodes(n_layers: int, n_heads: int, family: str) -> list[Component]:
-    """Every head and MLP output of the model at all positions (``all``) or the last position (``last``)."""
+def check_family(family: str) -> None:
     if family not in ("all", "last"):
         raise ConfigError(f"--nodes {family}: choose 'all' (every position patched together) or 'last'")
+
+
+def circuit_nodes(n_layers: int, n_heads: int, family: str) -> list[Component]:
+    """Every head and MLP output of the model at all positions (``all``) or the last position (``last``)."""
+    check_family(family)
     position = None if family == "all" else -1
     nodes = [Component("head", layer, head, position) for layer in range(n_layers) for head in range(n_heads)]
     nodes += [Component("mlp_out", layer, None, position) for layer in range(n_layers)]
@@ -164,17 +168,20 @@ class Search:
         patched)."""
         if not sets:
             return np.zeros((0, self.batch.n_pairs))
-        scores = self.engine.patch_sets(self.batch, sets, self.direction).numpy().astype(np.float64)
+        scores = self.engine.patch_sets(self.batch, sets, self.direction)
         self.patched_sets += len(sets)
         if self.bar is not None:
             self.bar.update(len(sets))
-        return scores - self.m_b if self.direction == "denoise" else self.m_h - scores
+        return self._moves(scores)
 
     def single_shares(self, nodes: Sequence[Component]) -> np.ndarray:
         """Each node's share patched alone (the engine's batched single-component path)."""
-        scores = self.engine.patch(self.batch, list(nodes), self.direction).numpy().astype(np.float64)
-        effects = scores - self.m_b if self.direction == "denoise" else self.m_h - scores
-        return ratio_of_sums(effects, self.gaps)
+        return ratio_of_sums(self._moves(self.engine.patch(self.batch, list(nodes), self.direction)), self.gaps)
+
+    def _moves(self, scores: torch.Tensor) -> np.ndarray:
+        """Patched target scores [k, n_pairs] -> the effects the shares count (toward the source side)."""
+        scores = scores.numpy().astype(np.float64)
+        return scores - self.m_b if self.direction == "denoise" else self.m_h - scores
 
     def opposite(self) -> Search:
         """The same pairs, patched in the other direction."""
@@ -206,7 +213,7 @@ def search_circuit(search: Search, nodes: list[Component], target: float, prior:
     steps: list[CircuitStep] = []
     tried: dict[int, float] = {}
 
-    def joint(sizes: list[int]) -> None:
+    def try_prefixes(sizes: list[int]) -> None:
         sizes = [k for k in sizes if k not in tried]
         for k, share in zip(sizes, search.shares([order[:k] for k in sizes]), strict=True):
             tried[k] = float(share)
@@ -214,18 +221,18 @@ def search_circuit(search: Search, nodes: list[Component], target: float, prior:
 
     # the smallest prefix reaching the target: the first `block` prefixes one by one, then doubling, then bisection
     # between the last prefix below the target and the first at or above it
-    joint(list(range(1, min(block, len(order)) + 1)))
-    low, k = max((k for k in tried if tried[k] < target), default=0), block
+    try_prefixes(list(range(1, min(block, len(order)) + 1)))
+    k = block
     while not any(share >= target for share in tried.values()) and k < len(order):
         k = min(2 * k, len(order))
-        joint([k])
+        try_prefixes([k])
     reached = sorted(k for k, share in tried.items() if share >= target)
     if reached:
         low = max((k for k in tried if tried[k] < target and k < reached[0]), default=0)
         high = reached[0]
         while high - low > 1:
             mid = (low + high) // 2
-            joint([mid])
+            try_prefixes([mid])
             low, high = (mid, high) if tried[mid] < target else (low, mid)
     chosen = order[:high] if reached else None
     if chosen is not None:  # prune: least-ranked members first
@@ -243,19 +250,16 @@ def search_circuit(search: Search, nodes: list[Component], target: float, prior:
     complement = [c for c in nodes if c not in members]
     sets = ([circuit] if circuit else []) + [complement, nodes]
     effects = search.effects(sets)
-    knockout = None
-    if circuit:
-        if search.direction == "noise":
-            knocked = effects[:1]
-        else:
-            other = search.opposite()
-            knocked = other.effects([circuit])
-            search.patched_sets += other.patched_sets
-        effects = np.vstack([effects, knocked])
+    knock_out = bool(circuit) and search.direction == "denoise"  # a noising circuit's joint share is its knock-out
+    if knock_out:
+        other = search.opposite()
+        effects = np.vstack([effects, other.effects([circuit])])
+        search.patched_sets += other.patched_sets
     intervals = _interval(effects, search.gaps, level, n_boot, seed)
+    knockout = intervals.pop() if knock_out else None
     joint = intervals[0] if circuit else None
-    if circuit:
-        knockout = intervals.pop()
+    if circuit and knockout is None:
+        knockout = joint
     return DirectionCircuit(
         direction=search.direction, target=target, found=found,
         clears_target=bool(joint is not None and joint.ci_low >= target),
@@ -344,7 +348,8 @@ def add_edges(result: DirectionCircuit, search: Search, circuit: Sequence[Compon
     started = time.perf_counter()
     kept = list(circuit)
     if len(kept) > max_nodes:
-        kept = sorted(kept, key=lambda c: -next(n.single_share for n in result.nodes if n.id == c.id))[:max_nodes]
+        single = {n.id: n.single_share for n in result.nodes}
+        kept = sorted(kept, key=lambda c: -single[c.id])[:max_nodes]
         result.edges_note = (f"edges among the {max_nodes} nodes with the largest single shares only "
                              f"(the circuit has {len(circuit)}; raise --max-edge-nodes for all)")
     names, effects = path_effects(search, kept, n_layers)
@@ -405,8 +410,7 @@ def run_circuit(report, report_path: str | Path, model: str | None = None, adapt
     if missing:
         raise ConfigError(f"{report_path}: {len(missing)} of its pairs (e.g. '{missing[0]}') are not in "
                           f"{inputs.dataset_path} any more; rerun the audit")
-    if family not in ("all", "last"):
-        circuit_nodes(1, 1, family)  # raises the option error
+    check_family(family)
     loaded = load_model(config.model, dtype=config.dtype, device=config.device, adapter=config.adapter)
     if loaded.weights_sha256() != report.model.weights_sha256:
         raise ConfigError(f"the model loaded from {config.model or 'tiny-refuser'} does not have the weights the "

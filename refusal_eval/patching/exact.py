@@ -213,6 +213,13 @@ def free_memory(device: torch.device) -> int:
         return 4 << 30
 
 
+def _check_patch(batch: PairBatch, components: Sequence[Component], direction: str) -> None:
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction must be 'denoise' or 'noise', not '{direction}'")
+    if not batch.equal_lengths and any(c.position is None for c in components):
+        raise ValueError("an all-positions patch needs pairs of equal token length on both sides")
+
+
 class PatchEngine:
     """Runs clean and patched forward passes of one model and returns refusal scores."""
 
@@ -542,11 +549,8 @@ class PatchEngine:
         """Refusal score of the target side with all the components of each set patched **together** from the
         source side (a joint patch), shape [len(sets), n_pairs]; an empty set gives the clean score. Every set is
         a full forward of the model (no layer skip or prefix reuse: a set spans layers and positions)."""
-        if direction not in ("denoise", "noise"):
-            raise ValueError(f"direction must be 'denoise' or 'noise', not '{direction}'")
         flat = [c for members in sets for c in members]
-        if not batch.equal_lengths and any(c.position is None for c in flat):
-            raise ValueError("an all-positions patch needs pairs of equal token length on both sides")
+        _check_patch(batch, flat, direction)
         result = torch.empty(len(sets), batch.n_pairs)
         points = sorted({c.point for c in flat})
         rows_per_forward = self.rows(batch.width)
@@ -584,10 +588,7 @@ class PatchEngine:
         self, batch: PairBatch, components: Sequence[Component], direction: str, identity: bool
     ) -> torch.Tensor:
         """:meth:`patch` (``identity=False``) or :meth:`identity_patch` (``identity=True``)."""
-        if direction not in ("denoise", "noise"):
-            raise ValueError(f"direction must be 'denoise' or 'noise', not '{direction}'")
-        if not batch.equal_lengths and any(c.position is None for c in components):
-            raise ValueError("an all-positions patch needs pairs of equal token length on both sides")
+        _check_patch(batch, components, direction)
         result = torch.empty(len(components), batch.n_pairs)
         points = sorted({c.point for c in components})
         # resolved once per call: the pair chunks and the variants per forward follow the same row budget
