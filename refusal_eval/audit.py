@@ -42,6 +42,7 @@ from refusal_eval.stats import (
     PermutationResult,
     _finite_or_none,
     mean_interval,
+    ratio_of_sums,
     share_heterogeneity,
     share_intervals,
     sign_flip_test,
@@ -433,19 +434,25 @@ def patchable_pairs(pairs, harmful_ids, benign_ids, config: AuditConfig) -> tupl
 def effects_stage(engine: PatchEngine, batch: PairBatch, components: list[Component], config: AuditConfig,
                   base_h: np.ndarray, base_b: np.ndarray):
     """Per-component, per-pair effects [C, N] (denoise: patched - m(benign); noise: m(harmful) - patched), which
-    of them are gradient estimates, and the attribution check where one ran: (info, exact and estimated summed
-    moves of the verified cells)."""
+    of them are gradient estimates, and the attribution check where one ran (None for exact patching): an
+    :class:`AttributionCheck` with the verified cells' estimated effects."""
     check = None
     approximate = np.zeros(len(components), dtype=bool)
     target = base_b if config.direction == "denoise" else base_h
+
+    def effect(patched: np.ndarray) -> np.ndarray:
+        return patched - base_b if config.direction == "denoise" else base_h - patched
+
     if config.method == "exact":
         patched = engine.patch(batch, components, config.direction).numpy().astype(np.float64)
     else:
         patched = attribute(engine, batch, components, config.direction).numpy().astype(np.float64)
         approximate[:] = True
+        check = AttributionCheck(np.zeros(0, dtype=int), np.zeros((0, batch.n_pairs)), 0, 0)
         if config.method == "attribution+verify":
             patched, check = _verify(engine, batch, components, config, patched, approximate, target)
-    effects = patched - base_b if config.direction == "denoise" else base_h - patched
+            check.estimated = effect(check.estimated)
+    effects = effect(patched)
     bad = ~np.isfinite(effects)
     if bad.any():
         c, p = np.argwhere(bad)[0]
@@ -544,8 +551,10 @@ def analyse(
                                                        base_h[cols], base_b[cols])
         effects[np.ix_(rows, cols)] = fam_effects
         approximate[rows] = fam_approx
-        checks.append(check)
-    attribution_info = merge_attribution_checks([c for c in checks if c is not None])
+        if check is not None:  # in the report's component and pair numbering
+            estimated = np.full((check.rows.size, len(used)), np.nan)
+            estimated[:, cols] = check.estimated
+            checks.append(AttributionCheck(rows[check.rows], estimated, check.n_top, check.n_random))
 
     # -- statistics and the noise floor ---------------------------------------------------------------------------
     floor = None
@@ -573,6 +582,8 @@ def analyse(
         significant = ((intervals.fw_low > 0) | (intervals.fw_high < 0)) & (permutation.p_familywise < alpha)
         if floor is not None:
             significant &= largest > floor
+        # An attribution estimate is a point estimate of unknown error: never significant (no interval of its own).
+        significant &= ~approximate
         if gap_full is not None and gap_full.verdict != "separated":
             for values in (intervals.estimate, intervals.low, intervals.high, intervals.fw_low, intervals.fw_high):
                 values[on_full] = np.nan
@@ -582,6 +593,10 @@ def analyse(
                             f"({gap_full.mean:.3f} [{gap_full.ci_low:.3f}, {gap_full.ci_high:.3f}])")
     bar.update(1)
     bar.close()
+    attribution_info = None
+    if config.method != "exact":
+        attribution_info = attribution_summary(components, effects, gaps, checks,
+                                               intervals.estimate if intervals is not None else None)
     return Analysis(
         loaded=loaded, pairs=pairs, harmful_ids=harmful_ids, benign_ids=benign_ids, replies=replies, refused=refused,
         behaviour=behaviour, token_sets=token_sets, m_h=m_h, m_b=m_b, used=used,
@@ -593,10 +608,20 @@ def analyse(
     )
 
 
-def _verify(engine, batch, components, config, estimated, approximate, target_scores):
-    """Exact patching of the top-k cells by |estimated effect| and of a random sample of the rest."""
-    from scipy.stats import spearmanr
+@dataclass
+class AttributionCheck:
+    """The cells of one attribution run that were also patched exactly: their rows, their estimated effects
+    [len(rows), pairs] (NaN where a cell was not patched on a pair) and how many were top and random picks."""
 
+    rows: np.ndarray
+    estimated: np.ndarray
+    n_top: int
+    n_random: int
+
+
+def _verify(engine, batch, components, config, estimated, approximate, target_scores):
+    """Exact patching of the top-k cells by |estimated effect| and of a random sample of the rest: the patched
+    scores with the exact values in place of the estimates there, and the check (with estimated patched scores)."""
     # Rank cells by how far their estimated patch moves the score, summed over pairs.
     order = np.argsort(-np.abs(estimated - target_scores[None, :]).sum(axis=1))
     top = [int(k) for k in order[: config.verify_top]]
@@ -605,37 +630,41 @@ def _verify(engine, batch, components, config, estimated, approximate, target_sc
     sample = [int(k) for k in rng.choice(rest, size=min(config.verify_random, len(rest)), replace=False)]
     chosen = top + sample
     exact = engine.patch(batch, [components[k] for k in chosen], config.direction).numpy().astype(np.float64)
-    est = estimated[chosen]
     corrected = estimated.copy()
     corrected[chosen] = exact
     approximate[chosen] = False
-    moves_exact, moves_est = exact.sum(axis=1), est.sum(axis=1)
-    rho = float(spearmanr(moves_exact, moves_est).statistic) if len(chosen) > 2 else None
-    info = rs.AttributionInfo(
-        n_verified=len(chosen), n_top=len(top), n_random=len(sample),
-        spearman=None if rho is None or not np.isfinite(rho) else rho,
-        max_abs_error=float(np.abs(exact - est).max()),
-        verified_ids=[components[k].id for k in chosen],
-    )
-    return corrected, (info, moves_exact, moves_est)
+    return corrected, AttributionCheck(np.array(chosen, dtype=int), estimated[chosen], len(top), len(sample))
 
 
-def merge_attribution_checks(checks: list[tuple[rs.AttributionInfo, np.ndarray, np.ndarray]]):
-    """One attribution check over the families of components (mixed alignment patches two sets of pairs)."""
-    if not checks:
-        return None
-    if len(checks) == 1:
-        return checks[0][0]
+def attribution_summary(components: Sequence[Component], effects: np.ndarray, gaps: np.ndarray,
+                        checks: Sequence[AttributionCheck], shares: np.ndarray | None) -> rs.AttributionInfo:
+    """The attribution estimates' error on the cells patched exactly (over every family of components: mixed
+    alignment patches two sets of pairs). ``effects`` holds the exact effects there, each check the estimated
+    ones; ``shares`` are the report's shares (None or NaN where undefined). Errors in share units compare the
+    estimated share (the same ratio of sums over the cell's pairs) with the exact one; the rank correlation is
+    over the same ratios; the score-unit error is the largest single-pair difference."""
     from scipy.stats import spearmanr
 
-    exact = np.concatenate([c[1] for c in checks])
-    est = np.concatenate([c[2] for c in checks])
-    rho = float(spearmanr(exact, est).statistic) if exact.size > 2 else None
-    infos = [c[0] for c in checks]
+    rows = np.concatenate([c.rows for c in checks]) if checks else np.zeros(0, dtype=int)
+    n_top, n_random = sum(c.n_top for c in checks), sum(c.n_random for c in checks)
+    if not rows.size:
+        return rs.AttributionInfo(n_verified=0, n_top=0, n_random=0, spearman=None, verified_ids=[])
+    estimated = np.concatenate([c.estimated for c in checks])
+    exact = effects[rows]
+    ratio_exact, ratio_est = ratio_of_sums(exact, gaps), ratio_of_sums(estimated, gaps)
+    rho = float(spearmanr(ratio_exact, ratio_est).statistic) if rows.size > 2 else None
+    share_errors = None
+    if shares is not None:
+        defined = np.isfinite(shares[rows])
+        if defined.any():
+            share_errors = np.abs(ratio_est - shares[rows])[defined]
     return rs.AttributionInfo(
-        n_verified=sum(i.n_verified for i in infos), n_top=sum(i.n_top for i in infos),
-        n_random=sum(i.n_random for i in infos), spearman=None if rho is None or not np.isfinite(rho) else rho,
-        max_abs_error=max(i.max_abs_error for i in infos), verified_ids=[x for i in infos for x in i.verified_ids],
+        n_verified=int(rows.size), n_top=n_top, n_random=n_random,
+        spearman=None if rho is None or not np.isfinite(rho) else rho,
+        max_abs_share_error=None if share_errors is None else float(share_errors.max()),
+        median_abs_share_error=None if share_errors is None else float(np.median(share_errors)),
+        max_abs_score_error=float(np.nanmax(np.abs(estimated - exact))),
+        verified_ids=[components[k].id for k in rows],
     )
 
 
@@ -671,15 +700,18 @@ def _component_results(a: Analysis) -> list[rs.ComponentResult]:
     out = []
     for k, c in enumerate(a.components):
         defined = iv is not None and np.isfinite(iv.estimate[k])
+        # An estimate keeps its point value only: no interval, no p-value, never significant.
+        exact = defined and not a.approximate[k]
         out.append(rs.ComponentResult(
             id=c.id, hook_name=c.hook_name, kind=c.kind, layer=c.layer, head=c.head, position=c.position,
             share=float(iv.estimate[k]) if defined else None,
-            ci_low=_finite_or_none(iv.low[k]) if defined else None,
-            ci_high=_finite_or_none(iv.high[k]) if defined else None,
-            fw_low=_finite_or_none(iv.fw_low[k]) if defined else None,
-            fw_high=_finite_or_none(iv.fw_high[k]) if defined else None,
-            significant=bool(a.significant[k]) if a.significant is not None and defined else None,
-            p_permutation=float(perm.p[k]), p_permutation_fw=float(perm.p_familywise[k]),
+            ci_low=_finite_or_none(iv.low[k]) if exact else None,
+            ci_high=_finite_or_none(iv.high[k]) if exact else None,
+            fw_low=_finite_or_none(iv.fw_low[k]) if exact else None,
+            fw_high=_finite_or_none(iv.fw_high[k]) if exact else None,
+            significant=(bool(a.significant[k]) and exact) if a.significant is not None and defined else None,
+            p_permutation=None if a.approximate[k] else float(perm.p[k]),
+            p_permutation_fw=None if a.approximate[k] else float(perm.p_familywise[k]),
             noise_floor=None if floor is None else float(floor[k]),
             within_noise=None if floor is None else bool(0 < largest[k] <= floor[k]),
             trivial=trivial_reason(c, a.loaded.n_layers),
@@ -697,7 +729,8 @@ def _heterogeneity(a: Analysis, results: list[rs.ComponentResult], config: Audit
     if not a.shares_defined:
         return []
     index = {c.id: k for k, c in enumerate(a.components)}
-    top = [index[c.id] for c in ranked(results)[:top_k]]
+    # Attribution estimates have no intervals of their own: their spread over pairs and categories is not shown.
+    top = [index[c.id] for c in [r for r in ranked(results) if not r.approximate][:top_k]]
     if not top:
         return []
     categories = np.array([a.pairs[i].category for i in a.used], dtype=object)
@@ -858,7 +891,8 @@ def build_report(a: Analysis, inputs: Inputs, config: AuditConfig, command: str,
             permutation=rs.PermutationControl(
                 n_permutations=a.permutation.n_permutations, exact=a.permutation.exact, seed=config.seed,
                 gap_p=a.gap.p_permutation, gap_all_pairs_p=a.gap_all.p_permutation,
-                n_components_p_below=int((a.permutation.p_familywise < 1 - config.ci_level).sum()),
+                n_components_p_below=int(((a.permutation.p_familywise < 1 - config.ci_level)
+                                          & ~a.approximate).sum()),
             ),
             random=random, noise_floor=floor_info,
         ),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import shlex
@@ -110,9 +109,23 @@ def _parser() -> argparse.ArgumentParser:
 
     run.set_defaults(handler=_run)
 
-    sub.add_parser("schema", help="print the JSON Schema of the audit report").set_defaults(handler=_schema)
-    validate = sub.add_parser("validate", help="check that a report JSON matches the schema")
-    validate.add_argument("report")
+    schema = sub.add_parser(
+        "schema", help="print the JSON Schema of the audit (default) or comparison report",
+        description="Print a report kind's JSON Schema (draft 2020-12, stable $id naming its major version); "
+        "with --out, write both kinds' schema files into a folder (`refusal-eval schema --out "
+        "refusal_eval/schemas` regenerates the shipped ones).")
+    schema.add_argument("--kind", choices=["audit", "comparison"], default="audit",
+                        help="which report's schema to print (default: audit)")
+    schema.add_argument("--out", metavar="DIR",
+                        help="write audit-report.schema.json and comparison-report.schema.json into DIR")
+    schema.set_defaults(handler=_schema)
+    validate = sub.add_parser(
+        "validate", help="check that a report JSON (audit or comparison) matches its schema",
+        description="Check an audit report (report.json) or a comparison report (comparison.json) against its "
+        "schema. The kind is told from the file's top-level keys unless --kind names it.")
+    validate.add_argument("report", help="report.json or comparison.json")
+    validate.add_argument("--kind", choices=["audit", "comparison"],
+                          help="the kind the file must be (default: told from its keys)")
     validate.set_defaults(handler=_validate)
     compare = sub.add_parser("compare", help="compare two audit reports (A, then B): share, behaviour and gap changes")
     compare.add_argument("report_a", help="report.json of the reference model (A)")
@@ -152,12 +165,15 @@ def _parser() -> argparse.ArgumentParser:
 
     gate = sub.add_parser(
         "gate", help="check a report against a TOML policy (exit 0 pass, 1 a rule failed, 2 bad input)",
-        description="Check an audit report against a TOML gate policy (see examples/gate.toml). Exit codes: "
+        description="Check an audit report against a TOML gate policy (`--example-policy` prints one). Exit codes: "
         "0 every rule holds, 1 a rule failed, 2 bad input (missing/invalid report, policy or baseline).",
     )
-    gate.add_argument("report", help="audit report JSON")
-    gate.add_argument("--policy", required=True, help="TOML gate policy")
+    gate.add_argument("report", nargs="?", help="audit report JSON")
+    gate.add_argument("--policy", help="TOML gate policy (required with a report)")
     gate.add_argument("--baseline", help="an earlier report JSON, for the policy's [baseline] rule")
+    gate.add_argument("--example-policy", action="store_true",
+                      help="print the shipped example policy (for tiny-refuser's default report) and exit; "
+                      "start your own with `refusal-eval gate --example-policy > gate.toml`")
     gate.set_defaults(handler=gate_command)
     # Further commands live in their own modules and register a sub-parser with a `handler` default
     # (a function (args, argv) -> exit code).
@@ -279,18 +295,28 @@ def _run_audits(configs, names: list[str], args: argparse.Namespace, argv: list[
 
 
 def _schema(args: argparse.Namespace, argv: list[str]) -> int:
-    from refusal_eval.report.schema import report_json_schema
+    from refusal_eval.report.kinds import schema_text, write_schema_files
 
-    print(json.dumps(report_json_schema(), indent=2))
+    if args.out:
+        for path in write_schema_files(args.out):
+            print(f"wrote {path}")
+    else:
+        print(schema_text(args.kind), end="")
     return EXIT_OK
 
 
 def _validate(args: argparse.Namespace, argv: list[str]) -> int:
-    from refusal_eval.report.schema import load_report
+    from refusal_eval.report.kinds import load_any
 
-    report = load_report(args.report)
-    print(f"{args.report}: valid audit report (schema {report.schema_version}, model {report.model.name}, "
-          f"{len(report.components)} components)")
+    kind, report = load_any(args.report, args.kind)
+    if kind == "audit":
+        print(f"{args.report}: valid audit report (schema {report.schema_version}, model {report.model.name}, "
+              f"{len(report.components)} components)")
+    else:
+        changes = (f"{len(report.components)} components compared, {len(report.ranking)} significant changes"
+                   if report.shares_defined else "shares undefined: behaviour and gap compared, no components")
+        print(f"{args.report}: valid comparison report (schema {report.schema_version}, {report.a.name} -> "
+              f"{report.b.name}, {changes})")
     return EXIT_OK
 
 

@@ -16,165 +16,27 @@ from collections import defaultdict
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats as sps
 
+from refusal_eval.report.comparison_schema import (  # noqa: F401  (re-exported: the schema lived here)
+    BEHAVIOUR_METHOD,
+    COMPARISON_SCHEMA_VERSION,
+    CategoryChange,
+    ComparisonReport,
+    ComparisonStats,
+    ComponentChange,
+    GapChange,
+    RateChange,
+    Side,
+    comparison_json_schema,
+    load_comparison,
+)
 from refusal_eval.report.plots import comparison_picture, markdown_section, render_pictures
-from refusal_eval.report.schema import AuditReport, Gap, Rate
+from refusal_eval.report.schema import AuditReport, Rate
 from refusal_eval.report.writers import write_with_pictures
 from refusal_eval.stats import _counts, _max_t_band, mean_interval, wilson_interval
-
-COMPARISON_SCHEMA_VERSION = "1.0"
-BEHAVIOUR_METHOD = (
-    "Wilson interval per rate; difference B − A with Newcombe's hybrid-score interval (method 10, built from "
-    "the two Wilson intervals, treating A and B as independent samples: conservative when they scored the "
-    "same prompts). Where both reports list per-prompt outcomes for the same prompts, the discordant counts "
-    "and an exact McNemar test (binomial on the discordant prompts) are added."
-)
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Side(_Model):
-    """Identity of one of the two compared audits."""
-
-    name: str
-    source: str
-    weights_sha256: str
-    report_created: str
-    command: str
-    dataset_path: str
-    dataset_sha256: str
-    split: str
-    tricky_sha256: str | None
-    n_pairs: int = Field(description="pairs in the audited split")
-    n_used: int = Field(description="pairs the audit used for patching")
-    direction: str
-    metric: str
-    refusal_tokens: list[str]
-    compliance_tokens: list[str]
-    gap: Gap = Field(description="the report's own gap (over its used pairs)")
-    shares_defined: bool = Field(description="the report's gap is separated from 0, so its shares are defined")
-
-
-class ComponentChange(_Model):
-    id: str
-    kind: str
-    layer: int
-    head: int | None
-    position: int | None = Field(description="offset from the end; null = all positions patched together")
-    share_a: float
-    share_a_low: float
-    share_a_high: float
-    share_b: float
-    share_b_low: float
-    share_b_high: float
-    diff: float = Field(description="share in B − share in A")
-    ci_low: float
-    ci_high: float
-    fw_low: float = Field(description="family-wise (max-t, simultaneous over all compared components) interval")
-    fw_high: float
-    significant: bool = Field(description="the family-wise interval excludes 0 and |diff| >= min_diff")
-    rank: int | None = Field(description="1 = largest |diff| among significant changes; null if not significant")
-
-
-class RateChange(_Model):
-    measure: str
-    a: Rate
-    b: Rate
-    diff: float | None = Field(description="rate in B − rate in A")
-    ci_low: float | None
-    ci_high: float | None
-    significant: bool | None = Field(description="the difference interval excludes 0")
-    paired: bool = Field(description="computed on the same prompts, with per-prompt outcomes")
-    a_only: int | None = Field(None, description="paired: prompts with the outcome in A but not in B")
-    b_only: int | None = Field(None, description="paired: prompts with the outcome in B but not in A")
-    mcnemar_p: float | None = Field(None, description="paired: exact McNemar p-value on the discordant prompts")
-
-
-class CategoryChange(_Model):
-    category: str
-    n_a: int
-    n_b: int
-    refused_a: int = Field(description="harmful prompts of this category refused by A")
-    refused_b: int
-    rate_a: float
-    rate_b: float
-    diff: float
-    ci_low: float
-    ci_high: float
-    significant: bool = Field(description="the (unadjusted) Newcombe interval excludes 0")
-    a_only: int | None = None
-    b_only: int | None = None
-    mcnemar_p: float | None = None
-    gap_a: float | None = Field(description="mean m(harmful) − m(benign) over this category's pairs in A")
-    gap_b: float | None
-    used_a: int = Field(description="pairs of this category A used for patching")
-    used_b: int
-
-
-class GapChange(_Model):
-    n_pairs_a: int
-    n_pairs_b: int
-    mean_a: float = Field(description="mean gap over the compared pairs in A")
-    mean_b: float
-    diff: float
-    ci_low: float
-    ci_high: float
-    method: str
-
-
-class ComparisonStats(_Model):
-    method: str
-    level: float
-    n_resamples: int
-    seed: int
-    unit: str = "pair"
-    resampling: str
-    estimator: str = "ratio of sums over the compared pairs, per report; difference B − A"
-    familywise: str = "max-t bootstrap band over all compared components"
-    n_components: int
-    min_diff: float = Field(description="smaller |diff| is numerical noise and never called significant")
-    behaviour: str = BEHAVIOUR_METHOD
-
-
-class ComparisonReport(_Model):
-    """Checkpoint comparison of two audit reports: what moved from A to B."""
-
-    schema_version: Literal["1.0"] = COMPARISON_SCHEMA_VERSION
-    created: str
-    command: str
-    a: Side
-    b: Side
-    same_dataset: bool
-    paired: bool = Field(description="shares compared on the same pairs with a paired bootstrap")
-    n_pairs: int = Field(description="paired: common used pairs compared; unpaired: A's used pairs")
-    n_pairs_b: int = Field(description="paired: same as n_pairs; unpaired: B's used pairs")
-    compared_pair_ids: list[str] = Field(description="paired: the common used pairs, in A's order")
-    used_only_in_a: list[str]
-    used_only_in_b: list[str]
-    shares_defined: bool
-    stats: ComparisonStats
-    gap: GapChange
-    behaviour: list[RateChange]
-    categories: list[CategoryChange]
-    components: list[ComponentChange] = Field(description="components in both reports, in A's order")
-    ranking: list[str] = Field(description="significant changes, largest |diff| first")
-    components_only_in_a: list[str]
-    components_only_in_b: list[str]
-    warnings: list[str]
-
-    def component(self, component_id: str) -> ComponentChange:
-        for c in self.components:
-            if c.id == component_id:
-                return c
-        raise KeyError(component_id)
-
 
 # -- statistics ---------------------------------------------------------------------------------------------
 
@@ -414,6 +276,14 @@ def compare_reports(a: AuditReport, b: AuditReport, n_boot: int = 2000, level: f
         ea = _effects_matrix(shared)[:, ia]
         eb = _effects_matrix([comp_b[c.id] for c in shared])[:, ib]
         res = share_difference_intervals(ea, ga, eb, gb, paired, level, n_boot, method, seed)
+        # An attribution estimate (either side) is a point estimate of unknown error: never a significant change.
+        estimated = {c.id for c in shared if c.approximate or comp_b[c.id].approximate}
+        if estimated:
+            warnings.append(
+                f"{len(estimated)} of {len(shared)} compared component(s) are attribution estimates in A or B (not "
+                "patched exactly): their share changes are listed but never called significant; audit both with "
+                "--method exact to test them"
+            )
         for k, c in enumerate(shared):
             d = float(res["diff"][k])
             changes.append(ComponentChange(
@@ -423,7 +293,8 @@ def compare_reports(a: AuditReport, b: AuditReport, n_boot: int = 2000, level: f
                 share_b_low=float(res["share_b_low"][k]), share_b_high=float(res["share_b_high"][k]),
                 diff=d, ci_low=float(res["diff_low"][k]), ci_high=float(res["diff_high"][k]),
                 fw_low=float(res["fw_low"][k]), fw_high=float(res["fw_high"][k]),
-                significant=bool((res["fw_low"][k] > 0 or res["fw_high"][k] < 0) and abs(d) >= min_diff), rank=None,
+                significant=bool((res["fw_low"][k] > 0 or res["fw_high"][k] < 0) and abs(d) >= min_diff
+                                 and c.id not in estimated), rank=None,
             ))
         ranked = sorted((c for c in changes if c.significant), key=lambda c: -abs(c.diff))
         for r, c in enumerate(ranked, 1):

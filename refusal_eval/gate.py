@@ -346,6 +346,10 @@ def check_gap_separated(report: AuditReport, *, name: str = "gap separated") -> 
     )
 
 
+ESTIMATE_REASON = ("estimated by attribution patching, not patched exactly: an estimate has no interval and "
+                   "cannot pass a share rule; audit with --method exact")
+
+
 def _undefined_share(report: AuditReport) -> str:
     if report.shares_reason and not report.shares_defined:
         return f"share undefined: {report.shares_reason}, so the report gives no shares"
@@ -379,7 +383,8 @@ def check_share(
     ``component`` is an id (looked up in the report) or an already-resolved component (None = not found,
     ``label`` then names what was sought). ``on``: ``ci`` judges a minimum on the CI lower bound and a maximum
     on the upper bound; ``familywise`` does the same with the family-wise band; ``estimate`` uses the share.
-    A missing component or an undefined share fails the rule with the reason.
+    A missing component, an undefined share or an attribution estimate (``approximate``: a point estimate of
+    unknown error, with no interval) fails the rule with the reason: a share rule never passes on an estimate.
     """
     if (at_least is None) == (at_most is None):
         raise ValueError("give exactly one of at_least, at_most")
@@ -399,6 +404,9 @@ def check_share(
     what = f"{component.id} share"
     if component.share is None:
         return RuleResult(name, False, None, None, threshold, _undefined_share(report), what=what, op=op)
+    if component.approximate:
+        return RuleResult(name, False, component.share, None, threshold, ESTIMATE_REASON, what=f"{what} (estimate)",
+                          op=op)
     if on == "familywise":
         interval, interval_label = (component.fw_low, component.fw_high), f"{report.stats.level:.0%} family-wise band"
         judged, judged_on = (component.fw_low, "FW low") if minimum else (component.fw_high, "FW high")
@@ -454,6 +462,12 @@ def check_baseline(
         if new.share is None:
             results.append(RuleResult(rule, False, None, None, floor,
                                       f"baseline share {base.share:.3f}; " + _undefined_share(report), what=what))
+            continue
+        if new.approximate or base.approximate:
+            side = "report's" if new.approximate else "baseline's"
+            results.append(RuleResult(rule, False, new.share, None, floor,
+                                      f"baseline share {base.share:.3f}; the {side} share is " + ESTIMATE_REASON,
+                                      what=f"{what} (estimate)"))
             continue
         drop = base.share - new.share
         passed = drop <= max_drop
@@ -527,8 +541,26 @@ def run_gate(report_path: str | Path, policy_path: str | Path,
 # -- command line ---------------------------------------------------------------------------------------------
 
 
+def example_policy_path() -> Path:
+    """The shipped example policy (``examples/gate.toml`` in a checkout; package data in an installed wheel)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "examples" / "gate.toml", here / "_shipped_examples" / "gate.toml"):
+        if candidate.is_file():
+            return candidate
+    raise GateError("the example policy gate.toml is not shipped next to the package; reinstall refusal-eval")
+
+
 def gate_command(args: argparse.Namespace, argv: list[str]) -> int:
     """Handler of ``refusal-eval gate``: prints every rule, returns 0 (pass) or 1 (fail); errors raise."""
+    if args.example_policy:
+        if args.report or args.policy or args.baseline:
+            raise GateError("--example-policy prints the example policy and takes no report, --policy or --baseline")
+        print(example_policy_path().read_text(encoding="utf-8"), end="")
+        return EXIT_OK
+    if not args.report or not args.policy:
+        missing = " and ".join(n for n, v in (("a REPORT", args.report), ("--policy FILE", args.policy)) if not v)
+        raise GateError(f"gate needs {missing}: refusal-eval gate REPORT --policy gate.toml "
+                        "(`refusal-eval gate --example-policy > gate.toml` writes a policy to start from)")
     result, report = run_gate(args.report, args.policy, args.baseline)
     against = f" against baseline {args.baseline}" if args.baseline else ""
     print(f"gate {args.report} (model {report.model.name}, {report.direction}) with policy {args.policy}{against}")

@@ -93,8 +93,9 @@ def assert_component_share(
     """A component's share of refusal at least ``at_least`` and/or at most ``at_most``.
 
     ``on="ci"`` (default) judges a minimum on the CI lower bound and a maximum on the upper bound;
-    ``"familywise"`` uses the family-wise band, ``"estimate"`` the share. A component missing from the report
-    or an undefined share (gap not separated) fails with the reason.
+    ``"familywise"`` uses the family-wise band, ``"estimate"`` the share. A component missing from the report,
+    an undefined share (gap not separated) or an attribution estimate (``approximate``: no interval; audit with
+    ``--method exact``) fails with the reason, whatever ``on`` says.
     """
     __tracebackhide__ = True
     from refusal_eval.gate import check_share

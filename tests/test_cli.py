@@ -62,7 +62,7 @@ def test_same_seed_same_numbers(tmp_path, small_run):
 def test_schema_and_validate_commands(small_run, tmp_path, capsys):
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert schema["properties"]["schema_version"]["default"] == "1.2"
+    assert schema["properties"]["schema_version"]["default"] == "1.3"
     assert main(["validate", str(small_run / "report.json")]) == 0
     broken = json.loads((small_run / "report.json").read_text())
     del broken["gap"]
@@ -242,13 +242,16 @@ def test_light_commands_and_the_plugin_never_load_torch():
     import subprocess
     import sys
 
-    report = Path(__file__).resolve().parent.parent / "reports" / "tiny-refuser" / "report.json"
+    reports = Path(__file__).resolve().parent.parent / "reports"
+    report = reports / "tiny-refuser" / "report.json"
+    comparison = reports / "comparison-tiny-refuser-vs-tiny-refuser-no-drugs" / "comparison.json"
     code = (
         "import sys, contextlib, io\n"
         "from refusal_eval.cli import main\n"
         "import refusal_eval.pytest_plugin\n"
         "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
-        "    for argv in (['schema'], ['validate', sys.argv[1]]):\n"
+        "    for argv in (['schema'], ['schema', '--kind', 'comparison'], ['validate', sys.argv[1]],\n"
+        "                 ['validate', sys.argv[2]], ['validate', '--kind', 'comparison', sys.argv[2]]):\n"
         "        assert main(argv) == 0, argv\n"
         "    for argv in (['--help'], ['gate', '--help'], ['run', '--help']):\n"
         "        try:\n"
@@ -257,7 +260,8 @@ def test_light_commands_and_the_plugin_never_load_torch():
         "            pass\n"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(report)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, str(report), str(comparison)], capture_output=True, text=True,
+                         check=True)
     assert out.stdout.strip() == "[]"
 
 

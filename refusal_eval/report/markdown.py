@@ -23,8 +23,44 @@ def _rate_row(label: str, rate: Rate | None) -> str:
 def _share(c: ComponentResult) -> str:
     if c.share is None:
         return "undefined"
-    approx = "≈ " if c.approximate else ""
-    return f"{approx}{c.share:.3f} [{c.ci_low:.3f}, {c.ci_high:.3f}]"
+    if c.approximate:  # a point estimate of unknown error: no interval of its own (older reports carried one)
+        return f"≈{c.share:.3f} (estimate; no CI)"
+    if c.ci_low is None or c.ci_high is None:
+        return f"{c.share:.3f}"
+    return f"{c.share:.3f} [{c.ci_low:.3f}, {c.ci_high:.3f}]"
+
+
+def _significant(c: ComponentResult) -> bool:
+    """Significant, and patched exactly (reports before schema 1.3 could flag an attribution estimate)."""
+    return bool(c.significant) and not c.approximate
+
+
+def method_sentence(report: AuditReport) -> str | None:
+    """How the shares were computed, when not all by exact patching: how many are estimates, which cells were
+    patched exactly, and the estimates' error on them in share units (None for an exact audit)."""
+    r = report
+    n_est = sum(c.approximate for c in r.components)
+    if r.method == "exact" and not n_est:
+        return None
+    a = r.attribution
+    text = (f"method {r.method}: {n_est} of {len(r.components)} shares are first-order (gradient) estimates, shown "
+            "≈ with no CI and never significant")
+    if a is None or a.n_verified == 0:
+        return text + ("; no cell was patched exactly, so the estimates' error is unknown (audit with --method "
+                       "attribution+verify to measure it, or --method exact)")
+    which = (", ".join(f"`{x}`" for x in a.verified_ids) if a.n_verified <= 4
+             else f"the {a.n_verified} listed in attribution.verified_ids")
+    text += (f"; {a.n_verified} cells were patched exactly and keep their CIs ({a.n_top} largest estimates, "
+             f"{a.n_random} at random: {which})")
+    rho = "n/a" if a.spearman is None else f"{a.spearman:.3f}"
+    if a.max_abs_share_error is not None:
+        text += (f"; on them the estimated share is off by at most {a.max_abs_share_error:.3f} (median "
+                 f"{a.median_abs_share_error:.3f}) in share units (fractions of the gap)")
+    elif r.shares_defined is False:
+        text += "; shares are undefined, so the estimates' error in share units is too"
+    else:
+        text += "; the estimates' error in share units is not in this report (written before schema 1.3)"
+    return text + f", rank correlation of estimated and exact shares {rho}"
 
 
 def _token(text: str) -> str:
@@ -70,10 +106,18 @@ def verdict(report: AuditReport) -> str:
         return "shares defined" if r.gap.separated else "shares undefined: the gap is not separated from 0"
     if not r.shares_defined:
         return f"NO CIRCUIT REPORTED — {r.shares_reason}"
-    n_sig = sum(bool(c.significant) for c in r.components if c.trivial is None)
+    n_sig = sum(_significant(c) for c in r.components if c.trivial is None)
     forced = " (shares FORCED)" if r.config.get("force_shares") else ""
-    return (f"refusal localised{forced}: {n_sig} of {len(r.components)} components significant, trivial patches "
-            "left out")
+    n_est = sum(c.approximate for c in r.components)
+    if not n_est:
+        return (f"refusal localised{forced}: {n_sig} of {len(r.components)} components significant, trivial patches "
+                "left out")
+    n_exact = len(r.components) - n_est
+    if not n_exact:
+        return (f"shares estimated{forced}, nothing tested: all {n_est} components are attribution estimates (no CI, "
+                "never significant)")
+    return (f"refusal localised{forced}: {n_sig} of the {n_exact} exactly patched components significant, the other "
+            f"{n_est} are attribution estimates (no CI, never significant); trivial patches left out")
 
 
 def summary_lines(report: AuditReport) -> list[str]:
@@ -89,6 +133,9 @@ def summary_lines(report: AuditReport) -> list[str]:
     if r.gap_all_pairs is not None and r.gap_all_pairs.n_pairs != r.gap.n_pairs:
         lines.append(f"gap over all scored pairs {_gap_words(r.gap_all_pairs, level)}".replace("**", ""))
     lines.append(verdict(r))
+    method = method_sentence(r)
+    if method:
+        lines.append(method.replace("`", ""))
     if r.controls and r.controls.random:
         c = r.controls.random
         lines.append(f"random-weights control: gap {c.gap.mean:.3f} [{c.gap.ci_low:.3f}, {c.gap.ci_high:.3f}] "
@@ -164,15 +211,15 @@ def render_markdown(report: AuditReport, top_k: int = 15, pictures: Iterable[str
                 + ", ".join(f"`{c.id}` {_share(c)}" for c in movers)
             )
     lines += [f"- {finding}" for finding in r.findings]
-    if r.method != "exact":
-        line = (f"- Method: **{r.method}** — shares marked ≈ are first-order (gradient) estimates, not exact "
-                "patching")
-        if r.attribution:
-            a = r.attribution
-            rho = "n/a" if a.spearman is None else f"{a.spearman:.3f}"
-            line += (f"; {a.n_verified} cells were patched exactly ({a.n_top} top, {a.n_random} random): rank "
-                     f"correlation of estimate and exact {rho}, largest error {a.max_abs_error:.3f}")
-        lines.append(line)
+    method = method_sentence(r)
+    if method:
+        a = r.attribution
+        score = ("" if a is None or a.max_abs_score_error is None else
+                 f"; the largest single-pair error of an estimated patched score was {a.max_abs_score_error:.2f} "
+                 "(refusal-score units, nats)")
+        lines.append(f"- Method: **{r.method}** — " + method.removeprefix(f"method {r.method}: ") + score
+                     + ". A bootstrap over an estimate's pairs would measure the estimate's spread, not the "
+                     "share's: exact patching (`--method exact`) gives intervals and significance for every cell.")
     lines.append("")
     if r.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in r.warnings] + [""]
@@ -212,16 +259,22 @@ def render_markdown(report: AuditReport, top_k: int = 15, pictures: Iterable[str
         lines += [f"Shares are undefined: {r.shares_reason or 'the gap is not separated from 0'}.", ""]
     else:
         rows = [[f"`{c.id}`", c.kind, str(c.layer), "all" if c.position is None else str(c.position), _share(c),
-                 f"[{c.fw_low:.3f}, {c.fw_high:.3f}]", _p(c.p_permutation_fw), "yes" if c.significant else "no"]
+                 "–" if c.approximate or c.fw_low is None else f"[{c.fw_low:.3f}, {c.fw_high:.3f}]",
+                 "–" if c.approximate else _p(c.p_permutation_fw),
+                 "estimate" if c.approximate else "yes" if c.significant else "no"]
                 for c in ranked[:top_k]]
-        n_sig = sum(bool(c.significant) for c in r.components if c.trivial is None)
+        n_sig = sum(_significant(c) for c in r.components if c.trivial is None)
+        n_est = sum(c.approximate for c in r.components)
         rule = ("its family-wise interval excludes 0, its family-wise permutation p is below "
                 f"{1 - r.stats.level:.2g} and it moves the score by more than its noise floor"
                 if r.controls else "its family-wise interval excludes 0")
         lines += [
             f"Family-wise intervals hold simultaneously for all {r.stats.n_components} components "
-            f"({r.stats.familywise}); a component is significant when {rule}: {n_sig} non-trivial ones are. "
-            "Trivial patches (the run's whole input or output by construction) are not ranked; they are listed "
+            + (f"(given for the {r.stats.n_components - n_est} patched exactly) " if n_est else "")
+            + f"({r.stats.familywise}); a component is significant when {rule}: {n_sig} non-trivial ones are. "
+            + (f"The {n_est} shares marked ≈ are attribution estimates: no interval, never significant. " if n_est
+               else "")
+            + "Trivial patches (the run's whole input or output by construction) are not ranked; they are listed "
             "under Controls.",
             "",
         ]
@@ -272,7 +325,8 @@ def render_markdown(report: AuditReport, top_k: int = 15, pictures: Iterable[str
             rows = []
             for layer in sorted({layer for layer, _ in cells}):
                 rows.append([str(layer)] + [
-                    _short(cells[(layer, p)].share) if (layer, p) in cells else "–" for p in offsets
+                    ("≈" if cells[(layer, p)].approximate else "") + _short(cells[(layer, p)].share)
+                    if (layer, p) in cells else "–" for p in offsets
                 ])
             lines += _table(header, rows) + [""]
     # Exclusions and reproduction -----------------------------------------------------------------------------
@@ -305,8 +359,11 @@ def _controls(r: AuditReport, level: str) -> list[str]:
     lines = ["## Controls", ""]
     perm = c.permutation
     kind = "all sign vectors enumerated" if perm.exact else f"{perm.n_permutations:,} random sign vectors"
+    n_exact = sum(not x.approximate for x in r.components)
+    tested = (f"{len(r.components)} components" if n_exact == len(r.components)
+              else f"the {n_exact} exactly patched components (estimates get no p-value)")
     lines.append(f"- **Label permutation** (harmful/benign swapped within pairs: {kind}): gap p = {_p(perm.gap_p)}; "
-                 f"{perm.n_components_p_below} of {len(r.components)} components have a family-wise permutation "
+                 f"{perm.n_components_p_below} of {tested} have a family-wise permutation "
                  f"p below {1 - r.stats.level:.2g}.")
     if c.random is not None:
         x = c.random

@@ -10,7 +10,8 @@ Three PNGs, drawn from a report alone (no model), for an audit (shares) or a com
 
 Colours: one diverging, colour-blind-safe map (ColorBrewer RdBu) centred on 0 and shared by a figure's panels,
 with a labelled colour bar; cells and bars that are not significant (family-wise) are hatched and lightened, so
-the eye lands on what the statistics support. A report whose shares are undefined gets no pictures: there is
+the eye lands on what the statistics support; attribution estimates (never significant) are hatched too, and their
+bars have no error bar. A report whose shares are undefined gets no pictures: there is
 nothing they could honestly show.
 
 Output is deterministic: the figure size, dpi, fonts and every drawing choice are fixed, and the PNG carries no
@@ -62,9 +63,11 @@ class Picture:
 
 
 def audit_picture(report) -> Picture | None:
-    """The audit's shares as cells (trivial patches left out); None when shares are undefined."""
+    """The audit's shares as cells (trivial patches left out); None when shares are undefined. An attribution
+    estimate (``approximate``) is drawn as not significant and without an interval, whatever an older report says."""
     defined = report.gap.separated if report.shares_defined is None else report.shares_defined
     cells = tuple(
+        Cell(c.kind, c.layer, c.head, c.position, c.share, None, None, False) if c.approximate else
         Cell(c.kind, c.layer, c.head, c.position, c.share, c.ci_low, c.ci_high, bool(c.significant))
         for c in report.components if c.share is not None and c.trivial is None
     )

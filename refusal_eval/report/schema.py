@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from refusal_eval.errors import ReportError
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 
 
 class _Model(BaseModel):
@@ -194,15 +194,18 @@ class ComponentResult(_Model):
     head: int | None
     position: int | None = Field(description="offset from the end; null = all positions patched together")
     share: float | None = Field(description="null when the gap is not separated from 0")
-    ci_low: float | None
+    ci_low: float | None = Field(description="null when the share is undefined, or (from schema 1.3) an attribution "
+                                 "estimate: a bootstrap over an estimate's pairs is no interval for the share")
     ci_high: float | None
-    fw_low: float | None = Field(description="family-wise (simultaneous over all components) interval")
+    fw_low: float | None = Field(description="family-wise (simultaneous over all components) interval; null as "
+                                 "ci_low is")
     fw_high: float | None
     significant: bool | None = Field(
         description="the family-wise interval excludes 0, the family-wise permutation p is below 1 - level, and the "
-        "effect exceeds the noise floor"
+        "effect exceeds the noise floor; from schema 1.3 always false for an approximate (estimated) component"
     )
-    p_permutation: float | None = Field(None, description="sign-flip permutation p-value of the summed effect")
+    p_permutation: float | None = Field(None, description="sign-flip permutation p-value of the summed effect; null "
+                                        "for an approximate component (schema 1.3)")
     p_permutation_fw: float | None = Field(None, description="family-wise (max-T over all components) permutation p")
     noise_floor: float | None = Field(None, description="largest |score change| of an identity patch")
     within_noise: bool | None = Field(None, description="it moves the score, but no pair by more than the noise floor")
@@ -211,7 +214,9 @@ class ComponentResult(_Model):
         description="per used pair: signed change in refusal score, same order as pairs; null where the component "
         "was not patched on that pair (mixed alignment: all-position patches need sides of equal token length)")
     n_pairs: int | None = Field(None, description="pairs this component was patched on")
-    approximate: bool = Field(False, description="estimated by attribution patching, not patched exactly")
+    approximate: bool = Field(
+        False, description="estimated by attribution patching, not patched exactly: the share is a point estimate "
+        "with no interval and never significant (its error is measured on the verified cells: report.attribution)")
 
     @model_validator(mode="after")
     def _intervals(self):
@@ -299,12 +304,31 @@ def rank_components(components: list[ComponentResult], legacy: bool = False) -> 
 
 
 class AttributionInfo(_Model):
-    n_verified: int = Field(description="cells patched exactly to check the attribution estimate")
-    n_top: int
-    n_random: int
-    spearman: float | None = Field(description="rank correlation, estimated vs exact, over verified cells")
-    max_abs_error: float = Field(description="largest |estimated - exact| patched score over verified cells")
-    verified_ids: list[str]
+    """The attribution (gradient) estimates' error, measured on the cells that were also patched exactly."""
+
+    n_verified: int = Field(description="cells patched exactly (their ids: verified_ids); 0 under --method "
+                            "attribution, where every share is an estimate of unknown error")
+    n_top: int = Field(description="verified cells chosen as the largest estimates")
+    n_random: int = Field(description="verified cells drawn at random from the others")
+    spearman: float | None = Field(description="rank correlation of estimated and exact share (sum of effects over "
+                                   "sum of gaps) over the verified cells; null with fewer than 3")
+    max_abs_share_error: float | None = Field(
+        None, description="largest |estimated share - exact share| over the verified cells, in share units "
+        "(fractions of the gap); null when no cell was verified or shares are undefined (schema 1.3)")
+    median_abs_share_error: float | None = Field(
+        None, description="median |estimated share - exact share| over the verified cells, in share units")
+    max_abs_score_error: float | None = Field(
+        None, description="largest |estimated - exact| patched refusal score of one pair over the verified cells, in "
+        "the refusal score's units (nats of log-probability); schema <= 1.2 called it max_abs_error")
+    verified_ids: list[str] = Field(description="the components patched exactly; every other one is an estimate")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_names(cls, data):
+        if isinstance(data, dict) and "max_abs_error" in data:  # schema <= 1.2: the score-unit error, no unit given
+            data = {k: v for k, v in data.items() if k != "max_abs_error"} | {
+                "max_abs_score_error": data.get("max_abs_score_error", data["max_abs_error"])}
+        return data
 
 
 class EngineInfo(_Model):
@@ -334,7 +358,7 @@ class Environment(_Model):
 class AuditReport(_Model):
     """One model's refusal audit."""
 
-    schema_version: Literal["1.0", "1.1", "1.2"] = SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3"] = SCHEMA_VERSION
     created: str
     command: str
     config: dict
@@ -379,11 +403,25 @@ class AuditReport(_Model):
         write_files({Path(path): self.model_dump_json(indent=1) + "\n"})
 
 
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def schema_id(name: str, version: str) -> str:
+    """Stable ``$id`` of a report JSON Schema, e.g. ``urn:refusal-eval:schema:audit-report:1``: it names the major
+    version only, so compatible minor versions (whose ``schema_version`` enum the schema lists) keep it."""
+    return f"urn:refusal-eval:schema:{name}:{version.split('.')[0]}"
+
+
+def json_schema_document(model: type[BaseModel], name: str, version: str, title: str) -> dict:
+    """``model``'s JSON Schema (draft 2020-12) headed by ``$schema``, its stable ``$id`` and ``title``."""
+    schema = model.model_json_schema()
+    schema.pop("title", None)
+    return {"$schema": JSON_SCHEMA_DIALECT, "$id": schema_id(name, version), "title": title, **schema}
+
+
 def report_json_schema() -> dict:
-    """JSON Schema of the audit report, generated from the pydantic models."""
-    schema = AuditReport.model_json_schema()
-    schema["$id"] = f"https://refusal-eval/schema/audit-report-{SCHEMA_VERSION}.json"
-    return schema
+    """JSON Schema of the audit report, generated from the pydantic models (stable ``$id``: major version)."""
+    return json_schema_document(AuditReport, "audit-report", SCHEMA_VERSION, "refusal-eval audit report")
 
 
 def read_json(path: str | Path) -> dict:
@@ -412,12 +450,19 @@ def validate_json(raw: dict, model: type[BaseModel], path: str | Path, what: str
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
+        errors = exc.errors()
         problems = "\n  ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()[:20]
-        )
+            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in errors[:20]
+        ) + (f"\n  … and {len(errors) - 20} more" if len(errors) > 20 else "")
         raise ReportError(f"{path}: does not match {what}:\n  {problems}") from exc
 
 
 def load_report(path: str | Path) -> AuditReport:
     """Read and validate a report JSON; ReportError names the file and the failing fields."""
-    return validate_json(read_json(path), AuditReport, path, f"audit report schema {SCHEMA_VERSION}")
+    raw = read_json(path)
+    from refusal_eval.report.kinds import detect_kind
+
+    if detect_kind(raw) == "comparison":
+        raise ReportError(f"{path}: is a comparison report (what `refusal-eval compare` writes), not an audit "
+                          "report; give a report.json")
+    return validate_json(raw, AuditReport, path, f"audit report schema {SCHEMA_VERSION}")
