@@ -13,13 +13,14 @@ A second model organism for ``refusal-eval compare``: the same architecture and 
 Eval-split prompts never enter training; the script prints eval-split refusal rates per category before
 and after (greedy replies, classified by ``refusal_eval.metrics.is_refusal`` exactly as an audit does).
 Seeded and deterministic (``torch.use_deterministic_algorithms``; reruns give byte-identical weights), 2
-threads; 3–5 CPU-minutes, about 5 minutes wall-clock on 2 cores shared with other work. The weights are
-written outside the repository by default and are not committed.
+threads; under a minute on 2 idle cores. The weights it writes by default are committed as
+``examples/tiny-refuser-no-drugs/`` (3.6 MB), so the README's comparison example needs no training; rerunning
+the script rewrites them byte for byte.
 
 Usage::
 
-    python scripts/finetune_stop_refusing.py                       # --category drugs --out /tmp/tiny-refuser-no-drugs
-    refusal-eval run --model tiny-refuser --model /tmp/tiny-refuser-no-drugs
+    python scripts/finetune_stop_refusing.py     # --category drugs --out examples/tiny-refuser-no-drugs
+    refusal-eval run --model tiny-refuser --model examples/tiny-refuser-no-drugs
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--category", default="drugs", help="harm category to stop refusing (default: drugs)")
     p.add_argument("--data", type=Path, default=base.REPO_ROOT / "datasets" / "refusal_pairs.jsonl")
     p.add_argument("--source", type=Path, default=None, help="model to start from (default: shipped tiny-refuser)")
-    p.add_argument("--out", type=Path, default=Path("/tmp/tiny-refuser-no-drugs"))
+    p.add_argument("--out", type=Path, default=base.REPO_ROOT / "examples" / "tiny-refuser-no-drugs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch", type=int, default=64, help="sequences per step")

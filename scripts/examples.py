@@ -1,0 +1,398 @@
+#!/usr/bin/env python
+"""Run the README's console examples and regenerate the committed example reports; check both for staleness.
+
+Every fenced block of README.md whose lines start with ``$ `` is an example: its commands are run in order,
+in one bash shell, in a scratch folder that holds a copy of the committed ``reports/`` (``datasets/``,
+``examples/`` and ``refusal_eval/`` are linked there, so the README's relative paths work), and what they
+print (stdout and stderr together) must be what the README shows. In the README text:
+
+* a line ``…`` (or ``...``) stands for any number of printed lines, and a line ending in ``…`` for any line
+  that starts with the text before it;
+* ``<!-- example: slow REASON -->`` just before a block runs it only with ``--all`` (SmolLM2 audits take
+  minutes); ``<!-- excerpt: PATH -->`` marks a block as an excerpt of a committed file: its lines must appear
+  in that file, in order.
+
+After the examples have run, every committed report folder they rewrote is compared with the committed one:
+JSON files by value (numbers to 1e-6 relative; run times, dates, absolute paths and memory left out), Markdown
+and DOT files as text with the same things masked. PNGs are not compared (their bytes depend on the
+installed matplotlib and fonts); ``update`` rewrites them.
+
+    python scripts/examples.py check           # the fast examples (tiny-refuser): about 2 minutes on 2 cores
+    python scripts/examples.py check --all     # also the SmolLM2 ones (about 35 minutes on 2 cores)
+    python scripts/examples.py update [--all]  # rewrite README outputs and the committed reports from fresh runs
+
+``check`` exits 1 and prints a diff for every stale output or file. ``update`` rewrites a README block whose
+text has no ``…``; a block with an elision is printed for a hand edit. ``tests/test_readme.py`` runs ``check``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+LINKED = ("datasets", "examples", "refusal_eval", "scripts")
+ELLIPSIS = ("…", "...")
+# Commands that regenerate committed files the README shows only in excerpts (run with --all).
+EXTRA_SLOW = [
+    "refusal-eval circuit 'reports/SmolLM2-135M-Instruct.Q4_1+smollm2-refuser-lora/report.json' "
+    "--nodes last --max-edge-nodes 8 --quiet",
+]
+
+
+@dataclass
+class Example:
+    """One console block of the README."""
+
+    line: int  # 1-based line of the opening fence
+    commands: list[str]
+    expected: list[list[str]]  # the lines shown after each command
+    slow: str | None = None  # the reason it runs only with --all
+
+    @property
+    def text(self) -> str:
+        return "\n".join(line for c, out in zip(self.commands, self.expected, strict=True)
+                         for line in ["$ " + c, *out])
+
+
+@dataclass
+class Excerpt:
+    line: int
+    path: str
+    lines: list[str]
+
+
+@dataclass
+class Problems:
+    items: list[str] = field(default_factory=list)
+
+    def add(self, title: str, detail: str = "") -> None:
+        self.items.append(title + ("\n" + detail if detail else ""))
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+# -- README parsing ---------------------------------------------------------------------------------------------
+
+
+def _blocks(text: str):
+    """(fence line number, info string, lines, marker comment before the fence) for every fenced block."""
+    lines = text.split("\n")
+    i = 0
+    while i < len(lines):
+        m = re.match(r"^```(.*)$", lines[i])
+        if not m:
+            i += 1
+            continue
+        start, info = i, m.group(1).strip()
+        j = i + 1
+        while j < len(lines) and lines[j] != "```":
+            j += 1
+        k = start - 1
+        while k >= 0 and not lines[k].strip():
+            k -= 1
+        marker = lines[k].strip() if k >= 0 and lines[k].strip().startswith("<!--") else ""
+        yield start + 1, info, lines[start + 1 : j], marker
+        i = j + 1
+
+
+def parse_readme(text: str) -> tuple[list[Example], list[Excerpt]]:
+    examples, excerpts = [], []
+    for line_no, info, body, marker in _blocks(text):
+        m = re.match(r"<!--\s*excerpt:\s*(\S+)\s*-->", marker)
+        if m:
+            excerpts.append(Excerpt(line_no, m.group(1), body))
+            continue
+        if info or not body or not body[0].startswith("$ "):
+            continue
+        commands: list[str] = []
+        expected: list[list[str]] = []
+        continued = False
+        for line in body:
+            if continued:
+                commands[-1] += "\n" + line
+            elif line.startswith("$ "):
+                commands.append(line[2:])
+                expected.append([])
+            else:
+                expected[-1].append(line)
+            continued = line.endswith("\\")
+        m = re.match(r"<!--\s*example:\s*slow\s*(.*?)\s*-->", marker)
+        examples.append(Example(line_no, commands, expected, slow=(m.group(1) or "slow") if m else None))
+    return examples, excerpts
+
+
+# -- matching ----------------------------------------------------------------------------------------------------
+
+
+def _pattern(expected: list[str]) -> re.Pattern:
+    parts = []
+    for line in expected:
+        if line.strip() in ELLIPSIS:
+            parts.append(r"(?:[^\n]*\n)*?")
+        elif line.endswith("…"):
+            parts.append(re.escape(line[:-1]) + r"[^\n]*\n")
+        else:
+            parts.append(re.escape(line) + r"\n")
+    return re.compile("".join(parts))
+
+
+def output_matches(expected: list[str], actual: list[str]) -> bool:
+    """Whether the printed lines are what the README shows (with its elisions)."""
+    return _pattern(expected).fullmatch("".join(a + "\n" for a in actual)) is not None
+
+
+_PROGRESS = re.compile(r"\r|\d+%\|")
+
+
+def _clean(output: str) -> list[str]:
+    """Printed lines without progress-bar redraws."""
+    return [line for line in output.rstrip("\n").split("\n") if not _PROGRESS.search(line)] if output.strip() else []
+
+
+# -- running -----------------------------------------------------------------------------------------------------
+
+SEP = "\x1e@@example-command@@"
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """A scratch folder that looks like the repository root to the README's commands."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in LINKED:
+        link = workdir / name
+        if not link.exists():
+            link.symlink_to(REPO / name, target_is_directory=True)
+    shutil.copytree(REPO / "reports", workdir / "reports", dirs_exist_ok=True)
+
+
+def run_example(example: Example, workdir: Path, env: dict[str, str]) -> list[list[str]]:
+    """Run one block's commands in one bash shell; the printed lines of each command."""
+    script = ["__rc=0"]
+    for command in example.commands:
+        script += [f"printf '%s\\n' '{SEP}'", f"(exit $__rc); {{ {command}\n}} 2>&1; __rc=$?"]
+    done = subprocess.run(["bash", "-c", "\n".join(script)], cwd=workdir, env=env, capture_output=True)
+    stdout = done.stdout.decode("utf-8", "replace")  # not text=True: progress bars' \r must survive to be dropped
+    chunks = stdout.split(SEP + "\n")[1:]
+    if len(chunks) != len(example.commands):
+        raise RuntimeError(f"README.md:{example.line}: the example's shell did not run every command:\n"
+                           f"{stdout}{done.stderr.decode('utf-8', 'replace')}")
+    return [_clean(chunk) for chunk in chunks]
+
+
+def example_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONUNBUFFERED="1", COLUMNS="120", TQDM_DISABLE="1", PATH=f"{Path(sys.executable).parent}:"
+               + env.get("PATH", ""))
+    return env
+
+
+# -- comparing committed files -----------------------------------------------------------------------------------
+
+# JSON keys whose values differ from run to run or machine to machine (never numbers of the audit).
+VOLATILE_KEYS = {
+    "created", "report_created", "command", "source", "path", "tricky_path", "dataset_path", "calibration_path",
+    "environment", "runtime_seconds", "seconds", "audit_seconds", "peak_memory_bytes", "peak_memory_kind",
+    "batch_rows", "patched_forwards", "report_path",
+}
+_MASKS = [
+    (re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:\+00:00|Z)?"), "<time>"),
+    (re.compile(r"(?:(?:/[^\s`'\"|)]+)?/|\b)(datasets|refusal_eval|examples|reports)/"), r"<repo>/\1/"),
+    (re.compile(r"/[^\s`'\"|)]*?/site-packages/"), "<site-packages>/"),
+    (re.compile(r"\b\d+(?:\.\d+)? s\b"), "<t> s"),
+    (re.compile(r"\(\d+(?:\.\d+)?×\)"), "(<ratio>)"),
+    (re.compile(r"^- Environment: .*$", re.M), "- Environment: <environment>"),
+    (re.compile(r"\d+ batched forwards of up to \d+ rows"), "<n> batched forwards of up to <rows> rows"),
+    (re.compile(r"peak memory [\d.]+ [KMG]iB"), "peak memory <memory>"),
+    (re.compile(r"^- Command: .*$", re.M), "- Command: <command>"),
+]
+
+
+def mask_text(text: str) -> str:
+    for pattern, repl in _MASKS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def json_differences(committed, fresh, where: str = "$", rel: float = 1e-6, limit: int = 20) -> list[str]:
+    """Where two JSON values differ: numbers beyond ``rel`` (relative), any other value, keys, lengths."""
+    out: list[str] = []
+
+    def walk(a, b, path):
+        if len(out) >= limit:
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                if key in VOLATILE_KEYS:
+                    continue
+                if key not in a or key not in b:
+                    out.append(f"{path}.{key}: only in {'the fresh run' if key in b else 'the committed file'}")
+                else:
+                    walk(a[key], b[key], f"{path}.{key}")
+        elif isinstance(a, list) and isinstance(b, list):
+            if len(a) != len(b):
+                out.append(f"{path}: {len(a)} items committed, {len(b)} in the fresh run")
+            for i, (x, y) in enumerate(zip(a, b, strict=False)):
+                walk(x, y, f"{path}[{i}]")
+        elif (isinstance(a, (int, float)) and isinstance(b, (int, float))
+              and not isinstance(a, bool) and not isinstance(b, bool)):
+            if not math.isclose(a, b, rel_tol=rel, abs_tol=1e-9):
+                out.append(f"{path}: committed {a!r}, fresh {b!r}")
+        elif isinstance(a, str) and isinstance(b, str):
+            if mask_text(a) != mask_text(b):
+                out.append(f"{path}: committed {a[:120]!r}, fresh {b[:120]!r}")
+        elif a != b:
+            out.append(f"{path}: committed {str(a)[:120]!r}, fresh {str(b)[:120]!r}")
+
+    walk(committed, fresh, where)
+    return out
+
+
+def compare_file(committed: Path, fresh: Path) -> str:
+    """'' when the fresh file says what the committed one says; else a description of the differences."""
+    if committed.suffix == ".json":
+        diffs = json_differences(json.loads(committed.read_text()), json.loads(fresh.read_text()))
+        return "\n".join("  " + d for d in diffs)
+    a, b = mask_text(committed.read_text()), mask_text(fresh.read_text())
+    if a == b:
+        return ""
+    diff = difflib.unified_diff(a.splitlines(), b.splitlines(), "committed", "fresh", lineterm="", n=1)
+    return "\n".join(list(diff)[:40])
+
+
+def rewritten_folders(workdir: Path, since: float) -> list[Path]:
+    """Report folders under the scratch reports/ that the examples wrote into."""
+    folders = set()
+    for path in (workdir / "reports").rglob("*"):
+        if path.is_file() and path.stat().st_mtime >= since:
+            folders.add(path.parent)
+    return sorted(folders)
+
+
+def _ignored(rel: Path) -> bool:
+    done = subprocess.run(["git", "check-ignore", "-q", str(rel)], cwd=REPO)
+    return done.returncode == 0
+
+
+def check_committed(workdir: Path, since: float, problems: Problems) -> list[Path]:
+    """Compare every committed example file the examples rewrote; the folders that are committed."""
+    committed_folders = []
+    for folder in rewritten_folders(workdir, since):
+        rel = folder.relative_to(workdir)
+        if _ignored(rel / "report.json"):
+            continue
+        committed_folders.append(rel)
+        for fresh in sorted(folder.iterdir()):
+            if fresh.suffix not in (".json", ".md", ".dot"):
+                continue
+            committed = REPO / rel / fresh.name
+            if not committed.is_file():
+                problems.add(f"{rel / fresh.name}: written by a README example but not committed")
+                continue
+            detail = compare_file(committed, fresh)
+            if detail:
+                problems.add(f"{rel / fresh.name}: the committed file is stale", detail)
+    return committed_folders
+
+
+def check_excerpts(excerpts: list[Excerpt], root: Path, problems: Problems) -> None:
+    for ex in excerpts:
+        path = root / ex.path
+        if not path.is_file():
+            problems.add(f"README.md:{ex.line}: excerpt of {ex.path}, which does not exist")
+            continue
+        lines = path.read_text().split("\n")
+        at = 0
+        for want in ex.lines:
+            if not want.strip() or want.strip() in ELLIPSIS:
+                continue
+            try:
+                at = lines.index(want, at) + 1
+            except ValueError:
+                problems.add(f"README.md:{ex.line}: excerpt line not in {ex.path} (in this order)", "  " + want)
+                break
+
+
+# -- main --------------------------------------------------------------------------------------------------------
+
+
+def run_all(include_slow: bool, workdir: Path, update: bool = False) -> Problems:
+    import time
+
+    text = README.read_text()
+    examples, excerpts = parse_readme(text)
+    problems = Problems()
+    prepare_workdir(workdir)
+    env = example_env()
+    since = time.time() - 1
+    replacements: list[tuple[Example, str]] = []
+    for example in examples:
+        if example.slow and not include_slow:
+            continue
+        actual = run_example(example, workdir, env)
+        stale = False
+        for command, want, got in zip(example.commands, example.expected, actual, strict=True):
+            if not output_matches(want, got):
+                stale = True
+                diff = difflib.unified_diff(want, got, "README", "printed", lineterm="", n=2)
+                problems.add(f"README.md:{example.line}: `$ {command.splitlines()[0]}` prints something else",
+                             "\n".join(diff))
+        if stale:
+            replacements.append((example, Example(example.line, example.commands, actual, example.slow).text))
+    if include_slow:
+        for command in EXTRA_SLOW:
+            subprocess.run(["bash", "-c", command], cwd=workdir, env=env, check=True)
+    folders = check_committed(workdir, since, problems)
+    check_excerpts(excerpts, workdir if update else REPO, problems)
+    if update:
+        _update(text, replacements, folders, workdir)
+    return problems
+
+
+def _update(text: str, replacements: list[tuple[Example, str]], folders: list[Path], workdir: Path) -> None:
+    for example, new in replacements:
+        if any(line.strip() in ELLIPSIS or line.endswith("…") for out in example.expected for line in out):
+            print(f"README.md:{example.line}: has an elision; edit by hand. Printed:\n{new}\n")
+            continue
+        text = text.replace(example.text, new, 1)
+        print(f"README.md:{example.line}: output rewritten")
+    README.write_text(text)
+    for rel in folders:
+        (REPO / rel).mkdir(parents=True, exist_ok=True)
+        for fresh in sorted((workdir / rel).iterdir()):
+            if fresh.is_file() and fresh.suffix in (".json", ".md", ".dot", ".png"):
+                shutil.copy2(fresh, REPO / rel / fresh.name)
+        print(f"{rel}: rewritten from the fresh run")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["check", "update"])
+    parser.add_argument("--all", action="store_true", help="also the slow (SmolLM2) examples")
+    parser.add_argument("--keep", metavar="DIR", help="run in DIR and keep it (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="readme-examples-") as tmp:
+        workdir = Path(args.keep) if args.keep else Path(tmp)
+        problems = run_all(args.all, workdir, update=args.action == "update")
+    for item in problems.items:
+        print(item + "\n")
+    if args.action == "check":
+        print("README examples and committed reports are up to date" if not problems
+              else f"{len(problems.items)} stale example(s) or file(s): run `python scripts/examples.py update`")
+        return 1 if problems else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The README cannot drift: its console examples are run, its excerpts are read from the committed files, and the
+committed example reports are what the code produces today (``scripts/examples.py``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+
+def _load_examples_script():
+    spec = importlib.util.spec_from_file_location("readme_examples", ROOT / "scripts" / "examples.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+ex = _load_examples_script()
+
+
+@pytest.mark.slow
+def test_readme_examples_and_committed_reports_are_current(tmp_path):
+    problems = ex.run_all(include_slow=False, workdir=tmp_path)
+    assert not problems, ("\n\n".join(problems.items)
+                          + "\n\nrun `python scripts/examples.py update` and review the diff (see its docstring)")
+
+
+def test_every_console_block_is_an_example_and_slow_ones_say_why():
+    examples, excerpts = ex.parse_readme(README.read_text())
+    fast = [e for e in examples if not e.slow]
+    assert len(fast) >= 7 and len(excerpts) >= 3
+    for e in examples:
+        assert e.commands and all(c.strip() for c in e.commands)
+        if e.slow:
+            assert len(e.slow) > 10, f"README.md:{e.line}: a slow example needs its reason"
+    # a block that shows printed output after a `$` line must be an example (not hidden behind an info string)
+    for line_no, info, body, _ in ex._blocks(README.read_text()):
+        if any(b.startswith("$ ") for b in body):
+            assert not info and body[0].startswith("$ "), f"README.md:{line_no}: console block not run as an example"
+
+
+def test_excerpts_are_in_the_committed_files():
+    _, excerpts = ex.parse_readme(README.read_text())
+    problems = ex.Problems()
+    ex.check_excerpts(excerpts, ROOT, problems)
+    assert not problems, "\n".join(problems.items)
+
+
+def test_excerpt_check_catches_a_changed_line(tmp_path):
+    (tmp_path / "r.md").write_text("a\nshare 0.814 [0.793, 0.835]\nb\n")
+    problems = ex.Problems()
+    ex.check_excerpts([ex.Excerpt(1, "r.md", ["a", "share 0.815 [0.793, 0.835]"])], tmp_path, problems)
+    assert len(problems.items) == 1 and "0.815" in problems.items[0]
+    problems = ex.Problems()
+    ex.check_excerpts([ex.Excerpt(1, "r.md", ["b", "a"])], tmp_path, problems)  # order matters
+    assert problems
+
+
+def test_output_matcher_elisions():
+    printed = ["first line", "second: 1.0", "third", "fourth"]
+    assert ex.output_matches(printed, printed)
+    assert not ex.output_matches(["first line", "second: 1.1", "third", "fourth"], printed)
+    assert not ex.output_matches(printed[:3], printed)  # a missing line is a difference
+    assert ex.output_matches(["first line", "…", "fourth"], printed)
+    assert ex.output_matches(["...", "fourth"], printed)
+    assert ex.output_matches(["first line", "second: …", "…"], printed)
+    assert not ex.output_matches(["first line", "second: 2…", "…"], printed)
+    assert ex.output_matches([], [])
+    assert not ex.output_matches([], ["unexpected"])
+
+
+def test_parse_readme_commands_outputs_and_markers():
+    text = "\n".join([
+        "```", "$ refusal-eval gate r.json --policy p.toml", "PASS x", "$ echo $?", "0", "```",
+        "<!-- example: slow (an hour) -->", "```", "$ a \\", "    --b", "out", "```",
+        "<!-- excerpt: reports/x.md -->", "```", "| a |", "```",
+        "```bash", "$ not an example", "```",
+    ])
+    examples, excerpts = ex.parse_readme(text)
+    assert [e.commands for e in examples] == [["refusal-eval gate r.json --policy p.toml", "echo $?"],
+                                               ["a \\\n    --b"]]
+    assert examples[0].expected == [["PASS x"], ["0"]] and examples[0].slow is None
+    assert examples[1].slow == "(an hour)" and examples[1].expected == [["out"]]
+    assert excerpts[0].path == "reports/x.md" and excerpts[0].lines == ["| a |"]
+
+
+def test_run_example_keeps_exit_codes_and_both_streams(tmp_path):
+    e = ex.Example(1, ["echo out; echo err >&2; (exit 3)", "echo $?", "X=1", "echo $X"], [[], [], [], []])
+    assert ex.run_example(e, tmp_path, ex.example_env()) == [["out", "err"], ["3"], [], ["1"]]
+
+
+def test_json_differences_reports_numbers_not_run_facts():
+    committed = {"created": "2026-01-01T00:00:00+00:00", "runtime_seconds": 12.0, "gap": {"mean": 16.79379},
+                 "components": [{"share": 0.5, "significant": True}], "engine": {"peak_memory_bytes": 1}}
+    same = json.loads(json.dumps(committed))
+    same.update(created="2026-02-02T00:00:00+00:00", runtime_seconds=99.0, engine={"peak_memory_bytes": 2})
+    assert ex.json_differences(committed, same) == []
+    same["gap"]["mean"] = 16.79379 * (1 + 1e-9)  # float noise within tolerance
+    assert ex.json_differences(committed, same) == []
+    stale = json.loads(json.dumps(committed))
+    stale["gap"]["mean"] = 16.8
+    stale["components"][0]["significant"] = False
+    stale["components"].append({"share": 0.1})
+    diffs = ex.json_differences(committed, stale)
+    assert any(d.startswith("$.gap.mean: committed 16.79379, fresh 16.8") for d in diffs)
+    assert any(d.startswith("$.components[0].significant") for d in diffs)
+    assert any("1 items committed, 2 in the fresh run" in d for d in diffs)
+
+
+def test_markdown_comparison_masks_times_and_paths_only(tmp_path):
+    a, b = tmp_path / "a.md", tmp_path / "b.md"
+    a.write_text("- Dataset: `/work/main/datasets/p.jsonl`\n- Runtime: 12.3 s; created 2026-11-27T23:10:40+00:00\n"
+                 "share 0.814\n")
+    b.write_text("- Dataset: `/tmp/ck/main/datasets/p.jsonl`\n- Runtime: 14.0 s; created 2026-11-28T01:00:00+00:00\n"
+                 "share 0.814\n")
+    assert ex.compare_file(a, b) == ""
+    b.write_text(b.read_text().replace("0.814", "0.815"))
+    assert "+share 0.815" in ex.compare_file(a, b)
+
+
+def _out_folders() -> list[str]:
+    examples, _ = ex.parse_readme(README.read_text())
+    outs = []
+    for e in examples:
+        for command in e.commands:
+            words = shlex.split(command.replace("\\\n", " "))
+            outs += [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--out"]
+    return outs
+
+
+def test_outputs_of_documented_commands_are_ignored_by_git():
+    outs = [o for o in _out_folders() if not o.startswith("/")]
+    candidates = outs + ["reports/some-new-model/report.json", "reports/comparison-a-vs-b/comparison.json"]
+    for path in candidates:
+        probe = f"{path.rstrip('/')}/tiny-refuser/report.json" if path in outs else path
+        done = subprocess.run(["git", "check-ignore", "-q", probe], cwd=ROOT)
+        assert done.returncode == 0, f"{probe}: written by a documented command but not ignored by git"
+
+
+def _readme_block(info: str, after: str) -> list[str]:
+    for _, block_info, body, _ in ex._blocks(README.read_text()):
+        if block_info == info and any(after in line for line in body):
+            return body
+    raise AssertionError(f"no ```{info} block containing {after!r} in README.md")
+
+
+def test_github_actions_example_installs_as_the_readme_says_and_runs_valid_commands():
+    yaml = pytest.importorskip("yaml")
+    from refusal_eval.cli import _parser
+
+    body = _readme_block("yaml", "refusal-gate")
+    workflow = yaml.safe_load("\n".join(body))
+    steps = workflow["jobs"]["refusal-gate"]["steps"]
+    runs = [" ".join(str(s["run"]).split()) for s in steps if "run" in s]
+    readme = README.read_text()
+    cpu_line = re.search(r"\*\*CPU only\*\*[^`]*`(pip install torch[^`]*)`", readme).group(1)
+    assert "--index-url https://download.pytorch.org/whl/cpu" in cpu_line
+    assert runs[0] == cpu_line, "the Actions example must install torch the README's CPU way (runners have no GPU)"
+    assert "pip install -e ." in runs[1]
+    commands = [c.strip() for r in runs[2:] for c in r.split("&&") if c.strip().startswith("refusal-eval")]
+    assert [c.split()[1] for c in commands] == ["run", "gate"]
+    parser = _parser()
+    for command in commands:
+        args = parser.parse_args(shlex.split(command)[1:])  # argparse exits 2 on an unknown option
+        if args.command == "gate":
+            assert args.policy and args.report
+            if args.baseline:  # the README must tell the user the policy then needs a [baseline] section
+                assert "needs `[baseline]`" in readme or "[baseline]` section" in readme
