@@ -43,10 +43,11 @@ def attribute(engine: PatchEngine, batch: PairBatch, components: Sequence[Compon
         for point in points:
             prod = (source_cache[point].view(*shape, -1) - acts[point].view(*shape, -1)) * grads[point].view(*shape, -1)
             slots[point] = (prod.view(*shape, -1, engine.head_dim) if point[0] == "head" else prod).sum(-1)
-        stacked = torch.stack([masks[c.position] for c in components]).to(base.dtype)  # [C, n, T]
         values = torch.stack([
             slots[c.point][..., c.head] if c.head is not None else slots[c.point] for c in components
-        ]).to(base.dtype)
+        ]).to(base.dtype)  # on the model's device
+        # the masks come from the batch's token ids, which stay on the CPU
+        stacked = torch.stack([masks[c.position] for c in components]).to(values.device, base.dtype)  # [C, n, T]
         result[:, rows] = base[None, :] + (values * stacked).sum(-1).cpu()
     return result
 
