@@ -168,7 +168,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Check an audit report against a TOML gate policy (`--example-policy` prints one). Exit codes: "
         "0 every rule holds, 1 a rule failed, 2 bad input (missing/invalid report, policy or baseline).",
     )
-    gate.add_argument("report", nargs="?", help="audit report JSON")
+    gate.add_argument("report", nargs="?", help="audit report JSON, or an inspect_ai log (.eval/.json) of "
+                      "refusal_eval/refusal_circuit (its attached report)")
     gate.add_argument("--policy", help="TOML gate policy (required with a report)")
     gate.add_argument("--baseline", help="an earlier report JSON, for the policy's [baseline] rule")
     gate.add_argument("--example-policy", action="store_true",
@@ -243,11 +244,41 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     # validate every option before the first audit
     configs = [AuditConfig(model=m, adapter=a, **options) for m, a in zip(models, adapters, strict=True)]
     check_device(configs[0].device)
+    from refusal_eval import distributed
+
+    if distributed.launched_world_size() > 1:
+        return _run_sharded(configs, names, args, argv)
     with output_lock(args.out):
         return _run_audits(configs, names, args, argv)
 
 
-def _run_audits(configs, names: list[str], args: argparse.Namespace, argv: list[str]) -> int:
+def _run_sharded(configs, names: list[str], args: argparse.Namespace, argv: list[str]) -> int:
+    """``torchrun --nproc-per-node N -m refusal_eval run ...``: every process audits, each running its share of
+    the patched forwards (:mod:`refusal_eval.distributed`); process 0 alone prints and writes the reports."""
+    from refusal_eval import distributed
+
+    distributed.check_options(args)
+    distributed.init(configs[0].device)
+    try:
+        rank, size = distributed.world()
+        if rank == 0:
+            from refusal_eval.report.writers import output_lock
+
+            print(f"note: sharded over {size} processes: each runs 1/{size} of the patched forwards; this one "
+                  "writes the reports", file=sys.stderr)
+            with output_lock(args.out):
+                return _run_audits(configs, names, args, argv, keep_partial=False)
+        from refusal_eval.audit import audit
+
+        for config in configs:
+            audit(config, progress=False)
+        return EXIT_OK
+    finally:
+        distributed.finish()
+
+
+def _run_audits(configs, names: list[str], args: argparse.Namespace, argv: list[str],
+                keep_partial: bool = True) -> int:
     from refusal_eval.audit import audit
     from refusal_eval.errors import ConfigError
     from refusal_eval.report.markdown import summary_lines
@@ -255,18 +286,19 @@ def _run_audits(configs, names: list[str], args: argparse.Namespace, argv: list[
     from refusal_eval.resume import PARTIAL_NAME
 
     command = shlex.join(["refusal-eval", *argv])
-    partials = [Path(args.out) / name / PARTIAL_NAME for name in names]
-    if args.resume and not any(p.is_file() for p in partials):
+    partials = [Path(args.out) / name / PARTIAL_NAME if keep_partial else None for name in names]
+    if args.resume and not any(p is not None and p.is_file() for p in partials):
         raise ConfigError(f"--resume: no unfinished audit in {args.out} (no {PARTIAL_NAME} for "
                           f"{', '.join(names)}); run without --resume")
     reports = []
     for config, partial in zip(configs, partials, strict=True):
         # with two models, the one that finished before the interruption has no partial file: it runs again
-        resume = args.resume and partial.is_file()
+        resume = args.resume and partial is not None and partial.is_file()
         report = audit(config, command=command, progress=not args.quiet, partial=partial, resume=resume)
         reports.append(report)
         json_path, md_path = write_reports(report, args.out, pictures=not args.no_pictures)
-        partial.unlink(missing_ok=True)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
         print(f"{report.model.name}: " if len(configs) > 1 else "", end="")
         print("\n".join(summary_lines(report)))
         for warning in report.warnings:

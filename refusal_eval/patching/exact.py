@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from refusal_eval import distributed
 from refusal_eval.models.loading import LoadedModel
 from refusal_eval.patching.components import Component
 from refusal_eval.resume import chunk_key
@@ -250,6 +251,9 @@ class PatchEngine:
         self.work = {"patched_forwards": 0, "token_layers": 0, "batches": 0, "prefix_batches": 0, "batch_rows": 0}
         # Optional store of finished pair chunks (``refusal_eval.resume.ResultsLog``): get(key) / put(key, values).
         self.checkpoint = None
+        # Under torch.distributed: this process's share of the planned forwards of one _patch call
+        # (rank, world size, forwards planned so far, cells run here); None in a single process.
+        self._shard: list | None = None
         self.merge_overhead = merge_overhead
         self.max_chunk_tokens = max_chunk_tokens
         # keys/values of a chunk span every column: cap rows x width as well (a multiple of the token cap)
@@ -587,30 +591,49 @@ class PatchEngine:
     def _patch(
         self, batch: PairBatch, components: Sequence[Component], direction: str, identity: bool
     ) -> torch.Tensor:
-        """:meth:`patch` (``identity=False``) or :meth:`identity_patch` (``identity=True``)."""
+        """:meth:`patch` (``identity=False``) or :meth:`identity_patch` (``identity=True``).
+
+        Under ``torch.distributed`` (see :mod:`refusal_eval.distributed`) every process plans the same batched
+        forwards, runs every world-th of them and receives the others' results: the same numbers as one process."""
         _check_patch(batch, components, direction)
         result = torch.empty(len(components), batch.n_pairs)
         points = sorted({c.point for c in components})
         # resolved once per call: the pair chunks and the variants per forward follow the same row budget
-        rows_per_forward = self.work["batch_rows"] = self.rows(batch.width)
+        rows_per_forward = self.rows(batch.width)
+        rank, size = distributed.world()
+        if size > 1:
+            rows_per_forward = distributed.agree_min(rows_per_forward)  # "auto" differs with each one's free memory
+            self._shard = [rank, size, 0, torch.zeros(len(components), batch.n_pairs, dtype=torch.bool)]
+            before = (self.work["patched_forwards"], self.work["token_layers"])
+        self.work["batch_rows"] = rows_per_forward
         pair_chunks = self._pair_chunks(batch.n_pairs, rows_per_forward)
         bar = tqdm(total=len(components) * len(pair_chunks), desc="patching", unit="component",
                    disable=not self.progress, leave=False)
         ids = [c.id for c in components]
+        checkpoint = self.checkpoint if size == 1 else None  # a process's chunk holds only its share of the cells
         for rows in pair_chunks:
             key = None
-            if self.checkpoint is not None:
+            if checkpoint is not None:
                 chunk_ids = batch.pair_ids[rows]
                 key = chunk_key("identity" if identity else "patch", direction, ids, chunk_ids)
-                done = self.checkpoint.get(key)
+                done = checkpoint.get(key)
                 if done is not None and tuple(done.shape) == (len(components), len(chunk_ids)):
                     result[:, rows] = done
                     bar.update(len(components))
                     continue
             self._patch_chunk(batch, components, direction, identity, rows, points, rows_per_forward, result, bar)
             if key is not None:
-                self.checkpoint.put(key, result[:, rows])
+                checkpoint.put(key, result[:, rows])
         bar.close()
+        if size > 1:
+            owned = self._shard[3]
+            self._shard = None
+            mine = (self.work["patched_forwards"] - before[0], self.work["token_layers"] - before[1])
+            parts = distributed.gather((result, owned, mine))
+            for values, cells, _ in parts:
+                result[cells] = values[cells]
+            self.work["patched_forwards"] = before[0] + sum(p[2][0] for p in parts)
+            self.work["token_layers"] = before[1] + sum(p[2][1] for p in parts)
         return result
 
     def _patch_chunk(self, batch: PairBatch, components: Sequence[Component], direction: str, identity: bool,
@@ -658,6 +681,13 @@ class PatchEngine:
                 col = first_diff if c.position is None else width + c.position
             starts[k] = (layer, col)
         for ks in self._plan_chunks(active, starts, len(target), width, rows_per_forward):
+            if self._shard is not None:  # sharded: every world-th planned forward runs here
+                rank, size, planned, owned = self._shard
+                self._shard[2] += 1
+                if planned % size != rank:
+                    bar.update(len(ks))
+                    continue
+                owned[ks, rows] = True
             chunk = [components[k] for k in ks]
             layer, col0 = min(starts[k][0] for k in ks), min(starts[k][1] for k in ks)
             transforms = self._patch_transforms(chunk, source_cache, masks, col0, first_diff)
