@@ -523,12 +523,21 @@ def _share_rules(report: AuditReport, rule: _ShareLimits, component, prefix: str
                           label=label)
 
 
+def load_gate_report(path: str | Path) -> AuditReport:
+    """A report.json, or the audit report attached to an inspect_ai log (``.eval`` or ``.json``) written by
+    ``inspect eval refusal_eval/refusal_circuit``; inspect_ai is imported only for such a log."""
+    from refusal_eval.inspect_log import is_inspect_log, report_from_inspect_log
+
+    return report_from_inspect_log(path) if is_inspect_log(path) else load_report(path)
+
+
 def run_gate(report_path: str | Path, policy_path: str | Path,
              baseline_path: str | Path | None = None) -> tuple[GateResult, AuditReport]:
-    """Load report, policy and baseline from files and evaluate the gate (what the CLI does, minus printing)."""
-    report = load_report(report_path)
+    """Load report, policy and baseline from files and evaluate the gate (what the CLI does, minus printing).
+    A report (or baseline) may also be an inspect_ai eval log of ``refusal_eval/refusal_circuit``."""
+    report = load_gate_report(report_path)
     policy = load_policy(policy_path)
-    baseline = load_report(baseline_path) if baseline_path is not None else None
+    baseline = load_gate_report(baseline_path) if baseline_path is not None else None
     if policy.baseline is not None and baseline is None:
         raise GateError(f"{policy_path}: the policy has a [baseline] rule but no --baseline report was given")
     if baseline is not None and policy.baseline is None:

@@ -158,8 +158,9 @@ _PROGRESS = re.compile(r"\r|\d+%\|")
 
 
 def _clean(output: str) -> list[str]:
-    """Printed lines without progress-bar redraws."""
-    return [line for line in output.rstrip("\n").split("\n") if not _PROGRESS.search(line)] if output.strip() else []
+    """Printed lines without progress-bar redraws and trailing blanks (tables pad their lines)."""
+    lines = [line.rstrip() for line in output.rstrip("\n").split("\n") if not _PROGRESS.search(line)]
+    return lines if output.strip() else []
 
 
 # -- running -----------------------------------------------------------------------------------------------------
