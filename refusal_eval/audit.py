@@ -31,7 +31,7 @@ from refusal_eval.data.formats import PRESET_HUB_IDS, ColumnMap, load_pair_sourc
 from refusal_eval.data.pairs import PromptPair, file_sha256, load_pairs, select_split, shipped_dataset
 from refusal_eval.errors import DataError, MetricError
 from refusal_eval.metrics import TokenSets, canonical_token_sets, derive_token_sets, is_refusal, refusal_score
-from refusal_eval.models.loading import LoadedModel, check_device, load_model
+from refusal_eval.models.loading import LoadedModel, check_device, input_device, load_model
 from refusal_eval.patching.attribution import attribute
 from refusal_eval.patching.components import Component, components_at
 from refusal_eval.patching.exact import PairBatch, PatchEngine, build_pair_batch, noise_floor
@@ -85,7 +85,7 @@ def greedy_replies(
 ) -> tuple[list[int], list[str]]:
     """Greedy completions: (first generated token id, decoded reply) for each tokenised prompt."""
     tok = loaded.tokenizer
-    device = next(loaded.model.parameters()).device
+    device = input_device(loaded.model)
     firsts: list[int] = []
     replies: list[str] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
@@ -773,7 +773,8 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
     check_device(config.device)
     inputs = load_inputs(config)
     log.info("loading model %s", config.model or "tiny-refuser")
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device, adapter=config.adapter)
+    loaded = load_model(config.model, dtype=config.dtype, device=config.device, adapter=config.adapter,
+                        device_map=config.device_map)
     results_log = None
     if partial is not None:
         header = {"refusal_eval": __version__, "model": loaded.name, "weights_sha256": loaded.weights_sha256(),

@@ -411,7 +411,8 @@ def run_circuit(report, report_path: str | Path, model: str | None = None, adapt
         raise ConfigError(f"{report_path}: {len(missing)} of its pairs (e.g. '{missing[0]}') are not in "
                           f"{inputs.dataset_path} any more; rerun the audit")
     check_family(family)
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device, adapter=config.adapter)
+    loaded = load_model(config.model, dtype=config.dtype, device=config.device, adapter=config.adapter,
+                        device_map=config.device_map)
     if loaded.weights_sha256() != report.model.weights_sha256:
         raise ConfigError(f"the model loaded from {config.model or 'tiny-refuser'} does not have the weights the "
                           f"report was made with (sha256 {report.model.weights_sha256[:12]}…); pass --model (and "

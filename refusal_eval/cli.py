@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="rows per forward pass (memory vs speed); 'auto' (default) sizes them from free memory")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     run.add_argument("--device", default="cpu")
+    run.add_argument("--device-map", metavar="auto|FILE.json",
+                     help="load the model with accelerate straight onto several GPUs, the CPU and disk ('auto'), or "
+                     "as a JSON file maps its modules; for models larger than one device (needs accelerate)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--circuit", action="store_true",
                      help="after the audit, search the minimal refusal circuit (as `refusal-eval circuit`, defaults)")
@@ -236,6 +239,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         "method": args.method, "verify_top": args.verify_top, "verify_random": args.verify_random,
         "max_pairs": args.max_pairs, "seed": args.seed, "n_boot": args.n_boot, "ci_level": args.ci_level,
         "ci_method": args.ci_method, "batch_rows": args.batch_rows, "dtype": args.dtype, "device": args.device,
+        "device_map": args.device_map,
     }
     if args.components is not None:
         options["components"] = args.components

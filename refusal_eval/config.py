@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -86,6 +87,16 @@ class AuditConfig(BaseModel):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
+    device_map: str | None = Field(
+        None, description="load the weights with accelerate straight onto several devices (and disk): 'auto', or a "
+        "JSON file mapping module names to devices; device is then unused")
+
+    @field_validator("device_map")
+    @classmethod
+    def _device_map(cls, value: str | None) -> str | None:
+        if value is not None and value not in ("auto", "balanced", "sequential") and not Path(value).is_file():
+            raise ValueError(f"'{value}' is neither 'auto' nor an existing JSON file mapping module names to devices")
+        return value
 
     @field_validator("components")
     @classmethod

@@ -287,13 +287,13 @@ def _ignored(rel: Path) -> bool:
 
 
 def check_committed(workdir: Path, since: float, problems: Problems) -> list[Path]:
-    """Compare every committed example file the examples rewrote; the folders that are committed."""
-    committed_folders = []
+    """Compare every committed example file the examples rewrote; the committed folders that are stale."""
+    stale_folders = []
     for folder in rewritten_folders(workdir, since):
         rel = folder.relative_to(workdir)
         if _ignored(rel / "report.json"):
             continue
-        committed_folders.append(rel)
+        before = len(problems.items)
         for fresh in sorted(folder.iterdir()):
             if fresh.suffix not in (".json", ".md", ".dot"):
                 continue
@@ -304,7 +304,9 @@ def check_committed(workdir: Path, since: float, problems: Problems) -> list[Pat
             detail = compare_file(committed, fresh)
             if detail:
                 problems.add(f"{rel / fresh.name}: the committed file is stale", detail)
-    return committed_folders
+        if len(problems.items) > before:
+            stale_folders.append(rel)
+    return stale_folders
 
 
 def check_excerpts(excerpts: list[Excerpt], root: Path, problems: Problems) -> None:

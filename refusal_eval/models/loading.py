@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.util
+import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,13 +59,29 @@ class LoadedModel:
         return int(self.model.config.hidden_size)
 
     def weights_sha256(self) -> str:
-        """sha256 over parameter names, dtypes, shapes and bytes, in name order (format-independent)."""
+        """sha256 over parameter names, dtypes, shapes and bytes, in name order (format-independent). Weights that
+        a device map offloaded (``meta`` here) are read back one module at a time: the same hash as on one device."""
         digest = hashlib.sha256()
+        modules = dict(self.model.named_modules())
         for name, tensor in sorted(self.model.state_dict().items()):
-            t = tensor.detach().to("cpu").contiguous()
+            if tensor.device.type == "meta":
+                from accelerate.utils.modeling import align_module_device
+
+                owner, _, leaf = name.rpartition(".")
+                with align_module_device(modules[owner], "cpu"):
+                    t = modules[owner].state_dict()[leaf].detach().to("cpu").contiguous()
+            else:
+                t = tensor.detach().to("cpu").contiguous()
             digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
             digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return digest.hexdigest()
+
+
+def _offload_folder() -> str:
+    """A temporary folder for the weights a device map sends to ``disk``, removed when the process exits."""
+    folder = tempfile.mkdtemp(prefix="refusal-eval-offload-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def smollm2_gguf() -> Path:
@@ -145,13 +165,47 @@ def check_device(device: str) -> None:
         raise ModelError(f"--device {device}: unsupported device type '{parsed.type}' (use cpu, cuda or mps)")
 
 
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's inputs go: its embeddings' device, or the device accelerate runs them on when a device
+    map placed or offloaded them."""
+    embeddings = model.get_input_embeddings()
+    hook = getattr(embeddings, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device)
+    return next(embeddings.parameters()).device
+
+
+def read_device_map(device_map: str | dict | None) -> str | dict | None:
+    """``"auto"`` (accelerate: GPUs, then CPU, then disk), a dict of module name -> device, or the path of a JSON
+    file holding such a dict."""
+    if device_map is None or isinstance(device_map, dict) or device_map in ("auto", "balanced", "sequential"):
+        return device_map
+    path = Path(device_map)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"--device-map {device_map}: not 'auto' and not a readable JSON file ({exc})") from exc
+    if not isinstance(value, dict) or not all(isinstance(v, (str, int)) for v in value.values()):
+        raise ModelError(f"--device-map {device_map}: the JSON must map module names to devices "
+                         '(e.g. {"model.layers.0": 0, "model.layers.1": "cpu", "lm_head": "disk"})')
+    return value
+
+
 def load_model(
-    spec: str | None = None, dtype: str = "float32", device: str = "cpu", adapter: str | None = None
+    spec: str | None = None, dtype: str = "float32", device: str = "cpu", adapter: str | None = None,
+    device_map: str | dict | None = None,
 ) -> LoadedModel:
     """Load a causal LM and tokenizer by hub id, local path or .gguf file; None = shipped tiny refuser. With
-    ``adapter`` (a peft folder), the adapter is merged into the weights and named after the model."""
+    ``adapter`` (a peft folder), the adapter is merged into the weights and named after the model. With
+    ``device_map`` (see :func:`read_device_map`) accelerate loads the weights straight onto their devices (no
+    staging on one device), offloading to a temporary folder where a map says ``disk``; ``device`` is then unused."""
     if dtype not in _DTYPES:
         raise ModelError(f"unknown dtype '{dtype}'; choose one of {', '.join(_DTYPES)}")
+    device_map = read_device_map(device_map)
+    if device_map is not None and adapter:
+        raise ModelError("--adapter with --device-map: merging a LoRA adapter needs the whole model on one device; "
+                         "merge it first (peft's merge_and_unload, then save_pretrained) and audit that folder")
     name, source = resolve_model_spec(spec)
     kwargs: dict = {}
     location = source
@@ -170,6 +224,8 @@ def load_model(
             f"could not load the tokenizer of '{spec}' from {location}: {exc}\n"
             "Pass a local folder with config.json and weights, a .gguf file, or a hub id this machine can reach."
         ) from exc
+    if device_map is not None:
+        kwargs.update(device_map=device_map, offload_folder=_offload_folder())
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=_DTYPES[dtype], **kwargs)
     except Exception as exc:  # noqa: BLE001 (any failure to read the weights is a model problem: say which)
@@ -180,7 +236,10 @@ def load_model(
     if adapter:
         model = _merge_adapter(model, adapter)
         name, source = f"{name}+{Path(adapter).resolve().name}", f"{source} + adapter {adapter}"
-    model.to(device)
+    if device_map is None:
+        model.to(device)
+    else:
+        device = str(input_device(model))
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

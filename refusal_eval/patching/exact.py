@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from refusal_eval import distributed
-from refusal_eval.models.loading import LoadedModel
+from refusal_eval.models.loading import LoadedModel, input_device
 from refusal_eval.patching.components import Component
 from refusal_eval.resume import chunk_key
 
@@ -242,7 +242,7 @@ class PatchEngine:
         self._auto_rows = max_rows == "auto"
         self.max_rows = 0 if self._auto_rows else max(1, int(max_rows))
         self.progress = progress
-        self.device = next(self.model.parameters()).device
+        self.device = input_device(self.model)  # a device map may spread (or offload) the rest
         self.head_dim = self.adapter.head_dim(self.model.config)
         self._layer_skip: bool | None = None if layer_skip else False
         self.prefix_reuse = prefix_reuse
