@@ -460,56 +460,78 @@ def effects_stage(engine: PatchEngine, batch: PairBatch, components: list[Compon
     return effects, approximate, check
 
 
-def analyse(
-    loaded: LoadedModel, inputs: Inputs, config: AuditConfig, progress: bool = True, noise: bool | None = None,
-    checkpoint: ResultsLog | None = None,
-) -> Analysis:
-    """Run the model-touching stages (behaviour, token sets, scores, gap, effects, statistics) on one model;
-    ``checkpoint`` keeps (and on resume supplies) the patching engine's finished chunks."""
-    tok = loaded.tokenizer
-    torch.manual_seed(config.seed)
-    check_prompt_lengths(loaded, inputs, config)
-    harmful_ids, benign_ids, replies, refused, behaviour = behaviour_stage(loaded, inputs, config, progress)
-    token_sets = token_set_stage(loaded, inputs, config, progress)
-    warnings = list(token_sets.warnings)
-    ref_ids, com_ids = torch.tensor(token_sets.refusal), torch.tensor(token_sets.compliance)
+@dataclass
+class Scores:
+    """Stage output: refusal scores of both sides of every pair, the pairs that can be patched and how they are
+    aligned, the gap over those and over all pairs, and whether shares are defined."""
 
-    def score_fn(logits: torch.Tensor) -> torch.Tensor:
-        return refusal_score(logits, ref_ids.to(logits.device), com_ids.to(logits.device), config.metric)
+    m_h: list[float]
+    m_b: list[float]
+    used: list[int]
+    exclusions: list[rs.Exclusion]
+    alignment: str
+    gaps: np.ndarray  # m_h - m_b over the used pairs
+    gap: rs.Gap
+    gap_all: rs.Gap
+    shares_defined: bool
+    shares_reason: str
+    warnings: list[str]
 
-    engine = PatchEngine(loaded, score_fn, max_rows=config.batch_rows, progress=progress)
-    engine.checkpoint = checkpoint
-    pairs = inputs.pairs
-    m_h = _side_scores(engine, harmful_ids, tok.pad_token_id, "scores (harmful)", progress)
-    m_b = _side_scores(engine, benign_ids, tok.pad_token_id, "scores (benign)", progress)
+
+def scores_stage(engine: PatchEngine, inputs: Inputs, harmful_ids, benign_ids, behaviour: rs.Behaviour,
+                 config: AuditConfig, progress: bool) -> Scores:
+    """Both sides' refusal scores (non-finite: MetricError naming the pair), the patchable pairs, the gaps and the
+    rule that decides whether shares are defined."""
+    pairs, pad = inputs.pairs, engine.loaded.tokenizer.pad_token_id
+    m_h = _side_scores(engine, harmful_ids, pad, "scores (harmful)", progress)
+    m_b = _side_scores(engine, benign_ids, pad, "scores (benign)", progress)
     for value, pair in zip(m_h + m_b, pairs + pairs, strict=True):
         if not np.isfinite(value):
             raise MetricError(f"pair {pair.id}: refusal score is not finite ({value}); check the model's dtype")
-
+    warnings = []
     used, exclusions, alignment = patchable_pairs(pairs, harmful_ids, benign_ids, config)
-    full_alignment = alignment == "full"
     if exclusions:
         warnings.append(f"{len(exclusions)} of {len(pairs)} pair(s) cannot be patched at every position (sides of "
                         "unequal token length); the gap over all pairs is reported beside the patched pairs' gap")
-
     all_gaps = np.array(m_h) - np.array(m_b)
     gaps = all_gaps[used]
     gap = _gap(gaps, config)
     gap_all = gap if len(used) == len(pairs) else _gap(all_gaps, config)
-    refuses = bool(behaviour.refuses)
-    shares_defined, shares_reason, rule_warnings = _shares_rule(behaviour, refuses, gap_all, gap, config)
+    shares_defined, shares_reason, rule_warnings = _shares_rule(behaviour, bool(behaviour.refuses), gap_all, gap,
+                                                                config)
     warnings += rule_warnings
     if not shares_defined:
         warnings.append(f"UNDEFINED SHARES: {shares_reason}")
+    return Scores(m_h, m_b, used, exclusions, alignment, gaps, gap, gap_all, shares_defined, shares_reason, warnings)
 
-    # -- effects --------------------------------------------------------------------------------------------------
+
+@dataclass
+class PatchPlan:
+    """Stage output: the components to patch and the pair batches they are patched on. ``families`` are
+    (component rows, pair columns, batch): one family, or under mixed alignment the components patched at the
+    aligned suffix on every pair and the all-position ones (``on_full``) on the equal-length pairs
+    (``full_cols``, whose gap is ``gap_full``)."""
+
+    batch: PairBatch
+    suffix: int
+    components: list[Component]
+    families: list[tuple[np.ndarray, list[int], PairBatch]]
+    on_full: np.ndarray | None
+    full_cols: list[int] | None
+    gap_full: rs.Gap | None
+    warnings: list[str]
+
+
+def plan_stage(loaded: LoadedModel, inputs: Inputs, harmful_ids, benign_ids, scores: Scores,
+               config: AuditConfig) -> PatchPlan:
+    """Which components are patched on which pairs (see :class:`PatchPlan`); DataError when none can be."""
+    tok, pairs, used = loaded.tokenizer, inputs.pairs, scores.used
+    warnings = []
     batch = build_pair_batch([(harmful_ids[i], benign_ids[i]) for i in used], tok.pad_token_id,
-                             [pairs[i].id for i in used], allow_unequal=not full_alignment)
+                             [pairs[i].id for i in used], allow_unequal=scores.alignment != "full")
     suffix = min(common_suffix(harmful_ids[i], benign_ids[i]) for i in used)
-    base_h, base_b = np.array(m_h)[used], np.array(m_b)[used]
-    target = base_b if config.direction == "denoise" else base_h
     full_cols = gap_full = None
-    if alignment == "mixed":
+    if scores.alignment == "mixed":
         full_cols = [k for k, i in enumerate(used) if len(harmful_ids[i]) == len(benign_ids[i])]
         span = max(suffix, 1)  # right-aligned positions every pair shares (the last one always)
         width = max((len(harmful_ids[used[k]]) for k in full_cols), default=span)
@@ -525,7 +547,7 @@ def analyse(
         if not components:
             raise DataError("no component can be patched: add 'last' or 'suffix' to --positions")
         if on_full.any():
-            gap_full = _gap(gaps[full_cols], config)
+            gap_full = _gap(scores.gaps[full_cols], config)
             warnings.append(f"mixed alignment: {len(used) - len(full_cols)} of {len(used)} pairs have sides of "
                             f"unequal token length; {int(on_full.sum())} all-position component(s) use the "
                             f"{len(full_cols)} equal-length pairs, the other {int((~on_full).sum())} use every pair "
@@ -540,14 +562,22 @@ def analyse(
                                    _positions_wanted(config, batch.width, suffix))
         on_full = None
         families = [(np.arange(len(components)), list(range(len(used))), batch)]
-    log.info("patching %d components x %d pairs", len(components), len(used))
-    effects = np.full((len(components), len(used)), np.nan)
-    approximate = np.zeros(len(components), dtype=bool)
+    return PatchPlan(batch, suffix, components, families, on_full, full_cols, gap_full, warnings)
+
+
+def patch_stage(engine: PatchEngine, plan: PatchPlan, scores: Scores, config: AuditConfig):
+    """Effects [components, used pairs] of every family (NaN where a component is not patched on a pair), which
+    are attribution estimates, and the attribution checks in the report's numbering."""
+    used = scores.used
+    base_h, base_b = np.array(scores.m_h)[used], np.array(scores.m_b)[used]
+    log.info("patching %d components x %d pairs", len(plan.components), len(used))
+    effects = np.full((len(plan.components), len(used)), np.nan)
+    approximate = np.zeros(len(plan.components), dtype=bool)
     checks = []
-    for rows, cols, fam_batch in families:
+    for rows, cols, fam_batch in plan.families:
         if not rows.size:
             continue
-        fam_effects, fam_approx, check = effects_stage(engine, fam_batch, [components[k] for k in rows], config,
+        fam_effects, fam_approx, check = effects_stage(engine, fam_batch, [plan.components[k] for k in rows], config,
                                                        base_h[cols], base_b[cols])
         effects[np.ix_(rows, cols)] = fam_effects
         approximate[rows] = fam_approx
@@ -555,15 +585,33 @@ def analyse(
             estimated = np.full((check.rows.size, len(used)), np.nan)
             estimated[:, cols] = check.estimated
             checks.append(AttributionCheck(rows[check.rows], estimated, check.n_top, check.n_random))
+    return effects, approximate, checks
 
-    # -- statistics and the noise floor ---------------------------------------------------------------------------
+
+@dataclass
+class Statistics:
+    """Stage output: the noise floor (None when not measured), the permutation test, and where shares are
+    defined their intervals and the significance mask."""
+
+    floor: np.ndarray | None
+    permutation: PermutationResult
+    intervals: Interval | None
+    significant: np.ndarray | None
+    warnings: list[str]
+
+
+def statistics_stage(engine: PatchEngine, plan: PatchPlan, scores: Scores, effects: np.ndarray,
+                     approximate: np.ndarray, config: AuditConfig, noise: bool | None, progress: bool) -> Statistics:
+    """Noise floor (exact patching), sign-flip permutation test, bootstrap share intervals and significance."""
+    used, gaps, warnings = scores.used, scores.gaps, []
+    target = (np.array(scores.m_b) if config.direction == "denoise" else np.array(scores.m_h))[used]
     floor = None
     if (config.noise_floor if noise is None else noise) and config.method == "exact":
         work = dict(engine.work)  # the report's engine section describes the audit's patching, not this check
-        floor = np.zeros(len(components))
-        for rows, cols, fam_batch in families:
+        floor = np.zeros(len(plan.components))
+        for rows, cols, fam_batch in plan.families:
             if rows.size:
-                floor[rows] = noise_floor(engine, fam_batch, [components[k] for k in rows], config.direction,
+                floor[rows] = noise_floor(engine, fam_batch, [plan.components[k] for k in rows], config.direction,
                                           torch.tensor(target[cols], dtype=torch.float32)).numpy()
         engine.work = work
     # A pair a component was not patched on (NaN) adds nothing to its statistic, flipped or not.
@@ -571,7 +619,7 @@ def analyse(
     permutation = sign_flip_test(np.nan_to_num(effects, nan=0.0), config.n_permutations, config.seed)
     bar.update(1)
     intervals = significant = None
-    if shares_defined:
+    if scores.shares_defined:
         largest = np.nanmax(np.abs(effects), axis=1)
         numeric_zero = largest <= NUMERIC_ZERO * np.abs(gaps).mean()
         if floor is not None:
@@ -584,6 +632,7 @@ def analyse(
             significant &= largest > floor
         # An attribution estimate is a point estimate of unknown error: never significant (no interval of its own).
         significant &= ~approximate
+        gap_full, on_full = plan.gap_full, plan.on_full
         if gap_full is not None and gap_full.verdict != "separated":
             for values in (intervals.estimate, intervals.low, intervals.high, intervals.fw_low, intervals.fw_high):
                 values[on_full] = np.nan
@@ -593,18 +642,44 @@ def analyse(
                             f"({gap_full.mean:.3f} [{gap_full.ci_low:.3f}, {gap_full.ci_high:.3f}])")
     bar.update(1)
     bar.close()
+    return Statistics(floor, permutation, intervals, significant, warnings)
+
+
+def analyse(
+    loaded: LoadedModel, inputs: Inputs, config: AuditConfig, progress: bool = True, noise: bool | None = None,
+    checkpoint: ResultsLog | None = None,
+) -> Analysis:
+    """Run the model-touching stages on one model: behaviour -> token sets -> scores and gap -> plan -> effects ->
+    statistics. ``checkpoint`` keeps (and on resume supplies) the patching engine's finished chunks."""
+    torch.manual_seed(config.seed)
+    check_prompt_lengths(loaded, inputs, config)
+    harmful_ids, benign_ids, replies, refused, behaviour = behaviour_stage(loaded, inputs, config, progress)
+    token_sets = token_set_stage(loaded, inputs, config, progress)
+    ref_ids, com_ids = torch.tensor(token_sets.refusal), torch.tensor(token_sets.compliance)
+
+    def score_fn(logits: torch.Tensor) -> torch.Tensor:
+        return refusal_score(logits, ref_ids.to(logits.device), com_ids.to(logits.device), config.metric)
+
+    engine = PatchEngine(loaded, score_fn, max_rows=config.batch_rows, progress=progress)
+    engine.checkpoint = checkpoint
+    scores = scores_stage(engine, inputs, harmful_ids, benign_ids, behaviour, config, progress)
+    plan = plan_stage(loaded, inputs, harmful_ids, benign_ids, scores, config)
+    effects, approximate, checks = patch_stage(engine, plan, scores, config)
+    stats = statistics_stage(engine, plan, scores, effects, approximate, config, noise, progress)
     attribution_info = None
     if config.method != "exact":
-        attribution_info = attribution_summary(components, effects, gaps, checks,
-                                               intervals.estimate if intervals is not None else None)
+        attribution_info = attribution_summary(plan.components, effects, scores.gaps, checks,
+                                               stats.intervals.estimate if stats.intervals is not None else None)
     return Analysis(
-        loaded=loaded, pairs=pairs, harmful_ids=harmful_ids, benign_ids=benign_ids, replies=replies, refused=refused,
-        behaviour=behaviour, token_sets=token_sets, m_h=m_h, m_b=m_b, used=used,
-        exclusions=exclusions, full_alignment=full_alignment, gap_all=gap_all, gap=gap, shares_defined=shares_defined,
-        shares_reason=shares_reason, engine=engine, batch=batch, suffix=suffix, components=components,
-        effects=effects, approximate=approximate, attribution_info=attribution_info, permutation=permutation,
-        intervals=intervals, floor=floor, significant=significant, warnings=warnings,
-        alignment=alignment, on_full=on_full, full_cols=full_cols, gap_full=gap_full,
+        loaded=loaded, pairs=inputs.pairs, harmful_ids=harmful_ids, benign_ids=benign_ids, replies=replies,
+        refused=refused, behaviour=behaviour, token_sets=token_sets, m_h=scores.m_h, m_b=scores.m_b, used=scores.used,
+        exclusions=scores.exclusions, full_alignment=scores.alignment == "full", gap_all=scores.gap_all,
+        gap=scores.gap, shares_defined=scores.shares_defined, shares_reason=scores.shares_reason, engine=engine,
+        batch=plan.batch, suffix=plan.suffix, components=plan.components, effects=effects, approximate=approximate,
+        attribution_info=attribution_info, permutation=stats.permutation, intervals=stats.intervals,
+        floor=stats.floor, significant=stats.significant,
+        warnings=list(token_sets.warnings) + scores.warnings + plan.warnings + stats.warnings,
+        alignment=scores.alignment, on_full=plan.on_full, full_cols=plan.full_cols, gap_full=plan.gap_full,
     )
 
 
