@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import warnings as _warnings
 from collections import defaultdict
-from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from scipy import stats as sps
 
+from refusal_eval.report.comparison_markdown import render_comparison_markdown, summary_lines  # noqa: F401
 from refusal_eval.report.comparison_schema import (  # noqa: F401  (re-exported: the schema lived here)
     BEHAVIOUR_METHOD,
     COMPARISON_SCHEMA_VERSION,
@@ -33,122 +31,19 @@ from refusal_eval.report.comparison_schema import (  # noqa: F401  (re-exported:
     comparison_json_schema,
     load_comparison,
 )
-from refusal_eval.report.plots import comparison_picture, markdown_section, render_pictures
+from refusal_eval.report.plots import comparison_picture, render_pictures
 from refusal_eval.report.schema import AuditReport, Rate
 from refusal_eval.report.writers import write_with_pictures
-from refusal_eval.stats import _counts, _max_t_band, mean_interval, wilson_interval
+from refusal_eval.stats import (  # noqa: F401  (newcombe_difference, mcnemar_exact: re-exported)
+    mcnemar_exact,
+    mean_interval,
+    newcombe_difference,
+    share_difference_intervals,
+    two_sample_mean_difference,
+    wilson_interval,
+)
 
-# -- statistics ---------------------------------------------------------------------------------------------
-
-
-def _bootstrap_rows(data: tuple, statistic, n_rows: int, level: float, n_resamples: int, method: str,
-                    seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """scipy.stats.bootstrap of a vector statistic [n_rows]; BCa falls back to percentile where undefined."""
-    with _warnings.catch_warnings():
-        _warnings.simplefilter("ignore")  # degenerate rows surface as NaN, handled below
-        result = sps.bootstrap(
-            data, statistic, n_resamples=n_resamples, batch=max(1, min(n_resamples, 2_000_000 // max(1, n_rows))),
-            vectorized=True, paired=False, confidence_level=level, method=method, rng=np.random.default_rng(seed),
-        )
-    low = np.atleast_1d(np.asarray(result.confidence_interval.low, dtype=np.float64)).copy()
-    high = np.atleast_1d(np.asarray(result.confidence_interval.high, dtype=np.float64)).copy()
-    dist = np.atleast_2d(result.bootstrap_distribution)
-    bad = ~(np.isfinite(low) & np.isfinite(high))
-    if bad.any():
-        tail = (1 - level) / 2
-        low[bad] = np.quantile(dist[bad], tail, axis=-1)
-        high[bad] = np.quantile(dist[bad], 1 - tail, axis=-1)
-    return low, high, dist
-
-
-def share_difference_intervals(
-    effects_a: np.ndarray, gaps_a: np.ndarray, effects_b: np.ndarray, gaps_b: np.ndarray, paired: bool,
-    level: float = 0.95, n_resamples: int = 2000, method: str = "BCa", seed: int = 0,
-) -> dict[str, np.ndarray]:
-    """Shares in A and B and their difference B − A, with bootstrap CIs, for C components at once.
-
-    effects_a [C, nA], gaps_a [nA], effects_b [C, nB], gaps_b [nB]. ``paired`` (nA == nB, same pairs in the
-    same order): one draw of pair indices per resample serves A and B, as ``scipy.stats.bootstrap(...,
-    paired=True)`` would; otherwise A's and B's pairs are drawn independently (two-sample bootstrap).
-    Resampled indices become count weights (``stats._counts``), so each resample costs two matrix products.
-    Returns arrays keyed share_a, share_a_low, share_a_high, share_b*, diff, ci_low, ci_high, fw_low, fw_high.
-    """
-    ea, eb = np.atleast_2d(np.asarray(effects_a, np.float64)), np.atleast_2d(np.asarray(effects_b, np.float64))
-    ga, gb = np.asarray(gaps_a, np.float64), np.asarray(gaps_b, np.float64)
-    na, nb = ga.shape[0], gb.shape[0]
-    if ea.shape != (ea.shape[0], na) or eb.shape != (ea.shape[0], nb):
-        raise ValueError(f"effects {ea.shape}/{eb.shape} do not match gaps ({na}, {nb})")
-    if paired and na != nb:
-        raise ValueError("a paired comparison needs the same pairs on both sides")
-    # NaN effects: pairs a component was not patched on (mixed alignment); they count in neither its effect nor
-    # its gap sums, so every component has its own gap columns.
-    ma, mb = np.isfinite(ea), np.isfinite(eb)
-    ea, eb = np.where(ma, ea, 0.0), np.where(mb, eb, 0.0)
-    masked = not (ma.all() and mb.all())
-    Ga, Gb = (ma * ga).T, (mb * gb).T  # [n, C]
-    sa, sb = (ea.sum(1) / Ga.sum(0), eb.sum(1) / Gb.sum(0)) if masked else (ea.sum(1) / ga.sum(), eb.sum(1) / gb.sum())
-    out = {"share_a": sa, "share_b": sb, "diff": sb - sa}
-    for key in ("share_a", "share_b", "diff"):
-        out[key + "_low"], out[key + "_high"] = out[key].copy(), out[key].copy()
-    out["fw_low"], out["fw_high"] = out["diff"].copy(), out["diff"].copy()
-    # Rows that cannot vary: a share whose effects are all 0 is 0 in every resample; with paired identical
-    # inputs the difference is exactly 0 in every resample.
-    va = np.flatnonzero(~np.all(ea == 0.0, axis=1))
-    vb = np.flatnonzero(~np.all(eb == 0.0, axis=1))
-    same = paired and np.array_equal(ga, gb) and np.array_equal(ma, mb)
-    vd = np.flatnonzero(~(np.all(ea == eb, axis=1) if same else np.zeros(ea.shape[0], bool)) &
-                        ~(np.all(ea == 0.0, axis=1) & np.all(eb == 0.0, axis=1)))
-    if (min(na, nb) < 2) or not (va.size or vb.size or vd.size):
-        return out
-    A, B, Ad, Bd = ea[va].T, eb[vb].T, ea[vd].T, eb[vd].T
-
-    def rows(wa: np.ndarray, wb: np.ndarray) -> np.ndarray:
-        if masked:
-            da, db = (wa @ Ga[:, va], wb @ Gb[:, vb]), (wa @ Ga[:, vd], wb @ Gb[:, vd])
-        else:
-            one_a, one_b = (wa @ ga)[..., None], (wb @ gb)[..., None]
-            da, db = (one_a, one_b), (one_a, one_b)
-        stacked = np.concatenate([(wa @ A) / da[0], (wb @ B) / da[1], (wb @ Bd) / db[1] - (wa @ Ad) / db[0]],
-                                 axis=-1)
-        return np.moveaxis(stacked, -1, 0)
-
-    if paired:
-        def statistic(idx, axis=-1):
-            w = _counts(np.asarray(idx), na)
-            return rows(w, w)
-        data: tuple = (np.arange(na),)
-    else:
-        def statistic(ia, ib, axis=-1):
-            return rows(_counts(np.asarray(ia), na), _counts(np.asarray(ib), nb))
-        data = (np.arange(na), np.arange(nb))
-    n_rows = va.size + vb.size + vd.size
-    low, high, dist = _bootstrap_rows(data, statistic, n_rows, level, n_resamples, method, seed)
-    parts = np.cumsum([0, va.size, vb.size, vd.size])
-    for key, index, k in (("share_a", va, 0), ("share_b", vb, 1), ("diff", vd, 2)):
-        sl = slice(parts[k], parts[k + 1])
-        out[key + "_low"][index], out[key + "_high"][index] = low[sl], high[sl]
-    d_dist = dist[parts[2]:]
-    if vd.size:
-        out["fw_low"][vd], out["fw_high"][vd] = _max_t_band(out["diff"][vd], d_dist, level)
-    return out
-
-
-def newcombe_difference(s_a: int, n_a: int, s_b: int, n_b: int, level: float = 0.95) -> tuple[float, float, float]:
-    """Rate difference B − A with Newcombe's hybrid-score (method 10) interval from two Wilson intervals."""
-    if n_a == 0 or n_b == 0:
-        return float("nan"), float("nan"), float("nan")
-    pa, pb = s_a / n_a, s_b / n_b
-    la, ua = wilson_interval(s_a, n_a, level)
-    lb, ub = wilson_interval(s_b, n_b, level)
-    d = pb - pa
-    return d, d - float(np.hypot(pb - lb, ua - pa)), d + float(np.hypot(ub - pb, pa - la))
-
-
-def mcnemar_exact(a_only: int, b_only: int) -> float:
-    """Exact McNemar test: two-sided binomial test of the discordant counts against 1/2."""
-    if a_only + b_only == 0:
-        return 1.0
-    return float(sps.binomtest(b_only, a_only + b_only, 0.5).pvalue)
+# -- statistics: share_difference_intervals, newcombe_difference, mcnemar_exact live in stats.py --
 
 
 def _rate(successes: int, total: int, level: float) -> Rate:
@@ -311,13 +206,7 @@ def compare_reports(a: AuditReport, b: AuditReport, n_boot: int = 2000, level: f
                         method=f"paired {method} bootstrap of the mean per-pair gap change over the common pairs")
     else:
         d = float(gb.mean() - ga.mean())
-        lo = hi = d
-        if len(ga) >= 2 and len(gb) >= 2:
-            with _warnings.catch_warnings():
-                _warnings.simplefilter("ignore")
-                r2 = sps.bootstrap((ga, gb), lambda x, y, axis=-1: y.mean(axis) - x.mean(axis), n_resamples=n_boot,
-                                   confidence_level=level, method=method, rng=np.random.default_rng(seed))
-            lo, hi = float(r2.confidence_interval.low), float(r2.confidence_interval.high)
+        lo, hi = two_sample_mean_difference(ga, gb, level, n_boot, method, seed)
         gap = GapChange(n_pairs_a=len(ga), n_pairs_b=len(gb), mean_a=float(ga.mean()), mean_b=float(gb.mean()),
                         diff=d, ci_low=lo, ci_high=hi,
                         method=f"two-sample {method} bootstrap of the difference of mean gaps (used pairs of each)")
@@ -396,152 +285,7 @@ def _mean_gap(pairs: list) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-# -- rendering and writing ----------------------------------------------------------------------------------
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def _pp(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:+.1f} pp"
-
-
-def _ci_pp(lo: float | None, hi: float | None) -> str:
-    return "–" if lo is None or hi is None else f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
-
-
-def _f(value: float, digits: int = 3) -> str:
-    text = f"{value:+.{digits}f}"
-    return text.replace("-0." + "0" * digits, "+0." + "0" * digits)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return out + ["| " + " | ".join(r) + " |" for r in rows]
-
-
-def _p(value: float | None) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.2g}" if value >= 1e-4 else "<1e-4"
-
-
-def render_comparison_markdown(c: ComparisonReport, top_k: int = 15, pictures: Iterable[str] = ()) -> str:
-    """The comparison as a Markdown page: summary, behaviour, categories, gap, share changes, identity."""
-    level = f"{c.stats.level:.0%}"
-    lines = [f"# Checkpoint comparison: {c.a.name} → {c.b.name}", ""]
-    harm = next((r for r in c.behaviour if r.measure == "refusal on harmful"), None)
-    moved = sorted((k for k in c.categories if k.significant), key=lambda k: -abs(k.diff))
-    lines += [
-        "## Summary",
-        "",
-        f"- A: `{c.a.name}` (weights `{c.a.weights_sha256[:12]}…`); B: `{c.b.name}` (weights "
-        f"`{c.b.weights_sha256[:12]}…`)",
-        f"- Pairs: {'same' if c.same_dataset else 'DIFFERENT'} pair file (`{c.a.dataset_sha256[:12]}…`"
-        + ("" if c.same_dataset else f" vs `{c.b.dataset_sha256[:12]}…`") + f"), split `{c.a.split}`"
-        + (f"; **paired** comparison on the {c.n_pairs} pairs both audits used" if c.paired
-           else f"; **unpaired** comparison ({c.n_pairs} pairs in A, {c.n_pairs_b} in B)"),
-    ]
-    if harm is not None:
-        lines.append(
-            f"- Refusal on harmful prompts: {_pct(harm.a.rate)} → {_pct(harm.b.rate)} ({_pp(harm.diff)}, {level} CI "
-            f"{_ci_pp(harm.ci_low, harm.ci_high)})"
-        )
-    if moved:
-        lines.append("- Categories whose refusal changed (interval excludes 0): " + ", ".join(
-            f"**{k.category}** {k.refused_a}/{k.n_a} → {k.refused_b}/{k.n_b}" for k in moved))
-    else:
-        lines.append("- No category's refusal rate changed beyond its interval")
-    lines.append(f"- Gap m(harmful) − m(benign) on the compared pairs: {c.gap.mean_a:.3f} → {c.gap.mean_b:.3f} "
-                 f"({_f(c.gap.diff)}, {level} CI [{c.gap.ci_low:.3f}, {c.gap.ci_high:.3f}])")
-    if not c.shares_defined:
-        lines.append("- **Shares are undefined** for at least one model (gap not separated): only behaviour and the "
-                     "gap are compared")
-    else:
-        top = [c.component(i) for i in c.ranking[:3]]
-        lines.append(f"- Share changes significant (family-wise, {level}): {len(c.ranking)} of {len(c.components)}"
-                     + (("; largest: " + ", ".join(f"`{t.id}` {t.share_a:.3f} → {t.share_b:.3f} ({_f(t.diff)} "
-                                                     f"[{t.ci_low:.3f}, {t.ci_high:.3f}])" for t in top))
-                        if top else ""))
-    lines.append("")
-    if c.warnings:
-        lines += ["## Warnings", ""] + [f"- {w}" for w in c.warnings] + [""]
-    lines += markdown_section(pictures)
-    # Behaviour ------------------------------------------------------------------------------------------------
-    lines += ["## Behaviour (greedy replies)", "", c.stats.behaviour, ""]
-    rows = []
-    for r in c.behaviour:
-        rows.append([r.measure, f"{r.a.successes}/{r.a.total} ({_pct(r.a.rate)})",
-                     f"{r.b.successes}/{r.b.total} ({_pct(r.b.rate)})", _pp(r.diff), _ci_pp(r.ci_low, r.ci_high),
-                     "–" if not r.paired else f"{r.a_only} / {r.b_only}", _p(r.mcnemar_p),
-                     "yes" if r.significant else "no"])
-    lines += _table(["measure", "A", "B", "B − A", f"{level} CI (Newcombe)", "A only / B only", "McNemar p",
-                     "changed"], rows) + [""]
-    # Categories -----------------------------------------------------------------------------------------------
-    lines += ["## Refusal on harmful prompts, per category", "",
-              "Unadjusted per-category intervals (Newcombe); mean gap m(harmful) − m(benign) over the category's "
-              "pairs; 'used' counts the pairs each audit kept for patching.", ""]
-    rows = [[k.category, f"{k.refused_a}/{k.n_a}", f"{k.refused_b}/{k.n_b}", _pp(k.diff), _ci_pp(k.ci_low, k.ci_high),
-             _p(k.mcnemar_p), "–" if k.gap_a is None else f"{k.gap_a:.2f}",
-             "–" if k.gap_b is None else f"{k.gap_b:.2f}", f"{k.used_a} / {k.used_b}",
-             "**yes**" if k.significant else "no"] for k in c.categories]
-    lines += _table(["category", "A refused", "B refused", "B − A", f"{level} CI", "McNemar p", "gap A", "gap B",
-                     "used A / B", "changed"], rows) + [""]
-    # Components -----------------------------------------------------------------------------------------------
-    lines += [f"## Share changes (B − A, {level} {c.stats.method} bootstrap CI over pairs, "
-              f"{'paired' if c.paired else 'unpaired'})", ""]
-    if not c.shares_defined:
-        lines += ["Shares are undefined because at least one model's gap is not separated from 0.", ""]
-    else:
-        lines += [
-            f"Shares of both models on the {'common' if c.paired else 'respective'} pairs; family-wise intervals hold "
-            f"simultaneously for all {c.stats.n_components} components ({c.stats.familywise}); a change is "
-            f"significant when its family-wise interval excludes 0 (and |B − A| ≥ {c.stats.min_diff:g}): "
-            f"{len(c.ranking)} are. Ranked by |B − A|.",
-            "",
-        ]
-        rows = []
-        for cid in c.ranking[:top_k]:
-            x = c.component(cid)
-            rows.append([str(x.rank), f"`{x.id}`", f"{x.share_a:.3f} [{x.share_a_low:.3f}, {x.share_a_high:.3f}]",
-                         f"{x.share_b:.3f} [{x.share_b_low:.3f}, {x.share_b_high:.3f}]",
-                         f"**{_f(x.diff)}** [{x.ci_low:.3f}, {x.ci_high:.3f}]", f"[{x.fw_low:.3f}, {x.fw_high:.3f}]"])
-        if rows:
-            lines += _table(["rank", "component", "share A [CI]", "share B [CI]", "B − A [CI]", "family-wise CI"],
-                            rows) + [""]
-        if len(c.ranking) > top_k:
-            lines += [f"… and {len(c.ranking) - top_k} more significant changes in `comparison.json`.", ""]
-        allpos = [x for x in c.components if x.position is None]
-        if allpos:
-            lines += ["### All positions patched together", ""]
-            rows = [[f"`{x.id}`", f"{x.share_a:.3f}", f"{x.share_b:.3f}",
-                     f"{_f(x.diff)} [{x.ci_low:.3f}, {x.ci_high:.3f}]", f"[{x.fw_low:.3f}, {x.fw_high:.3f}]",
-                     "yes" if x.significant else "no"] for x in allpos]
-            lines += _table(["component", "share A", "share B", "B − A [CI]", "family-wise CI", "significant"],
-                            rows) + [""]
-    if c.components_only_in_a or c.components_only_in_b:
-        lines += [f"Components in only one report (not compared): {len(c.components_only_in_a)} only in A, "
-                  f"{len(c.components_only_in_b)} only in B.", ""]
-    # Identity -------------------------------------------------------------------------------------------------
-    lines += ["## Identity and reproduction", ""]
-    rows = [[label, f"`{getattr(c.a, f)}`", f"`{getattr(c.b, f)}`"] for label, f in (
-        ("model", "name"), ("source", "source"), ("weights sha256", "weights_sha256"),
-        ("pair file sha256", "dataset_sha256"), ("split", "split"), ("direction", "direction"), ("metric", "metric"),
-        ("report created", "report_created"))]
-    rows += [["pairs in split / used", f"{c.a.n_pairs} / {c.a.n_used}", f"{c.b.n_pairs} / {c.b.n_used}"],
-             ["report gap", f"{c.a.gap.mean:.3f} [{c.a.gap.ci_low:.3f}, {c.a.gap.ci_high:.3f}]",
-              f"{c.b.gap.mean:.3f} [{c.b.gap.ci_low:.3f}, {c.b.gap.ci_high:.3f}]"]]
-    lines += _table(["", "A", "B"], rows) + [""]
-    lines += [
-        f"- Paired: {'yes' if c.paired else 'no'} ({c.stats.resampling}); pairs compared: {c.n_pairs}"
-        + ("" if c.paired else f" (A), {c.n_pairs_b} (B)"),
-        f"- Statistics: {c.stats.method}, level {c.stats.level}, {c.stats.n_resamples} resamples, seed {c.stats.seed}",
-        f"- Command: `{c.command}`" if c.command else "- Command: (Python API)",
-        f"- Created {c.created}",
-        "",
-    ]
-    return "\n".join(lines)
+# -- writing (rendering: report/comparison_markdown.py) ----------------------------------------------------
 
 
 def write_comparison(c: ComparisonReport, out_dir: str | Path, pictures: bool = True) -> tuple[Path, Path]:
@@ -557,28 +301,6 @@ def write_comparison(c: ComparisonReport, out_dir: str | Path, pictures: bool = 
 
 def default_comparison_dir(c: ComparisonReport, root: str | Path = "reports") -> Path:
     return Path(root) / f"comparison-{c.a.name}-vs-{c.b.name}"
-
-
-def summary_lines(c: ComparisonReport, top: int = 5) -> list[str]:
-    """A few lines for the terminal: behaviour changes, categories that moved, top component changes."""
-    lines = [f"{c.a.name} -> {c.b.name}: {'paired' if c.paired else 'UNPAIRED'}, {c.n_pairs} pairs compared"]
-    for r in c.behaviour:
-        lines.append(f"  {r.measure}: {_pct(r.a.rate)} -> {_pct(r.b.rate)} ({_pp(r.diff)}, CI "
-                     f"{_ci_pp(r.ci_low, r.ci_high)}){' *' if r.significant else ''}")
-    for k in c.categories:
-        if k.significant:
-            lines.append(f"  category {k.category}: refused {k.refused_a}/{k.n_a} -> {k.refused_b}/{k.n_b} *")
-    lines.append(f"  gap: {c.gap.mean_a:.3f} -> {c.gap.mean_b:.3f} ({_f(c.gap.diff)} [{c.gap.ci_low:.3f}, "
-                 f"{c.gap.ci_high:.3f}])")
-    if not c.shares_defined:
-        lines.append("  shares undefined for at least one model: components not compared")
-    else:
-        lines.append(f"  significant share changes: {len(c.ranking)} of {len(c.components)}")
-        for cid in c.ranking[:top]:
-            x = c.component(cid)
-            lines.append(f"    {x.id}: {x.share_a:.3f} -> {x.share_b:.3f} ({_f(x.diff)} [{x.ci_low:.3f}, "
-                         f"{x.ci_high:.3f}], family-wise [{x.fw_low:.3f}, {x.fw_high:.3f}])")
-    return lines
 
 
 def compare_command(args: argparse.Namespace, argv: list[str]) -> int:

@@ -453,3 +453,130 @@ def share_heterogeneity(
             )
         )
     return results
+
+
+# -- comparisons of two audits (used by compare.py) ----------------------------------------------------
+
+
+def _bootstrap_rows(data: tuple, statistic, n_rows: int, level: float, n_resamples: int, method: str,
+                    seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scipy.stats.bootstrap of a vector statistic [n_rows]; BCa falls back to percentile where undefined."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # degenerate rows surface as NaN, handled below
+        result = stats.bootstrap(
+            data, statistic, n_resamples=n_resamples, batch=max(1, min(n_resamples, 2_000_000 // max(1, n_rows))),
+            vectorized=True, paired=False, confidence_level=level, method=method, rng=np.random.default_rng(seed),
+        )
+    low = np.atleast_1d(np.asarray(result.confidence_interval.low, dtype=np.float64)).copy()
+    high = np.atleast_1d(np.asarray(result.confidence_interval.high, dtype=np.float64)).copy()
+    dist = np.atleast_2d(result.bootstrap_distribution)
+    bad = ~(np.isfinite(low) & np.isfinite(high))
+    if bad.any():
+        tail = (1 - level) / 2
+        low[bad] = np.quantile(dist[bad], tail, axis=-1)
+        high[bad] = np.quantile(dist[bad], 1 - tail, axis=-1)
+    return low, high, dist
+
+
+def share_difference_intervals(
+    effects_a: np.ndarray, gaps_a: np.ndarray, effects_b: np.ndarray, gaps_b: np.ndarray, paired: bool,
+    level: float = 0.95, n_resamples: int = 2000, method: str = "BCa", seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Shares in A and B and their difference B − A, with bootstrap CIs, for C components at once.
+
+    effects_a [C, nA], gaps_a [nA], effects_b [C, nB], gaps_b [nB]. ``paired`` (nA == nB, same pairs in the
+    same order): one draw of pair indices per resample serves A and B, as ``scipy.stats.bootstrap(...,
+    paired=True)`` would; otherwise A's and B's pairs are drawn independently (two-sample bootstrap).
+    Resampled indices become count weights (``_counts``), so each resample costs two matrix products.
+    Returns arrays keyed share_a, share_a_low, share_a_high, share_b*, diff, ci_low, ci_high, fw_low, fw_high.
+    """
+    ea, eb = np.atleast_2d(np.asarray(effects_a, np.float64)), np.atleast_2d(np.asarray(effects_b, np.float64))
+    ga, gb = np.asarray(gaps_a, np.float64), np.asarray(gaps_b, np.float64)
+    na, nb = ga.shape[0], gb.shape[0]
+    if ea.shape != (ea.shape[0], na) or eb.shape != (ea.shape[0], nb):
+        raise ValueError(f"effects {ea.shape}/{eb.shape} do not match gaps ({na}, {nb})")
+    if paired and na != nb:
+        raise ValueError("a paired comparison needs the same pairs on both sides")
+    # NaN effects: pairs a component was not patched on (mixed alignment); they count in neither its effect nor
+    # its gap sums, so every component has its own gap columns.
+    ma, mb = np.isfinite(ea), np.isfinite(eb)
+    ea, eb = np.where(ma, ea, 0.0), np.where(mb, eb, 0.0)
+    masked = not (ma.all() and mb.all())
+    Ga, Gb = (ma * ga).T, (mb * gb).T  # [n, C]
+    sa, sb = (ea.sum(1) / Ga.sum(0), eb.sum(1) / Gb.sum(0)) if masked else (ea.sum(1) / ga.sum(), eb.sum(1) / gb.sum())
+    out = {"share_a": sa, "share_b": sb, "diff": sb - sa}
+    for key in ("share_a", "share_b", "diff"):
+        out[key + "_low"], out[key + "_high"] = out[key].copy(), out[key].copy()
+    out["fw_low"], out["fw_high"] = out["diff"].copy(), out["diff"].copy()
+    # Rows that cannot vary: a share whose effects are all 0 is 0 in every resample; with paired identical
+    # inputs the difference is exactly 0 in every resample.
+    va = np.flatnonzero(~np.all(ea == 0.0, axis=1))
+    vb = np.flatnonzero(~np.all(eb == 0.0, axis=1))
+    same = paired and np.array_equal(ga, gb) and np.array_equal(ma, mb)
+    vd = np.flatnonzero(~(np.all(ea == eb, axis=1) if same else np.zeros(ea.shape[0], bool)) &
+                        ~(np.all(ea == 0.0, axis=1) & np.all(eb == 0.0, axis=1)))
+    if (min(na, nb) < 2) or not (va.size or vb.size or vd.size):
+        return out
+    A, B, Ad, Bd = ea[va].T, eb[vb].T, ea[vd].T, eb[vd].T
+
+    def rows(wa: np.ndarray, wb: np.ndarray) -> np.ndarray:
+        if masked:
+            da, db = (wa @ Ga[:, va], wb @ Gb[:, vb]), (wa @ Ga[:, vd], wb @ Gb[:, vd])
+        else:
+            one_a, one_b = (wa @ ga)[..., None], (wb @ gb)[..., None]
+            da, db = (one_a, one_b), (one_a, one_b)
+        stacked = np.concatenate([(wa @ A) / da[0], (wb @ B) / da[1], (wb @ Bd) / db[1] - (wa @ Ad) / db[0]],
+                                 axis=-1)
+        return np.moveaxis(stacked, -1, 0)
+
+    if paired:
+        def statistic(idx, axis=-1):
+            w = _counts(np.asarray(idx), na)
+            return rows(w, w)
+        data: tuple = (np.arange(na),)
+    else:
+        def statistic(ia, ib, axis=-1):
+            return rows(_counts(np.asarray(ia), na), _counts(np.asarray(ib), nb))
+        data = (np.arange(na), np.arange(nb))
+    n_rows = va.size + vb.size + vd.size
+    low, high, dist = _bootstrap_rows(data, statistic, n_rows, level, n_resamples, method, seed)
+    parts = np.cumsum([0, va.size, vb.size, vd.size])
+    for key, index, k in (("share_a", va, 0), ("share_b", vb, 1), ("diff", vd, 2)):
+        sl = slice(parts[k], parts[k + 1])
+        out[key + "_low"][index], out[key + "_high"][index] = low[sl], high[sl]
+    d_dist = dist[parts[2]:]
+    if vd.size:
+        out["fw_low"][vd], out["fw_high"][vd] = _max_t_band(out["diff"][vd], d_dist, level)
+    return out
+
+
+def newcombe_difference(s_a: int, n_a: int, s_b: int, n_b: int, level: float = 0.95) -> tuple[float, float, float]:
+    """Rate difference B − A with Newcombe's hybrid-score (method 10) interval from two Wilson intervals."""
+    if n_a == 0 or n_b == 0:
+        return float("nan"), float("nan"), float("nan")
+    pa, pb = s_a / n_a, s_b / n_b
+    la, ua = wilson_interval(s_a, n_a, level)
+    lb, ub = wilson_interval(s_b, n_b, level)
+    d = pb - pa
+    return d, d - float(np.hypot(pb - lb, ua - pa)), d + float(np.hypot(ub - pb, pa - la))
+
+
+def mcnemar_exact(a_only: int, b_only: int) -> float:
+    """Exact McNemar test: two-sided binomial test of the discordant counts against 1/2."""
+    if a_only + b_only == 0:
+        return 1.0
+    return float(stats.binomtest(b_only, a_only + b_only, 0.5).pvalue)
+
+
+def two_sample_mean_difference(a: np.ndarray, b: np.ndarray, level: float, n_resamples: int, method: str,
+                               seed: int) -> tuple[float, float]:
+    """Bootstrap CI of mean(b) - mean(a) for independent samples (each resampled on its own); the point
+    difference twice when either sample has fewer than 2 values."""
+    if len(a) < 2 or len(b) < 2:
+        d = float(np.mean(b) - np.mean(a))
+        return d, d
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = stats.bootstrap((a, b), lambda x, y, axis=-1: y.mean(axis) - x.mean(axis), n_resamples=n_resamples,
+                                 confidence_level=level, method=method, rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)

@@ -132,8 +132,11 @@ def plot_report(raw: dict, path: str | Path, folder: str | Path) -> list[Path]:
     """Redraw the pictures of a report or comparison JSON (already read as ``raw``) into ``folder``, with its
     Markdown page rewritten beside them; returns the paths written (the Markdown last)."""
     folder = Path(folder)
-    if "a" in raw and "b" in raw and "components" in raw:
-        from refusal_eval.compare import ComparisonReport, render_comparison_markdown
+    from refusal_eval.report.kinds import detect_kind
+
+    if detect_kind(raw) == "comparison":
+        from refusal_eval.report.comparison_markdown import render_comparison_markdown
+        from refusal_eval.report.comparison_schema import ComparisonReport
 
         comparison = validate_json(raw, ComparisonReport, path, "the comparison report schema")
         drawn = render_pictures(comparison_picture(comparison))
