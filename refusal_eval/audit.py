@@ -46,7 +46,6 @@ from refusal_eval.stats import (
     share_heterogeneity,
     share_intervals,
     sign_flip_test,
-    wilson_interval,
 )
 
 log = logging.getLogger("refusal_eval")
@@ -100,13 +99,7 @@ def greedy_replies(
     return firsts, replies
 
 
-def rate(successes: int, total: int, level: float) -> rs.Rate:
-    """A proportion with its Wilson interval, as the report stores it."""
-    low, high = wilson_interval(successes, total, level)
-    return rs.Rate(
-        successes=successes, total=total, rate=successes / total if total else None,
-        ci_low=None if np.isnan(low) else low, ci_high=None if np.isnan(high) else high,
-    )
+rate = rs.Rate.wilson  # a proportion with its Wilson interval, as the report stores it
 
 
 VERDICT_WORDS = {"separated": "is separated", "negligible": "is negligible", "inconclusive": "is inconclusive",
@@ -301,8 +294,7 @@ def behaviour_stage(loaded: LoadedModel, inputs: Inputs, config: AuditConfig, pr
                                  desc="replies (tricky benign)", progress=progress)
         behaviour.tricky_harmful_refusal = rate(sum(map(is_refusal, tr_h)), len(inputs.tricky), level)
         behaviour.tricky_benign_over_refusal = rate(sum(map(is_refusal, tr_b)), len(inputs.tricky), level)
-    h, b = behaviour.harmful_refusal, behaviour.benign_over_refusal
-    behaviour.refuses = h.ci_low is not None and b.ci_high is not None and h.ci_low > b.ci_high
+    behaviour.refuses = behaviour.harmful_refusal.clearly_above(behaviour.benign_over_refusal)
     return harmful_ids, benign_ids, (reply_h, reply_b), (refused_h, refused_b), behaviour
 
 

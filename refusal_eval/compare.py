@@ -40,16 +40,9 @@ from refusal_eval.stats import (  # noqa: F401  (newcombe_difference, mcnemar_ex
     newcombe_difference,
     share_difference_intervals,
     two_sample_mean_difference,
-    wilson_interval,
 )
 
 # -- statistics: share_difference_intervals, newcombe_difference, mcnemar_exact live in stats.py --
-
-
-def _rate(successes: int, total: int, level: float) -> Rate:
-    low, high = wilson_interval(successes, total, level)
-    return Rate(successes=successes, total=total, rate=successes / total if total else None,
-                ci_low=None if np.isnan(low) else low, ci_high=None if np.isnan(high) else high)
 
 
 def _rate_change(measure: str, a: Rate, b: Rate, level: float, outcomes: tuple[list[bool], list[bool]] | None
@@ -221,8 +214,8 @@ def compare_reports(a: AuditReport, b: AuditReport, n_boot: int = 2000, level: f
         for measure, get in (("refusal on harmful", lambda p: p.harmful_refused),
                              ("compliance on benign", lambda p: not p.benign_refused)):
             xa, xb = [get(pa[i]) for i in ids], [get(pb[i]) for i in ids]
-            behaviour.append(_rate_change(measure, _rate(sum(xa), len(xa), level), _rate(sum(xb), len(xb), level),
-                                          level, (xa, xb)))
+            behaviour.append(_rate_change(measure, Rate.wilson(sum(xa), len(xa), level),
+                                          Rate.wilson(sum(xb), len(xb), level), level, (xa, xb)))
     else:
         behaviour.append(_rate_change("refusal on harmful", a.behaviour.harmful_refusal,
                                       b.behaviour.harmful_refusal, level, None))

@@ -221,6 +221,25 @@ def _check_patch(batch: PairBatch, components: Sequence[Component], direction: s
         raise ValueError("an all-positions patch needs pairs of equal token length on both sides")
 
 
+@dataclass
+class _Shard:
+    """This process's share of one sharded patch call: every ``size``-th planned forward, from ``rank``; ``owned``
+    marks the [component, pair] cells it ran."""
+
+    rank: int
+    size: int
+    owned: torch.Tensor
+    planned: int = 0
+
+    def take(self, ks: Sequence[int], rows: slice) -> bool:
+        """Whether the next planned forward (cells ``ks`` x ``rows``) runs in this process; marks its cells."""
+        mine = self.planned % self.size == self.rank
+        self.planned += 1
+        if mine:
+            self.owned[list(ks), rows] = True
+        return mine
+
+
 class PatchEngine:
     """Runs clean and patched forward passes of one model and returns refusal scores."""
 
@@ -253,7 +272,7 @@ class PatchEngine:
         self.checkpoint = None
         # Under torch.distributed: this process's share of the planned forwards of one _patch call
         # (rank, world size, forwards planned so far, cells run here); None in a single process.
-        self._shard: list | None = None
+        self._shard: _Shard | None = None
         self.merge_overhead = merge_overhead
         self.max_chunk_tokens = max_chunk_tokens
         # keys/values of a chunk span every column: cap rows x width as well (a multiple of the token cap)
@@ -603,7 +622,7 @@ class PatchEngine:
         rank, size = distributed.world()
         if size > 1:
             rows_per_forward = distributed.agree_min(rows_per_forward)  # "auto" differs with each one's free memory
-            self._shard = [rank, size, 0, torch.zeros(len(components), batch.n_pairs, dtype=torch.bool)]
+            self._shard = _Shard(rank, size, torch.zeros(len(components), batch.n_pairs, dtype=torch.bool))
             before = (self.work["patched_forwards"], self.work["token_layers"])
         self.work["batch_rows"] = rows_per_forward
         pair_chunks = self._pair_chunks(batch.n_pairs, rows_per_forward)
@@ -626,7 +645,7 @@ class PatchEngine:
                 checkpoint.put(key, result[:, rows])
         bar.close()
         if size > 1:
-            owned = self._shard[3]
+            owned = self._shard.owned
             self._shard = None
             mine = (self.work["patched_forwards"] - before[0], self.work["token_layers"] - before[1])
             parts = distributed.gather((result, owned, mine))
@@ -681,13 +700,9 @@ class PatchEngine:
                 col = first_diff if c.position is None else width + c.position
             starts[k] = (layer, col)
         for ks in self._plan_chunks(active, starts, len(target), width, rows_per_forward):
-            if self._shard is not None:  # sharded: every world-th planned forward runs here
-                rank, size, planned, owned = self._shard
-                self._shard[2] += 1
-                if planned % size != rank:
-                    bar.update(len(ks))
-                    continue
-                owned[ks, rows] = True
+            if self._shard is not None and not self._shard.take(ks, rows):  # another process runs this forward
+                bar.update(len(ks))
+                continue
             chunk = [components[k] for k in ks]
             layer, col0 = min(starts[k][0] for k in ks), min(starts[k][1] for k in ks)
             transforms = self._patch_transforms(chunk, source_cache, masks, col0, first_diff)

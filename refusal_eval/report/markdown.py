@@ -30,11 +30,6 @@ def _share(c: ComponentResult) -> str:
     return f"{c.share:.3f} [{c.ci_low:.3f}, {c.ci_high:.3f}]"
 
 
-def _significant(c: ComponentResult) -> bool:
-    """Significant, and patched exactly (reports before schema 1.3 could flag an attribution estimate)."""
-    return bool(c.significant) and not c.approximate
-
-
 def method_sentence(report: AuditReport) -> str | None:
     """How the shares were computed, when not all by exact patching: how many are estimates, which cells were
     patched exactly, and the estimates' error on them in share units (None for an exact audit)."""
@@ -106,7 +101,7 @@ def verdict(report: AuditReport) -> str:
         return "shares defined" if r.gap.separated else "shares undefined: the gap is not separated from 0"
     if not r.shares_defined:
         return f"NO CIRCUIT REPORTED — {r.shares_reason}"
-    n_sig = sum(_significant(c) for c in r.components if c.trivial is None)
+    n_sig = sum(c.measured_significant for c in r.components if c.trivial is None)
     forced = " (shares FORCED)" if r.config.get("force_shares") else ""
     n_est = sum(c.approximate for c in r.components)
     if not n_est:
@@ -263,7 +258,7 @@ def render_markdown(report: AuditReport, top_k: int = 15, pictures: Iterable[str
                  "–" if c.approximate else _p(c.p_permutation_fw),
                  "estimate" if c.approximate else "yes" if c.significant else "no"]
                 for c in ranked[:top_k]]
-        n_sig = sum(_significant(c) for c in r.components if c.trivial is None)
+        n_sig = sum(c.measured_significant for c in r.components if c.trivial is None)
         n_est = sum(c.approximate for c in r.components)
         rule = ("its family-wise interval excludes 0, its family-wise permutation p is below "
                 f"{1 - r.stats.level:.2g} and it moves the score by more than its noise floor"
