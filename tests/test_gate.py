@@ -334,3 +334,33 @@ def test_cli_bad_report_or_policy_is_exit_2(report_path, tmp_path, capsys):
     assert "does not match audit report schema" in capsys.readouterr().err
     assert main(["gate", str(report_path), "--policy", str(tmp_path / "nope.toml")]) == 2
     assert "nope.toml: no such policy file" in capsys.readouterr().err
+
+
+def test_example_policy_is_printed_and_ships_in_the_wheel(capsys, tmp_path):
+    assert main(["gate", "--example-policy"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == (ROOT / "examples" / "gate.toml").read_text(encoding="utf-8")
+    # the printed policy is a working policy: saved and used, it passes on the shipped report
+    saved = tmp_path / "gate.toml"
+    saved.write_text(printed, encoding="utf-8")
+    assert main(["gate", str(ROOT / "reports" / "tiny-refuser" / "report.json"), "--policy", str(saved)]) == 0
+    # an installed wheel finds it as package data: pyproject maps the file there
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    included = project["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
+    assert included["examples/gate.toml"] == "refusal_eval/_shipped_examples/gate.toml"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["gate"], "gate needs a REPORT and --policy FILE"),
+    (["gate", "r.json"], "gate needs --policy FILE"),
+    (["gate", "--example-policy", "--policy", "p.toml"], "--example-policy prints the example policy and takes no"),
+])
+def test_gate_without_what_it_needs_is_exit_2_naming_it(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
