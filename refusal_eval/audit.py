@@ -31,10 +31,11 @@ from refusal_eval.data.formats import PRESET_HUB_IDS, ColumnMap, load_pair_sourc
 from refusal_eval.data.pairs import PromptPair, file_sha256, load_pairs, select_split, shipped_dataset
 from refusal_eval.errors import DataError, MetricError
 from refusal_eval.metrics import TokenSets, canonical_token_sets, derive_token_sets, is_refusal, refusal_score
-from refusal_eval.models.loading import LoadedModel, check_device, input_device, load_model
+from refusal_eval.models.loading import LoadedModel, check_device, load_model
 from refusal_eval.patching.attribution import attribute
 from refusal_eval.patching.components import Component, components_at
 from refusal_eval.patching.exact import PairBatch, PatchEngine, build_pair_batch, noise_floor
+from refusal_eval.replies import greedy_replies, left_pad
 from refusal_eval.report import schema as rs
 from refusal_eval.resume import ResultsLog
 from refusal_eval.stats import (
@@ -65,38 +66,6 @@ def common_suffix(a: Sequence[int], b: Sequence[int]) -> int:
     while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
         n += 1
     return n
-
-
-def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return ids, mask
-
-
-@torch.inference_mode()
-def greedy_replies(
-    loaded: LoadedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 64,
-    desc: str = "generating", progress: bool = True,
-) -> tuple[list[int], list[str]]:
-    """Greedy completions: (first generated token id, decoded reply) for each tokenised prompt."""
-    tok = loaded.tokenizer
-    device = input_device(loaded.model)
-    firsts: list[int] = []
-    replies: list[str] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-        ids, mask = _left_pad(prompts[start : start + batch_size], tok.pad_token_id)
-        out = loaded.model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=tok.pad_token_id,
-        )
-        new = out[:, ids.shape[1] :].cpu()
-        firsts.extend(int(t) for t in new[:, 0])
-        replies.extend(tok.batch_decode(new, skip_special_tokens=True))
-    return firsts, replies
 
 
 rate = rs.Rate.wilson  # a proportion with its Wilson interval, as the report stores it
@@ -278,8 +247,11 @@ def behaviour_stage(loaded: LoadedModel, inputs: Inputs, config: AuditConfig, pr
     tok, level = loaded.tokenizer, config.ci_level
     harmful_ids = [format_prompt(tok, p.harmful) for p in inputs.pairs]
     benign_ids = [format_prompt(tok, p.benign) for p in inputs.pairs]
-    _, reply_h = greedy_replies(loaded, harmful_ids, config.max_new_tokens, desc="replies (harmful)", progress=progress)
-    _, reply_b = greedy_replies(loaded, benign_ids, config.max_new_tokens, desc="replies (benign)", progress=progress)
+    decided = not config.full_replies
+    _, reply_h = greedy_replies(loaded, harmful_ids, config.max_new_tokens, desc="replies (harmful)", progress=progress,
+                                until_decided=decided)
+    _, reply_b = greedy_replies(loaded, benign_ids, config.max_new_tokens, desc="replies (benign)", progress=progress,
+                                until_decided=decided)
     refused_h, refused_b = [is_refusal(r) for r in reply_h], [is_refusal(r) for r in reply_b]
     n = len(inputs.pairs)
     behaviour = rs.Behaviour(
@@ -289,9 +261,9 @@ def behaviour_stage(loaded: LoadedModel, inputs: Inputs, config: AuditConfig, pr
     )
     if inputs.tricky:
         _, tr_h = greedy_replies(loaded, [format_prompt(tok, p.harmful) for p in inputs.tricky], config.max_new_tokens,
-                                 desc="replies (tricky harmful)", progress=progress)
+                                 desc="replies (tricky harmful)", progress=progress, until_decided=decided)
         _, tr_b = greedy_replies(loaded, [format_prompt(tok, p.benign) for p in inputs.tricky], config.max_new_tokens,
-                                 desc="replies (tricky benign)", progress=progress)
+                                 desc="replies (tricky benign)", progress=progress, until_decided=decided)
         behaviour.tricky_harmful_refusal = rate(sum(map(is_refusal, tr_h)), len(inputs.tricky), level)
         behaviour.tricky_benign_over_refusal = rate(sum(map(is_refusal, tr_b)), len(inputs.tricky), level)
     behaviour.refuses = behaviour.harmful_refusal.clearly_above(behaviour.benign_over_refusal)
@@ -309,7 +281,7 @@ def token_set_stage(loaded: LoadedModel, inputs: Inputs, config: AuditConfig, pr
     prompts = [format_prompt(tok, p.harmful) for p in inputs.calibration]
     prompts += [format_prompt(tok, p.benign) for p in inputs.calibration]
     firsts, replies = greedy_replies(loaded, prompts, config.max_new_tokens, desc="replies (calibration)",
-                                     progress=progress)
+                                     progress=progress, until_decided=True)
     sets = derive_token_sets(firsts, [is_refusal(r) for r in replies], tok, where=inputs.calibration_note)
     return sets
 
@@ -324,7 +296,7 @@ def _side_scores(engine: PatchEngine, seqs: list[list[int]], pad_id: int, desc: 
     values: list[float] = []
     size = engine.rows(max(map(len, seqs), default=1))
     for start in tqdm(range(0, len(seqs), size), desc=desc, unit="batch", disable=not progress, leave=False):
-        ids, mask = _left_pad(seqs[start : start + size], pad_id)
+        ids, mask = left_pad(seqs[start : start + size], pad_id)
         values.extend(engine.scores(ids, mask).tolist())
     return values
 

@@ -93,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-noise-floor", action="store_true",
                      help="skip the identity-patch noise floor (saves one patching pass)")
     run.add_argument("--max-pairs", type=int, help="use only the first N pairs of the split")
+    run.add_argument("--full-replies", action="store_true",
+                     help="generate whole replies (max 24 tokens) instead of stopping each once the refusal "
+                     "matcher has decided; verdicts are the same, only the stored replies are longer (slower)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     run.add_argument("--ci-level", type=float, default=0.95)
@@ -239,7 +242,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         "method": args.method, "verify_top": args.verify_top, "verify_random": args.verify_random,
         "max_pairs": args.max_pairs, "seed": args.seed, "n_boot": args.n_boot, "ci_level": args.ci_level,
         "ci_method": args.ci_method, "batch_rows": args.batch_rows, "dtype": args.dtype, "device": args.device,
-        "device_map": args.device_map,
+        "device_map": args.device_map, "full_replies": args.full_replies,
     }
     if args.components is not None:
         options["components"] = args.components

@@ -82,6 +82,10 @@ class AuditConfig(BaseModel):
     ci_method: Literal["BCa", "percentile", "basic"] = "BCa"
     seed: int = Field(0, ge=0)
     max_new_tokens: int = Field(24, ge=1)
+    full_replies: bool = Field(
+        False, description="generate every reply to max_new_tokens; by default a reply stops once the refusal "
+        "matcher's verdict on it cannot change (same verdicts, shorter replies in the report, faster)",
+    )
     batch_rows: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="rows (pairs x patched variants) per forward pass; 'auto' sizes them from free memory"
     )

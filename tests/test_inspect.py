@@ -24,6 +24,7 @@ from refusal_eval.cli import main  # noqa: E402
 from refusal_eval.data.pairs import load_pairs, select_split, shipped_dataset  # noqa: E402
 from refusal_eval.inspect_log import is_inspect_log, report_from_inspect_log  # noqa: E402
 from refusal_eval.inspect_tasks import headline, refusal_behaviour, refusal_circuit  # noqa: E402
+from refusal_eval.metrics import is_refusal  # noqa: E402
 from refusal_eval.report.markdown import verdict  # noqa: E402
 from refusal_eval.stats import wilson_interval  # noqa: E402
 
@@ -193,11 +194,13 @@ def test_circuit_task_metrics_and_report_equal_the_audit(circuit):
     (sample,) = [s for s in log.samples if s.id == "audit"]
     assert sample.output.completion.startswith("# Refusal audit: tiny-refuser")
     assert sample.scores["refusal_audit"].metadata["audit_report_markdown"] == sample.output.completion
-    # behaviour: inspect's hf replies are the audit's greedy replies, so the rates are the report's
+    # behaviour: inspect's hf replies continue the audit's greedy replies (cut once the matcher had decided) and
+    # get the same verdicts, so the rates are the report's
     replies = {s.id: s.output.completion for s in log.samples if s.id != "audit"}
     for pair in direct.pairs:
-        assert replies[f"{pair.id}/harmful"] == pair.harmful_reply
-        assert replies[f"{pair.id}/benign"] == pair.benign_reply
+        for side in ("harmful", "benign"):
+            whole, cut = replies[f"{pair.id}/{side}"], getattr(pair, f"{side}_reply")
+            assert whole.startswith(cut) and is_refusal(whole) == getattr(pair, f"{side}_refused")
     behaviour = metrics_of(log, "refusal_matcher")
     for name in ("harmful_refusal", "benign_compliance", "benign_over_refusal"):
         rate = getattr(direct.behaviour, name)
@@ -216,7 +219,7 @@ def test_behaviour_task_through_hf_gives_the_audits_replies_and_rates(tmp_path, 
     log = inspect_eval(refusal_behaviour(), model=f"hf/{TINY}", display="none", log_dir=str(tmp_path),
                        max_connections=300)[0]
     assert log.status == "success", log.error
-    config = AuditConfig()
+    config = AuditConfig(full_replies=True)
     inputs, loaded = load_inputs(config), load_model(None)
     _, _, (harmful, benign), _, behaviour = behaviour_stage(loaded, inputs, config, progress=False)
     tricky = {side: greedy_replies(loaded, [format_prompt(loaded.tokenizer, getattr(p, side)) for p in inputs.tricky],

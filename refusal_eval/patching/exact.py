@@ -197,6 +197,16 @@ def _causal_mask(col0: int, width: int, like: torch.Tensor, implementation: str)
     raise ValueError(f"attention implementation '{implementation}'")
 
 
+def forward_row_bytes(loaded: LoadedModel, width: int) -> int:
+    """Bytes one row of a forward over ``width`` tokens holds at its peak (residual, MLP and attention activations;
+    an upper bound used to size batches)."""
+    config = loaded.model.config
+    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 1024)
+    inner = int(getattr(config, "intermediate_size", 0) or getattr(config, "n_inner", 0) or 4 * hidden)
+    element = next(loaded.model.parameters()).element_size()
+    return element * width * (8 * hidden + 4 * inner + 2 * max(1, loaded.n_heads) * width)
+
+
 def free_memory(device: torch.device) -> int:
     """Bytes free for activations: the accelerator's free memory, or the host's available memory."""
     if device.type == "cuda":
@@ -554,13 +564,8 @@ class PatchEngine:
         accelerator, 256 on CPU, where larger batches stop paying)."""
         if not self._auto_rows:
             return self.max_rows
-        config = self.model.config
-        hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 1024)
-        inner = int(getattr(config, "intermediate_size", 0) or getattr(config, "n_inner", 0) or 4 * hidden)
-        element = next(self.model.parameters()).element_size()
-        per_row = element * width * (8 * hidden + 4 * inner + 2 * max(1, self.loaded.n_heads) * width)
         cap = 256 if self.device.type == "cpu" else 4096
-        return int(min(cap, max(1, free_memory(self.device) // 4 // per_row)))
+        return int(min(cap, max(1, free_memory(self.device) // 4 // forward_row_bytes(self.loaded, width))))
 
     def patch(self, batch: PairBatch, components: Sequence[Component], direction: str = "denoise") -> torch.Tensor:
         """Patched refusal score of the target side, shape [len(components), n_pairs]."""

@@ -230,6 +230,11 @@ def render_markdown(report: AuditReport, top_k: int = 15, pictures: Iterable[str
         _rate_row("over-refusal on tricky benign", b.tricky_benign_over_refusal),
         _rate_row("refusal on tricky harmful", b.tricky_harmful_refusal),
         "",
+        f"Greedy replies of at most {r.config.get('max_new_tokens', 24)} tokens, judged by the refusal-phrase matcher "
+        "on their first 80 characters"
+        + ("." if r.config.get("full_replies", True) else "; each reply stopped once that verdict could not change, "
+           "so the report's refusals are short (`--full-replies` keeps whole replies)."),
+        "",
     ]
     # Metric -------------------------------------------------------------------------------------------------
     lines += [

@@ -185,8 +185,10 @@ class PairResult(_Model):
     n_tokens_benign: int
     m_harmful: float | None
     m_benign: float | None
-    harmful_reply: str
-    benign_reply: str
+    harmful_reply: str = Field(description="greedy reply; unless the audit ran with full_replies, cut where the "
+                               "refusal matcher's verdict was settled (a refusal opening, or 80 characters without "
+                               "one)")
+    benign_reply: str = Field(description="as harmful_reply, for the benign prompt")
     harmful_refused: bool
     benign_refused: bool
     used: bool
