@@ -164,7 +164,7 @@ def _batch(loaded: LoadedModel, seqs: Sequence[Sequence[int]], prefix: int, max_
     if not until_decided:
         return list(_generate(loaded, ids, mask, cache, max_new_tokens).sequences[:, start:].cpu())
     eos = model.generation_config.eos_token_id
-    stops = {tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos]) - {None}
+    stops = ({tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos])) - {None}
     rows, done, left = list(range(len(seqs))), {}, max_new_tokens
     while True:
         out = _generate(loaded, ids, mask, cache, min(SEGMENT, left), stop=_Decided(tok, start))
