@@ -16,7 +16,8 @@ rates with the same Wilson intervals (:func:`refusal_eval.stats.wilson_interval`
 is attached to that sample's score metadata, and the Markdown is its reply, so ``inspect view`` shows both.
 ``refusal-eval gate LOG.eval`` reads the report back (:mod:`refusal_eval.inspect_log`).
 
-With inspect's ``hf/`` provider the solver makes generation match the audit's ``greedy_replies``: greedy decoding
+With inspect's ``hf/`` provider the solver makes generation match the audit's ``greedy_replies`` (whole replies, as
+``full_replies``; the audit by default stops each reply once its verdict is settled, the same verdict): greedy decoding
 (the provider samples unless told ``do_sample=False``) and no extra special tokens (the provider's tokenizer call
 adds them by default; the audit tokenises the chat-templated prompt with ``add_special_tokens=False``).
 
