@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from refusal_eval import distributed
 from refusal_eval.metrics import refusal_decided
 from refusal_eval.models.loading import LoadedModel, input_device
 from refusal_eval.patching.exact import forward_row_bytes, free_memory
@@ -200,7 +201,9 @@ def greedy_replies(
     tok, n = loaded.tokenizer, len(prompts)
     if not n:
         return [], []
-    batch_size = batch_size or batch_rows(loaded, max(map(len, prompts)) + max_new_tokens)
+    # Under torchrun every process generates the replies itself: one batch size for all (the smallest), so that
+    # all derive the same token sets from the same numerics.
+    batch_size = batch_size or distributed.agree_min(batch_rows(loaded, max(map(len, prompts)) + max_new_tokens))
     order = sorted(range(n), key=lambda i: len(prompts[i]))
     prefix = shared_prefix_length(prompts)
     if prefix < MIN_PREFIX or not _window_fits(loaded.model, max(map(len, prompts)) + max_new_tokens) or \

@@ -176,3 +176,27 @@ def test_github_actions_example_installs_as_the_readme_says_and_runs_valid_comma
             assert args.policy and args.report
             if args.baseline:  # the README must tell the user the policy then needs a [baseline] section
                 assert "needs `[baseline]`" in readme or "[baseline]` section" in readme
+
+
+def test_update_rewrites_stale_outputs_and_report_folders_but_not_elided_blocks(tmp_path, monkeypatch, capsys):
+    """``examples.py update``: a stale block's output is replaced by what was printed, a block with an elision is
+    left for a hand edit (and said so), and a rewritten report folder's files are copied back (reports only)."""
+    readme = tmp_path / "README.md"
+    plain = ex.Example(3, ["refusal-eval schema --kind audit"], [["old line"]])
+    elided = ex.Example(9, ["refusal-eval run --quiet"], [["gap 1.0", "…"]])
+    readme.write_text(f"# t\n```\n{plain.text}\n```\n```\n{elided.text}\n```\n")
+    scratch = tmp_path / "scratch"
+    (scratch / "reports" / "m").mkdir(parents=True)
+    for name in ("report.json", "report.md", "positions.png", "partial.jsonl"):
+        (scratch / "reports" / "m" / name).write_text(name)
+    repo = tmp_path / "repo"
+    monkeypatch.setattr(ex, "README", readme)
+    monkeypatch.setattr(ex, "REPO", repo)
+    replacements = [(plain, ex.Example(3, plain.commands, [["new line"]]).text),
+                    (elided, ex.Example(9, elided.commands, [["gap 2.0", "more"]]).text)]
+    ex._update(readme.read_text(), replacements, [Path("reports/m")], scratch)
+    text = readme.read_text()
+    assert "new line" in text and "old line" not in text
+    assert "gap 1.0" in text and "gap 2.0" not in text  # the elided block is untouched ...
+    assert "README.md:9: has an elision; edit by hand" in capsys.readouterr().out  # ... and reported
+    assert sorted(p.name for p in (repo / "reports" / "m").iterdir()) == ["positions.png", "report.json", "report.md"]
