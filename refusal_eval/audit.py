@@ -247,11 +247,12 @@ def behaviour_stage(loaded: LoadedModel, inputs: Inputs, config: AuditConfig, pr
     tok, level = loaded.tokenizer, config.ci_level
     harmful_ids = [format_prompt(tok, p.harmful) for p in inputs.pairs]
     benign_ids = [format_prompt(tok, p.benign) for p in inputs.pairs]
-    decided = not config.full_replies
-    _, reply_h = greedy_replies(loaded, harmful_ids, config.max_new_tokens, desc="replies (harmful)", progress=progress,
-                                until_decided=decided)
-    _, reply_b = greedy_replies(loaded, benign_ids, config.max_new_tokens, desc="replies (benign)", progress=progress,
-                                until_decided=decided)
+
+    def replies(prompts, side: str) -> list[str]:
+        return greedy_replies(loaded, prompts, config.max_new_tokens, desc=f"replies ({side})", progress=progress,
+                              until_decided=not config.full_replies)[1]
+
+    reply_h, reply_b = replies(harmful_ids, "harmful"), replies(benign_ids, "benign")
     refused_h, refused_b = [is_refusal(r) for r in reply_h], [is_refusal(r) for r in reply_b]
     n = len(inputs.pairs)
     behaviour = rs.Behaviour(
@@ -260,10 +261,8 @@ def behaviour_stage(loaded: LoadedModel, inputs: Inputs, config: AuditConfig, pr
         benign_over_refusal=rate(sum(refused_b), n, level),
     )
     if inputs.tricky:
-        _, tr_h = greedy_replies(loaded, [format_prompt(tok, p.harmful) for p in inputs.tricky], config.max_new_tokens,
-                                 desc="replies (tricky harmful)", progress=progress, until_decided=decided)
-        _, tr_b = greedy_replies(loaded, [format_prompt(tok, p.benign) for p in inputs.tricky], config.max_new_tokens,
-                                 desc="replies (tricky benign)", progress=progress, until_decided=decided)
+        tr_h = replies([format_prompt(tok, p.harmful) for p in inputs.tricky], "tricky harmful")
+        tr_b = replies([format_prompt(tok, p.benign) for p in inputs.tricky], "tricky benign")
         behaviour.tricky_harmful_refusal = rate(sum(map(is_refusal, tr_h)), len(inputs.tricky), level)
         behaviour.tricky_benign_over_refusal = rate(sum(map(is_refusal, tr_b)), len(inputs.tricky), level)
     behaviour.refuses = behaviour.harmful_refusal.clearly_above(behaviour.benign_over_refusal)

@@ -203,11 +203,11 @@ def greedy_replies(
         return [], []
     # Under torchrun every process generates the replies itself: one batch size for all (the smallest), so that
     # all derive the same token sets from the same numerics.
-    batch_size = batch_size or distributed.agree_min(batch_rows(loaded, max(map(len, prompts)) + max_new_tokens))
+    width = max(map(len, prompts)) + max_new_tokens
+    batch_size = batch_size or distributed.agree_min(batch_rows(loaded, width))
     order = sorted(range(n), key=lambda i: len(prompts[i]))
     prefix = shared_prefix_length(prompts)
-    if prefix < MIN_PREFIX or not _window_fits(loaded.model, max(map(len, prompts)) + max_new_tokens) or \
-            not _prefix_agrees(loaded, prompts, prefix):
+    if prefix < MIN_PREFIX or not _window_fits(loaded.model, width) or not _prefix_agrees(loaded, prompts, prefix):
         prefix = 0
     firsts, replies = [0] * n, [""] * n
     for begin in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
