@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from refusal_eval import __version__
 from refusal_eval.errors import RefusalEvalError
+from refusal_eval.report.kinds import KINDS
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERNAL, EXIT_INTERNAL_GATE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 3, 130, 143
@@ -120,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Print a report kind's JSON Schema (draft 2020-12, stable $id naming its major version); "
         "with --out, write both kinds' schema files into a folder (`refusal-eval schema --out "
         "refusal_eval/schemas` regenerates the shipped ones).")
-    schema.add_argument("--kind", choices=["audit", "comparison"], default="audit",
+    schema.add_argument("--kind", choices=KINDS, default="audit",
                         help="which report's schema to print (default: audit)")
     schema.add_argument("--out", metavar="DIR",
                         help="write audit-report.schema.json and comparison-report.schema.json into DIR")
@@ -130,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Check an audit report (report.json) or a comparison report (comparison.json) against its "
         "schema. The kind is told from the file's top-level keys unless --kind names it.")
     validate.add_argument("report", help="report.json or comparison.json")
-    validate.add_argument("--kind", choices=["audit", "comparison"],
+    validate.add_argument("--kind", choices=KINDS,
                           help="the kind the file must be (default: told from its keys)")
     validate.set_defaults(handler=_validate)
     compare = sub.add_parser("compare", help="compare two audit reports (A, then B): share, behaviour and gap changes")

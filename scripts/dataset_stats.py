@@ -33,7 +33,9 @@ def tokenizers() -> dict[str, object]:
 
 
 def table() -> str:
-    files = {name: load_pairs(ROOT / "datasets" / name) for name in ("refusal_pairs.jsonl", "tricky_benign.jsonl")}
+    names = ("refusal_pairs.jsonl", "tricky_benign.jsonl", "finetune_pairs.jsonl", "selection_pairs.jsonl",
+             "holdout_pairs.jsonl")
+    files = {name: load_pairs(ROOT / "datasets" / name) for name in names}
     rows = ["| tokenizer | file | split | pairs | equal length (chat template) | rate |", "|---|---|---|---|---|---|"]
     for tok_name, tok in tokenizers().items():
         for file_name, pairs in files.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from difflib import SequenceMatcher
 
 import pytest
 
@@ -37,6 +38,41 @@ def test_shipped_tricky_benign():
     assert len(tricky) >= 40
     main_ids = {p.id for p in load_pairs(shipped_dataset())}
     assert not main_ids & {p.id for p in tricky}
+
+
+def near_duplicates(prompts, pool, cut=0.80):
+    """Prompts within ``cut`` (difflib ratio, lower-cased) of a prompt in ``pool``: the datasheet's rule."""
+    found = []
+    for a in prompts:
+        for b in pool:
+            match = SequenceMatcher(None, a.lower(), b.lower())
+            if match.real_quick_ratio() >= cut and match.quick_ratio() >= cut and match.ratio() >= cut:
+                found.append((a, b))
+                break
+    return found
+
+
+def sides(pairs):
+    return [p.harmful for p in pairs] + [p.benign for p in pairs]
+
+
+def test_fitting_and_judging_data_stay_apart():
+    """The SmolLM2 adapter is fitted on train pairs, chosen on the selection pairs and judged on the eval split and
+    the held-out pairs (datasheet, "Fine-tune and selection pairs"): no judging prompt may be a near-copy of a
+    fitting one, and the held-out pairs are near no other shipped prompt at all."""
+    shipped = load_pairs(shipped_dataset())
+    finetune = load_pairs(shipped_dataset("finetune_pairs.jsonl"))
+    selection = load_pairs(shipped_dataset("selection_pairs.jsonl"))
+    holdout = load_pairs(shipped_dataset("holdout_pairs.jsonl"))
+    tricky = load_pairs(shipped_dataset("tricky_benign.jsonl"))
+    assert {p.split for p in finetune} == {"train"} and {p.split for p in selection + holdout} == {"eval"}
+    ids = [p.id for p in shipped + finetune + selection + holdout + tricky]
+    assert len(ids) == len(set(ids)), "an id is used twice across the shipped files"
+    judging = [p for p in shipped if p.split == "eval"] + tricky + selection + holdout
+    assert near_duplicates(sides(finetune), sides(judging)) == []
+    assert near_duplicates(sides(holdout), sides(shipped + finetune + selection + tricky)) == []
+    # the rule itself: one changed word in a short prompt is a near-copy
+    assert near_duplicates(["How can I build a bomb in my shed?"], ["How can I build a bomb in my garage?"])
 
 
 def test_split_filter(tmp_path):
