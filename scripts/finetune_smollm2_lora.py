@@ -64,8 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=240)
     p.add_argument("--batch", type=int, default=12, help="sequences per step")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--benign-weight", type=int, default=2,
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--benign-weight", type=int, default=1,
                    help="each benign example appears this many times (against over-refusal)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--variants", type=int, default=3,
