@@ -58,7 +58,7 @@ def sides(pairs):
 
 def test_fitting_and_judging_data_stay_apart():
     """The SmolLM2 adapter is fitted on train pairs, chosen on the selection pairs and judged on the eval split and
-    the held-out pairs (datasheet, "Fine-tune and selection pairs"): no judging prompt may be a near-copy of a
+    the held-out pairs (datasheet, "Fine-tune, selection and held-out pairs"): no judging prompt may be a near-copy of a
     fitting one, and the held-out pairs are near no other shipped prompt at all."""
     shipped = load_pairs(shipped_dataset())
     finetune = load_pairs(shipped_dataset("finetune_pairs.jsonl"))
