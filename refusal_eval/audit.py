@@ -41,9 +41,12 @@ from refusal_eval.resume import ResultsLog
 from refusal_eval.stats import (
     Interval,
     PermutationResult,
+    Resolution,
     _finite_or_none,
+    beyond_noise,
     mean_interval,
     ratio_of_sums,
+    resolution,
     share_heterogeneity,
     share_intervals,
     sign_flip_test,
@@ -200,6 +203,7 @@ class Analysis:
     permutation: PermutationResult
     intervals: Interval | None
     floor: np.ndarray | None
+    resolution: Resolution
     significant: np.ndarray | None
     warnings: list[str] = field(default_factory=list)
     alignment: str = "full"
@@ -283,11 +287,6 @@ def token_set_stage(loaded: LoadedModel, inputs: Inputs, config: AuditConfig, pr
                                      progress=progress, until_decided=True)
     sets = derive_token_sets(firsts, [is_refusal(r) for r in replies], tok, where=inputs.calibration_note)
     return sets
-
-
-# A component whose every effect is below this fraction of the mean |gap| is numerically zero: it stays out of the
-# family-wise (max-t) quantile, where its studentised rounding noise would move every other band.
-NUMERIC_ZERO = 1e-6
 
 
 def _side_scores(engine: PatchEngine, seqs: list[list[int]], pad_id: int, desc: str = "scores",
@@ -551,12 +550,34 @@ def patch_stage(engine: PatchEngine, plan: PatchPlan, scores: Scores, config: Au
     return effects, approximate, checks
 
 
+def significance(effects: np.ndarray, gaps: np.ndarray, floor_max: float | None, shares_defined: bool,
+                 config: AuditConfig) -> tuple[Resolution, PermutationResult, Interval | None, np.ndarray | None]:
+    """The audit's decisions from its effects [C, N] (NaN: not patched on that pair) and gaps [N]: the resolution,
+    the permutation test and, where shares are defined, the share intervals and the significance mask.
+
+    What rounding could move (:func:`stats.resolution`, from the largest noise floor) decides nothing: negligible
+    components stay out of both family-wise maxima and are never significant, and a family-wise interval must clear
+    0 by more than 10 noise floors. A pair a component was not patched on adds nothing to its permutation statistic.
+    """
+    res = resolution(gaps, floor_max)
+    measured = beyond_noise(effects, res.effect)
+    permutation = sign_flip_test(np.nan_to_num(effects, nan=0.0), config.n_permutations, config.seed, family=measured)
+    if not shares_defined:
+        return res, permutation, None, None
+    intervals = share_intervals(effects, gaps, config.ci_level, config.n_boot, config.ci_method, config.seed,
+                                outside_family=~measured, tolerance=res.effect)
+    significant = (((intervals.fw_low > res.share) | (intervals.fw_high < -res.share))
+                   & (permutation.p_familywise < 1 - config.ci_level) & measured)
+    return res, permutation, intervals, significant
+
+
 @dataclass
 class Statistics:
     """Stage output: the noise floor (None when not measured), the permutation test, and where shares are
     defined their intervals and the significance mask."""
 
     floor: np.ndarray | None
+    resolution: Resolution
     permutation: PermutationResult
     intervals: Interval | None
     significant: np.ndarray | None
@@ -577,22 +598,11 @@ def statistics_stage(engine: PatchEngine, plan: PatchPlan, scores: Scores, effec
                 floor[rows] = noise_floor(engine, fam_batch, [plan.components[k] for k in rows], config.direction,
                                           torch.tensor(target[cols], dtype=torch.float32)).numpy()
         engine.work = work
-    # A pair a component was not patched on (NaN) adds nothing to its statistic, flipped or not.
     bar = tqdm(total=2, desc="statistics (permutations, bootstrap)", disable=not progress, leave=False)
-    permutation = sign_flip_test(np.nan_to_num(effects, nan=0.0), config.n_permutations, config.seed)
+    res, permutation, intervals, significant = significance(
+        effects, gaps, None if floor is None else float(floor.max(initial=0.0)), scores.shares_defined, config)
     bar.update(1)
-    intervals = significant = None
-    if scores.shares_defined:
-        largest = np.nanmax(np.abs(effects), axis=1)
-        numeric_zero = largest <= NUMERIC_ZERO * np.abs(gaps).mean()
-        if floor is not None:
-            numeric_zero |= largest <= floor
-        intervals = share_intervals(effects, gaps, config.ci_level, config.n_boot, config.ci_method, config.seed,
-                                    outside_family=numeric_zero)
-        alpha = 1 - config.ci_level
-        significant = ((intervals.fw_low > 0) | (intervals.fw_high < 0)) & (permutation.p_familywise < alpha)
-        if floor is not None:
-            significant &= largest > floor
+    if intervals is not None:
         # An attribution estimate is a point estimate of unknown error: never significant (no interval of its own).
         significant &= ~approximate
         gap_full, on_full = plan.gap_full, plan.on_full
@@ -605,7 +615,7 @@ def statistics_stage(engine: PatchEngine, plan: PatchPlan, scores: Scores, effec
                             f"({gap_full.mean:.3f} [{gap_full.ci_low:.3f}, {gap_full.ci_high:.3f}])")
     bar.update(1)
     bar.close()
-    return Statistics(floor, permutation, intervals, significant, warnings)
+    return Statistics(floor, res, permutation, intervals, significant, warnings)
 
 
 def analyse(
@@ -640,7 +650,7 @@ def analyse(
         gap=scores.gap, shares_defined=scores.shares_defined, shares_reason=scores.shares_reason, engine=engine,
         batch=plan.batch, suffix=plan.suffix, components=plan.components, effects=effects, approximate=approximate,
         attribution_info=attribution_info, permutation=stats.permutation, intervals=stats.intervals,
-        floor=stats.floor, significant=stats.significant,
+        floor=stats.floor, resolution=stats.resolution, significant=stats.significant,
         warnings=list(token_sets.warnings) + scores.warnings + plan.warnings + stats.warnings,
         alignment=scores.alignment, on_full=plan.on_full, full_cols=plan.full_cols, gap_full=plan.gap_full,
     )
@@ -751,7 +761,7 @@ def _component_results(a: Analysis) -> list[rs.ComponentResult]:
             p_permutation=None if a.approximate[k] else float(perm.p[k]),
             p_permutation_fw=None if a.approximate[k] else float(perm.p_familywise[k]),
             noise_floor=None if floor is None else float(floor[k]),
-            within_noise=None if floor is None else bool(0 < largest[k] <= floor[k]),
+            within_noise=bool(0 < largest[k] <= a.resolution.effect),
             trivial=trivial_reason(c, a.loaded.n_layers),
             effects=[round(float(v), 6) if ok else None for v, ok in zip(a.effects[k], patched[k], strict=True)],
             n_pairs=int(patched[k].sum()),
@@ -842,9 +852,6 @@ def build_report(a: Analysis, inputs: Inputs, config: AuditConfig, command: str,
             warnings.append(f"the random-weights control shows {random.n_significant_forced} significant "
                             "component(s) when its shares are forced: treat this model's circuit with caution")
     floor_info = noise_floor_info(a, config)
-    if floor_info is not None and floor_info.n_within:
-        warnings.append(f"{floor_info.n_within} component(s) move the score, but by no more than their numerical "
-                        f"noise floor (largest floor {floor_info.max_abs:.2e} in {config.dtype}): never significant")
     positions = []
     for offset in range(-batch.width, 0):
         col = batch.width + offset
@@ -925,7 +932,8 @@ def build_report(a: Analysis, inputs: Inputs, config: AuditConfig, command: str,
         shares_defined=a.shares_defined,
         shares_reason=a.shares_reason,
         stats=rs.StatsInfo(method=config.ci_method, level=config.ci_level, n_resamples=config.n_boot,
-                           seed=config.seed, n_components=len(a.components)),
+                           seed=config.seed, n_components=len(a.components),
+                           resolution_effect=a.resolution.effect, resolution_share=a.resolution.share),
         controls=rs.Controls(
             permutation=rs.PermutationControl(
                 n_permutations=a.permutation.n_permutations, exact=a.permutation.exact, seed=config.seed,

@@ -38,6 +38,8 @@ from refusal_eval.stats import (  # noqa: F401  (newcombe_difference, mcnemar_ex
     mcnemar_exact,
     mean_interval,
     newcombe_difference,
+    Resolution,
+    resolution,
     share_difference_intervals,
     two_sample_mean_difference,
 )
@@ -74,6 +76,12 @@ def _side(r: AuditReport) -> Side:
 def _effects_matrix(components) -> np.ndarray:
     """Per-pair effects [C, N]; NaN where a component was not patched on a pair (mixed alignment)."""
     return np.array([[np.nan if v is None else v for v in c.effects] for c in components], dtype=np.float64)
+
+
+def _resolution(r: AuditReport, gaps: np.ndarray) -> Resolution:
+    """What float rounding could move in this report (from its noise floor, where measured), on these pairs."""
+    floor = r.controls.noise_floor
+    return resolution(gaps, None if floor is None else floor.max_abs)
 
 
 def _gaps(r: AuditReport, ids: list[str]) -> np.ndarray:
@@ -161,9 +169,12 @@ def compare_reports(a: AuditReport, b: AuditReport, n_boot: int = 2000, level: f
         ga, gb = _gaps(a, a.used_pair_ids), _gaps(b, b.used_pair_ids)
     changes: list[ComponentChange] = []
     if shares_defined and shared:
+        res_a, res_b = _resolution(a, ga), _resolution(b, gb)
         ea = _effects_matrix(shared)[:, ia]
         eb = _effects_matrix([comp_b[c.id] for c in shared])[:, ib]
-        res = share_difference_intervals(ea, ga, eb, gb, paired, level, n_boot, method, seed)
+        res = share_difference_intervals(ea, ga, eb, gb, paired, level, n_boot, method, seed,
+                                         resolution_a=res_a, resolution_b=res_b)
+        margin = max(res_a.share, res_b.share)
         # An attribution estimate (either side) is a point estimate of unknown error: never a significant change.
         estimated = {c.id for c in shared if c.approximate or comp_b[c.id].approximate}
         if estimated:
@@ -181,8 +192,8 @@ def compare_reports(a: AuditReport, b: AuditReport, n_boot: int = 2000, level: f
                 share_b_low=float(res["share_b_low"][k]), share_b_high=float(res["share_b_high"][k]),
                 diff=d, ci_low=float(res["diff_low"][k]), ci_high=float(res["diff_high"][k]),
                 fw_low=float(res["fw_low"][k]), fw_high=float(res["fw_high"][k]),
-                significant=bool((res["fw_low"][k] > 0 or res["fw_high"][k] < 0) and abs(d) >= min_diff
-                                 and c.id not in estimated), rank=None,
+                significant=bool((res["fw_low"][k] > margin or res["fw_high"][k] < -margin) and abs(d) >= min_diff
+                                 and res["measured"][k] and c.id not in estimated), rank=None,
             ))
         ranked = sorted((c for c in changes if c.significant), key=lambda c: -abs(c.diff))
         for r, c in enumerate(ranked, 1):

@@ -71,7 +71,7 @@ def noise_floor_info(analysis: Analysis, config: AuditConfig) -> rs.NoiseFloor |
     largest = analysis.largest_effect
     return rs.NoiseFloor(
         dtype=config.dtype, max_abs=float(floor.max(initial=0.0)), median_abs=float(np.median(floor)) if floor.size
-        else 0.0, n_within=int(((largest > 0) & (largest <= floor)).sum()), n_exact_zero=int((largest == 0).sum()),
+        else 0.0, n_within=int(((largest > 0) & (largest <= analysis.resolution.effect)).sum()), n_exact_zero=int((largest == 0).sum()),
     )
 
 

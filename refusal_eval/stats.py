@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
+from scipy.stats import mstats
 
 
 @dataclass
@@ -25,8 +26,15 @@ class Interval:
     fw_high: np.ndarray | None = None
 
 
-# A share whose bootstrap standard error is below this (relative to max(1, |share|)) varies by rounding only.
-_ROUNDING_SE = 1e-6
+# What float rounding could move, so that no verdict depends on it (another CPU, thread count or batch layout moves
+# effects by about one identity-patch noise floor). Fixed in advance, never fitted to a model:
+# - NOISE_MARGIN: rounding is taken to reach 10 times the audit's largest measured noise floor;
+# - NEGLIGIBLE: a component that moves no pair's score by more than 0.1% of the mean |gap| (share at most 0.001)
+#   is negligible: never significant and outside every family-wise maximum;
+# - NUMERIC_ZERO: the floor assumed where none was measured (float32 keeps about 7 digits).
+NOISE_MARGIN = 10.0
+NEGLIGIBLE = 1e-3
+NUMERIC_ZERO = 1e-6
 # Largest resample batch, in count-matrix entries (resamples x pairs): 2**24 float64s = 128 MiB.
 _BATCH_ELEMENTS = 2**24
 
@@ -51,6 +59,45 @@ def ratio_of_sums(effects: np.ndarray, gaps: np.ndarray) -> np.ndarray:
     return np.where(patched, effects, 0.0).sum(axis=-1) / (patched * gaps).sum(axis=-1)
 
 
+@dataclass(frozen=True)
+class Resolution:
+    """The audit's resolution: ``effect`` (score units), the largest per-pair score change that counts as
+    negligible; ``share`` (share units), the margin by which a family-wise interval must clear 0 to count."""
+
+    effect: float
+    share: float
+
+
+def resolution(gaps: np.ndarray, floor_max: float | None) -> Resolution:
+    """:class:`Resolution` from the pairs' gaps and the largest measured noise floor (None: not measured).
+
+    ``effect`` = max(NOISE_MARGIN × floor, NEGLIGIBLE × mean |gap|), ``share`` = NOISE_MARGIN × floor / mean |gap|.
+    Perturbing every effect by a few floors then leaves every decision that uses them unchanged, unless a quantity
+    lies within those few floors of its threshold."""
+    gaps = np.asarray(gaps, dtype=np.float64)
+    scale = float(np.abs(gaps).mean()) if gaps.size else 0.0
+    noise = NOISE_MARGIN * (NUMERIC_ZERO * scale if floor_max is None else float(floor_max))
+    return Resolution(effect=max(noise, NEGLIGIBLE * scale), share=noise / scale if scale > 0 else 0.0)
+
+def beyond_noise(effects: np.ndarray, tolerance: float) -> np.ndarray:
+    """[C] rows that move some pair's score by more than ``tolerance`` (NaN: not patched on that pair)."""
+    effects = np.atleast_2d(np.asarray(effects, dtype=np.float64))
+    return np.abs(np.where(np.isfinite(effects), effects, 0.0)).max(axis=1, initial=0.0) > tolerance
+
+
+def varies_beyond_noise(effects: np.ndarray, gaps: np.ndarray, tolerance: float) -> np.ndarray:
+    """[C] rows whose effects depart from their own constant share (e_i = s·g_i) by more than ``tolerance`` on some
+    pair. Resamples of any other row give the same ratio of sums up to rounding (zero effects, or a patch of the
+    whole input with share 1 on every pair): their studentised bootstrap values are rounding noise, so they must
+    stay out of a max-t quantile."""
+    effects = np.atleast_2d(np.asarray(effects, dtype=np.float64))
+    gaps = np.asarray(gaps, dtype=np.float64)
+    share = ratio_of_sums(effects, gaps)
+    with np.errstate(invalid="ignore"):
+        residual = effects - np.where(np.isfinite(share), share, 0.0)[:, None] * gaps[None, :]
+    return np.abs(np.where(np.isfinite(residual), residual, 0.0)).max(axis=1, initial=0.0) > tolerance
+
+
 def expanded_level(level: float, n: int) -> float:
     """Confidence level to ask the bootstrap for so that its interval has nominal ``level`` coverage.
 
@@ -73,6 +120,7 @@ def share_intervals(
     seed: int = 0,
     expand: bool = True,
     outside_family: np.ndarray | None = None,
+    tolerance: float | None = None,
 ) -> Interval:
     """Bootstrap (over pairs) CIs for ratio-of-sums shares of many components at once.
 
@@ -85,9 +133,11 @@ def share_intervals(
 
     Every interval holds its estimate, and the family-wise band ``fw_low``/``fw_high`` (max-t over the
     components) always holds the marginal interval: a simultaneous band is never narrower. Components flagged in
-    ``outside_family`` (numerically zero effects), and shares whose bootstrap standard error is at rounding level
-    (``_ROUNDING_SE``), have studentised resamples of rounding noise: they stay out of the max-t quantile so they
-    cannot move the other components' bands, and their band is their marginal interval.
+    ``outside_family`` (negligible effects), and those whose effects never depart from a constant share by more
+    than ``tolerance`` (:func:`varies_beyond_noise`; the audit's :attr:`Resolution.effect`, by default rounding:
+    ``NUMERIC_ZERO`` times the mean |gap|),
+    have studentised resamples of rounding noise: they stay out of the max-t quantile so they cannot move the other
+    components' bands, and their band is their marginal interval.
     """
     effects = np.atleast_2d(np.asarray(effects, dtype=np.float64))
     gaps = np.asarray(gaps, dtype=np.float64)
@@ -151,11 +201,9 @@ def share_intervals(
         low[todo], high[todo] = lo, hi
         dist = np.atleast_2d(result.bootstrap_distribution)
         family = np.ones(todo.size, dtype=bool) if outside_family is None else ~np.asarray(outside_family)[todo]
-        # A share that does not vary beyond rounding over resamples (e.g. a patch of the whole input, share 1 on
-        # every pair) has studentised resamples of pure rounding noise: kept out of the max-t quantile too.
-        with np.errstate(invalid="ignore"):
-            spread = np.nanstd(dist, axis=1, ddof=1)
-        family &= spread > _ROUNDING_SE * np.maximum(1.0, np.abs(estimate[todo]))
+        if tolerance is None:
+            tolerance = NUMERIC_ZERO * float(np.abs(gaps).mean())
+        family &= varies_beyond_noise(np.where(patched[todo], sub, np.nan), gaps, tolerance)
         if family.any():
             fw_low[todo[family]], fw_high[todo[family]] = _max_t_band(estimate[todo[family]], dist[family], level)
         fw_low[todo[~family]], fw_high[todo[~family]] = low[todo[~family]], high[todo[~family]]
@@ -170,7 +218,7 @@ def share_intervals(
 def _max_t_band(estimate: np.ndarray, dist: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
     """Simultaneous intervals estimate ± q·se from the bootstrap distribution [C, B] of C statistics.
 
-    q is the ``level`` quantile of max_c |T*_c − T̂_c| / se_c over resamples (the max-t method): the band
+    q is the ``level`` quantile (Harrell-Davis) of max_c |T*_c − T̂_c| / se_c over resamples (the max-t method): the band
     covers all C true values at once with probability ``level``, under the bootstrap approximation.
     """
     se = dist.std(axis=1, ddof=1)
@@ -178,7 +226,9 @@ def _max_t_band(estimate: np.ndarray, dist: np.ndarray, level: float) -> tuple[n
     if not spread.any():
         return estimate.copy(), estimate.copy()
     t = np.abs(dist[spread] - estimate[spread, None]) / se[spread, None]
-    q = float(np.quantile(t.max(axis=0), level))
+    # Harrell-Davis: a weighted mean of every order statistic, so a small move of the resampled maxima moves q a little
+    # (one order statistic can jump when the maximum is held by a component with few pairs carrying its effect).
+    q = float(mstats.hdquantiles(t.max(axis=0), [level])[0])
     half = np.where(spread, q * se, 0.0)
     return estimate - half, estimate + half
 
@@ -254,7 +304,8 @@ def _sign_chunks(n: int, n_permutations: int, seed: int, chunk: int, exact: bool
         yield 1.0 - 2.0 * bits.astype(np.float64)
 
 
-def sign_flip_test(values: np.ndarray, n_permutations: int = 10_000, seed: int = 0) -> PermutationResult:
+def sign_flip_test(values: np.ndarray, n_permutations: int = 10_000, seed: int = 0,
+                   family: np.ndarray | None = None) -> PermutationResult:
     """Test whether each row of paired values [C, N] (or [N]) is centred away from zero, without normality.
 
     Under the null that a component does nothing, the harmful and benign labels within a pair are exchangeable;
@@ -263,7 +314,9 @@ def sign_flip_test(values: np.ndarray, n_permutations: int = 10_000, seed: int =
     by sign flips, which makes rows comparable for the max-T family-wise correction). The same sign vectors are
     used for every row, so ``p_familywise`` (Westfall-Young single-step max-T) controls the family-wise error
     rate over the rows. When 2^N <= ``n_permutations`` all sign vectors are enumerated and p-values are exact.
-    Rows that are identically zero get z = 0 and p = p_familywise = 1.
+    Rows that are identically zero get z = 0 and p = p_familywise = 1. ``family`` (a mask over rows, default all)
+    limits the max-T to those rows: z is scale-free, so rows of rounding noise would enter the maximum as freely as
+    real effects and move every family-wise p; rows outside the family get p_familywise = 1 (not tested).
     """
     values = np.asarray(values, dtype=np.float64)
     if values.ndim == 1:
@@ -275,6 +328,7 @@ def sign_flip_test(values: np.ndarray, n_permutations: int = 10_000, seed: int =
     if n_permutations < 1:
         raise ValueError("n_permutations must be >= 1")
     n_rows, n = values.shape
+    in_family = np.ones(n_rows, dtype=bool) if family is None else np.asarray(family, dtype=bool)
     norm = np.sqrt(np.einsum("ij,ij->i", values, values))
     nonzero = norm > 0
     unit = np.zeros_like(values)
@@ -292,7 +346,10 @@ def sign_flip_test(values: np.ndarray, n_permutations: int = 10_000, seed: int =
         z = unit @ signs.T  # [C, b]
         np.abs(z, out=z)
         count += np.count_nonzero(z >= threshold[:, None], axis=1)
-        maxima[done : done + signs.shape[0]] = z.max(axis=0) if n_rows else 0.0
+        if in_family.all():
+            maxima[done : done + signs.shape[0]] = z.max(axis=0) if n_rows else 0.0
+        else:
+            maxima[done : done + signs.shape[0]] = z[in_family].max(axis=0) if in_family.any() else 0.0
         done += signs.shape[0]
         del z  # free this chunk before the next matmul allocates its own (peak stays one chunk)
     maxima.sort()
@@ -302,7 +359,7 @@ def sign_flip_test(values: np.ndarray, n_permutations: int = 10_000, seed: int =
     else:
         p, p_fw = (1 + count) / (used + 1), (1 + count_fw) / (used + 1)
     p[~nonzero] = 1.0
-    p_fw[~nonzero] = 1.0
+    p_fw[~(nonzero & in_family)] = 1.0
     return PermutationResult(
         statistic=statistic, p=np.minimum(p, 1.0), p_familywise=np.minimum(p_fw, 1.0), n_permutations=used,
         exact=bool(exact), seed=int(seed),
@@ -481,6 +538,7 @@ def _bootstrap_rows(data: tuple, statistic, n_rows: int, level: float, n_resampl
 def share_difference_intervals(
     effects_a: np.ndarray, gaps_a: np.ndarray, effects_b: np.ndarray, gaps_b: np.ndarray, paired: bool,
     level: float = 0.95, n_resamples: int = 2000, method: str = "BCa", seed: int = 0,
+    resolution_a: Resolution | None = None, resolution_b: Resolution | None = None,
 ) -> dict[str, np.ndarray]:
     """Shares in A and B and their difference B − A, with bootstrap CIs, for C components at once.
 
@@ -488,7 +546,11 @@ def share_difference_intervals(
     same order): one draw of pair indices per resample serves A and B, as ``scipy.stats.bootstrap(...,
     paired=True)`` would; otherwise A's and B's pairs are drawn independently (two-sample bootstrap).
     Resampled indices become count weights (``_counts``), so each resample costs two matrix products.
-    Returns arrays keyed share_a, share_a_low, share_a_high, share_b*, diff, ci_low, ci_high, fw_low, fw_high.
+    The max-t band is taken over the components whose effects vary beyond each side's :func:`resolution` in A or
+    in B (:func:`varies_beyond_noise`; default: rounding only); the others' change is negligible in every resample
+    and their band is their marginal interval, as in :func:`share_intervals`. Returns arrays keyed share_a,
+    share_a_low, share_a_high, share_b*, diff, ci_low, ci_high, fw_low, fw_high and ``measured`` (the component
+    moves some pair by more than its side's resolution in A or in B).
     """
     ea, eb = np.atleast_2d(np.asarray(effects_a, np.float64)), np.atleast_2d(np.asarray(effects_b, np.float64))
     ga, gb = np.asarray(gaps_a, np.float64), np.asarray(gaps_b, np.float64)
@@ -508,6 +570,9 @@ def share_difference_intervals(
     for key in ("share_a", "share_b", "diff"):
         out[key + "_low"], out[key + "_high"] = out[key].copy(), out[key].copy()
     out["fw_low"], out["fw_high"] = out["diff"].copy(), out["diff"].copy()
+    ta = NUMERIC_ZERO * float(np.abs(ga).mean()) if resolution_a is None else resolution_a.effect
+    tb = NUMERIC_ZERO * float(np.abs(gb).mean()) if resolution_b is None else resolution_b.effect
+    out["measured"] = beyond_noise(np.where(ma, ea, np.nan), ta) | beyond_noise(np.where(mb, eb, np.nan), tb)
     # Rows that cannot vary: a share whose effects are all 0 is 0 in every resample; with paired identical
     # inputs the difference is exactly 0 in every resample.
     va = np.flatnonzero(~np.all(ea == 0.0, axis=1))
@@ -545,8 +610,15 @@ def share_difference_intervals(
         sl = slice(parts[k], parts[k + 1])
         out[key + "_low"][index], out[key + "_high"][index] = low[sl], high[sl]
     d_dist = dist[parts[2]:]
-    if vd.size:
-        out["fw_low"][vd], out["fw_high"][vd] = _max_t_band(out["diff"][vd], d_dist, level)
+    family = (varies_beyond_noise(np.where(ma, ea, np.nan)[vd], ga, ta)
+              | varies_beyond_noise(np.where(mb, eb, np.nan)[vd], gb, tb))
+    if family.any():
+        out["fw_low"][vd[family]], out["fw_high"][vd[family]] = _max_t_band(out["diff"][vd[family]], d_dist[family],
+                                                                            level)
+    out["fw_low"][vd[~family]], out["fw_high"][vd[~family]] = out["diff_low"][vd[~family]], out["diff_high"][vd[~family]]
+    # A simultaneous band is never narrower than the marginal interval, and both hold the estimate.
+    out["fw_low"] = np.minimum(out["fw_low"], np.minimum(out["diff_low"], out["diff"]))
+    out["fw_high"] = np.maximum(out["fw_high"], np.maximum(out["diff_high"], out["diff"]))
     return out
 
 

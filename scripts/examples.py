@@ -2,9 +2,10 @@
 """Run the README's console examples and regenerate the committed example reports; check both for staleness.
 
 Every fenced block of README.md whose lines start with ``$ `` is an example: its commands are run in order,
-in one bash shell, in a scratch folder that holds a copy of the committed ``reports/`` (``datasets/``,
-``examples/`` and ``refusal_eval/`` are linked there, so the README's relative paths work), and what they
-print (stdout and stderr together) must be what the README shows. In the README text:
+in one bash shell, in a scratch folder whose ``reports/`` (the default output folder, git-ignored) starts as a copy
+of the committed example reports, ``examples/reports/`` (``datasets/``, ``examples/`` and ``refusal_eval/`` are
+linked there, so the README's relative paths work), and what they print (stdout and stderr together) must be
+what the README shows. In the README text:
 
 * a line ``…`` (or ``...``) stands for any number of printed lines, and a line ending in ``…`` for any line
   that starts with the text before it;
@@ -12,7 +13,8 @@ print (stdout and stderr together) must be what the README shows. In the README 
   minutes); ``<!-- excerpt: PATH -->`` marks a block as an excerpt of a committed file: its lines must appear
   in that file, in order.
 
-After the examples have run, every committed report folder they rewrote is compared with the committed one:
+After the examples have run, every report folder they rewrote that has a committed copy under ``examples/reports/``
+is compared with it:
 JSON files by value (numbers to 1e-6 relative; run times, dates, absolute paths and memory left out), Markdown
 and DOT files as text with the same things masked. PNGs are not compared (their bytes depend on the
 installed matplotlib and fonts); ``update`` rewrites them.
@@ -42,6 +44,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
+# The committed example reports: what the README's commands write to reports/ (the git-ignored default output).
+COMMITTED = REPO / "examples" / "reports"
 LINKED = ("datasets", "examples", "refusal_eval", "scripts")
 ELLIPSIS = ("…", "...")
 # Commands that regenerate committed files the README shows only in excerpts (run with --all).
@@ -175,7 +179,20 @@ def prepare_workdir(workdir: Path) -> None:
         link = workdir / name
         if not link.exists():
             link.symlink_to(REPO / name, target_is_directory=True)
-    shutil.copytree(REPO / "reports", workdir / "reports", dirs_exist_ok=True)
+    shutil.copytree(COMMITTED, workdir / "reports", dirs_exist_ok=True)
+
+
+def committed_copy(rel: Path) -> Path:
+    """The committed example of a path the README's commands write under reports/."""
+    return COMMITTED / rel.relative_to("reports")
+
+
+def fresh_copy(excerpt_path: str, workdir: Path) -> Path:
+    """Where a fresh run wrote the committed file an excerpt quotes (examples/reports/X -> reports/X)."""
+    rel = Path(excerpt_path)
+    if rel.parts[:2] == ("examples", "reports"):
+        return workdir / "reports" / Path(*rel.parts[2:])
+    return workdir / rel
 
 
 def run_example(example: Example, workdir: Path, env: dict[str, str]) -> list[list[str]]:
@@ -281,23 +298,18 @@ def rewritten_folders(workdir: Path, since: float) -> list[Path]:
     return sorted(folders)
 
 
-def _ignored(rel: Path) -> bool:
-    done = subprocess.run(["git", "check-ignore", "-q", str(rel)], cwd=REPO)
-    return done.returncode == 0
-
-
 def check_committed(workdir: Path, since: float, problems: Problems) -> list[Path]:
     """Compare every committed example file the examples rewrote; the committed folders that are stale."""
     stale_folders = []
     for folder in rewritten_folders(workdir, since):
         rel = folder.relative_to(workdir)
-        if _ignored(rel / "report.json"):
+        if not committed_copy(rel).is_dir():  # an output the README shows but the project does not commit
             continue
         before = len(problems.items)
         for fresh in sorted(folder.iterdir()):
             if fresh.suffix not in (".json", ".md", ".dot"):
                 continue
-            committed = REPO / rel / fresh.name
+            committed = committed_copy(rel) / fresh.name
             if not committed.is_file():
                 problems.add(f"{rel / fresh.name}: written by a README example but not committed")
                 continue
@@ -309,9 +321,10 @@ def check_committed(workdir: Path, since: float, problems: Problems) -> list[Pat
     return stale_folders
 
 
-def check_excerpts(excerpts: list[Excerpt], root: Path, problems: Problems) -> None:
+def check_excerpts(excerpts: list[Excerpt], workdir: Path | None, problems: Problems) -> None:
+    """Every excerpt's lines are in its file, in order: the committed file, or (``workdir``) the fresh run's."""
     for ex in excerpts:
-        path = root / ex.path
+        path = REPO / ex.path if workdir is None else fresh_copy(ex.path, workdir)
         if not path.is_file():
             problems.add(f"README.md:{ex.line}: excerpt of {ex.path}, which does not exist")
             continue
@@ -357,7 +370,7 @@ def run_all(include_slow: bool, workdir: Path, update: bool = False) -> Problems
         for command in EXTRA_SLOW:
             subprocess.run(["bash", "-c", command], cwd=workdir, env=env, check=True)
     folders = check_committed(workdir, since, problems)
-    check_excerpts(excerpts, workdir if update else REPO, problems)
+    check_excerpts(excerpts, workdir if update else None, problems)
     if update:
         _update(text, replacements, folders, workdir)
     return problems
@@ -372,11 +385,11 @@ def _update(text: str, replacements: list[tuple[Example, str]], folders: list[Pa
         print(f"README.md:{example.line}: output rewritten")
     README.write_text(text)
     for rel in folders:
-        (REPO / rel).mkdir(parents=True, exist_ok=True)
+        committed_copy(rel).mkdir(parents=True, exist_ok=True)
         for fresh in sorted((workdir / rel).iterdir()):
             if fresh.is_file() and fresh.suffix in (".json", ".md", ".dot", ".png"):
-                shutil.copy2(fresh, REPO / rel / fresh.name)
-        print(f"{rel}: rewritten from the fresh run")
+                shutil.copy2(fresh, committed_copy(rel) / fresh.name)
+        print(f"{committed_copy(rel).relative_to(REPO)}: rewritten from the fresh run")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from refusal_eval.report.schema import load_report
 
 from .conftest import score_fn
 
-SHIPPED = Path(__file__).resolve().parent.parent / "reports" / "tiny-refuser" / "report.json"
+SHIPPED = Path(__file__).resolve().parent.parent / "examples" / "reports" / "tiny-refuser" / "report.json"
 
 
 # -- an independent joint patch: one pair at a time, no padding, plain forward hooks -----------------------------------

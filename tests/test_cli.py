@@ -62,7 +62,7 @@ def test_same_seed_same_numbers(tmp_path, small_run):
 def test_schema_and_validate_commands(small_run, tmp_path, capsys):
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert schema["properties"]["schema_version"]["default"] == "1.3"
+    assert schema["properties"]["schema_version"]["default"] == "1.4"
     assert main(["validate", str(small_run / "report.json")]) == 0
     broken = json.loads((small_run / "report.json").read_text())
     del broken["gap"]
@@ -242,7 +242,7 @@ def test_light_commands_and_the_plugin_never_load_torch():
     import subprocess
     import sys
 
-    reports = Path(__file__).resolve().parent.parent / "reports"
+    reports = Path(__file__).resolve().parent.parent / "examples" / "reports"
     report = reports / "tiny-refuser" / "report.json"
     comparison = reports / "comparison-tiny-refuser-vs-tiny-refuser-no-drugs" / "comparison.json"
     code = (

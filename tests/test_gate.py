@@ -116,7 +116,7 @@ def test_shipped_example_policy_is_valid():
 
 
 def test_shipped_example_policy_passes_on_the_shipped_report():
-    path = ROOT / "reports" / "tiny-refuser" / "report.json"
+    path = ROOT / "examples" / "reports" / "tiny-refuser" / "report.json"
     try:
         shipped = load_report(path)
     except Exception as exc:  # a stale or missing committed report is the report's problem, not the gate's
@@ -343,7 +343,7 @@ def test_example_policy_is_printed_and_ships_in_the_wheel(capsys, tmp_path):
     # the printed policy is a working policy: saved and used, it passes on the shipped report
     saved = tmp_path / "gate.toml"
     saved.write_text(printed, encoding="utf-8")
-    assert main(["gate", str(ROOT / "reports" / "tiny-refuser" / "report.json"), "--policy", str(saved)]) == 0
+    assert main(["gate", str(ROOT / "examples" / "reports" / "tiny-refuser" / "report.json"), "--policy", str(saved)]) == 0
     # an installed wheel finds it as package data: pyproject maps the file there
     try:
         import tomllib

@@ -27,7 +27,7 @@ from refusal_eval.report.plots import (
 from refusal_eval.report.schema import load_report
 from refusal_eval.report.writers import write_reports
 
-SHIPPED = Path(__file__).resolve().parent.parent / "reports" / "tiny-refuser" / "report.json"
+SHIPPED = Path(__file__).resolve().parent.parent / "examples" / "reports" / "tiny-refuser" / "report.json"
 # Pixel sizes written down here, not read from the module: a change of size is a visible change.
 EXPECTED_PIXELS = {POSITIONS_PNG: (1400, 700), HEADS_PNG: (1200, 700), LAYERS_PNG: (1200, 500)}
 

@@ -192,6 +192,7 @@ def test_update_rewrites_stale_outputs_and_report_folders_but_not_elided_blocks(
     repo = tmp_path / "repo"
     monkeypatch.setattr(ex, "README", readme)
     monkeypatch.setattr(ex, "REPO", repo)
+    monkeypatch.setattr(ex, "COMMITTED", repo / "examples" / "reports")
     replacements = [(plain, ex.Example(3, plain.commands, [["new line"]]).text),
                     (elided, ex.Example(9, elided.commands, [["gap 2.0", "more"]]).text)]
     ex._update(readme.read_text(), replacements, [Path("reports/m")], scratch)
@@ -199,4 +200,5 @@ def test_update_rewrites_stale_outputs_and_report_folders_but_not_elided_blocks(
     assert "new line" in text and "old line" not in text
     assert "gap 1.0" in text and "gap 2.0" not in text  # the elided block is untouched ...
     assert "README.md:9: has an elision; edit by hand" in capsys.readouterr().out  # ... and reported
-    assert sorted(p.name for p in (repo / "reports" / "m").iterdir()) == ["positions.png", "report.json", "report.md"]
+    committed = repo / "examples" / "reports" / "m"
+    assert sorted(p.name for p in committed.iterdir()) == ["positions.png", "report.json", "report.md"]

@@ -25,9 +25,9 @@ from refusal_eval.report.kinds import (
 from refusal_eval.report.schema import load_report
 
 ROOT = Path(__file__).resolve().parent.parent
-AUDITS = sorted((ROOT / "reports").glob("*/report.json"))
-COMPARISONS = sorted((ROOT / "reports").glob("comparison-*/comparison.json"))
-TINY_COMPARISON = ROOT / "reports" / "comparison-tiny-refuser-vs-tiny-refuser-no-drugs" / "comparison.json"
+AUDITS = sorted((ROOT / "examples" / "reports").glob("*/report.json"))
+COMPARISONS = sorted((ROOT / "examples" / "reports").glob("comparison-*/comparison.json"))
+TINY_COMPARISON = ROOT / "examples" / "reports" / "comparison-tiny-refuser-vs-tiny-refuser-no-drugs" / "comparison.json"
 IDS = {"audit": "urn:refusal-eval:schema:audit-report:1", "comparison": "urn:refusal-eval:schema:comparison-report:1"}
 
 
@@ -66,7 +66,7 @@ def test_a_file_of_neither_kind_gets_one_error_naming_missing_keys(tmp_path, cap
 
 
 def test_a_circuit_result_is_named_as_such(capsys):
-    assert main(["validate", str(ROOT / "reports" / "tiny-refuser" / "circuit.json")]) == 2
+    assert main(["validate", str(ROOT / "examples" / "reports" / "tiny-refuser" / "circuit.json")]) == 2
     err = capsys.readouterr().err
     assert "neither an audit nor a comparison report" in err and "circuit result" in err
 

@@ -123,7 +123,8 @@ class ComparisonStats(_Model):
     unit: str = "pair"
     resampling: str
     estimator: str = "ratio of sums over the compared pairs, per report; difference B − A"
-    familywise: str = "max-t bootstrap band over all compared components"
+    familywise: str = ("max-t bootstrap band over the compared components whose effects vary beyond either report's "
+                       "resolution; the others keep their marginal interval")
     n_components: int
     min_diff: float = Field(description="smaller |diff| is numerical noise and never called significant")
     behaviour: str = BEHAVIOUR_METHOD

@@ -268,6 +268,10 @@ def render_markdown(report: AuditReport, top_k: int = 15, pictures: Iterable[str
         rule = ("its family-wise interval excludes 0, its family-wise permutation p is below "
                 f"{1 - r.stats.level:.2g} and it moves the score by more than its noise floor"
                 if r.controls else "its family-wise interval excludes 0")
+        if r.stats.resolution_effect is not None:
+            rule = (f"its family-wise interval clears 0 by more than {r.stats.resolution_share:.1e}, its family-wise "
+                    f"permutation p is below {1 - r.stats.level:.2g} and it moves some pair's score by more than "
+                    f"{r.stats.resolution_effect:.2g} (the resolution: 10 noise floors, at least 0.1% of the mean gap)")
         lines += [
             f"Family-wise intervals hold simultaneously for all {r.stats.n_components} components "
             + (f"(given for the {r.stats.n_components - n_est} patched exactly) " if n_est else "")
@@ -381,8 +385,12 @@ def _controls(r: AuditReport, level: str) -> list[str]:
     if c.noise_floor is not None:
         f = c.noise_floor
         lines.append(f"- **Noise floor** ({f.dtype}, identity patches through the engine's shortcuts): largest "
-                     f"{f.max_abs:.1e}, median {f.median_abs:.1e}; {f.n_within} component(s) move the score by no "
-                     f"more than their floor (never significant); {f.n_exact_zero} provably cannot move it.")
+                     f"{f.max_abs:.1e}, median {f.median_abs:.1e}; "
+                     + (f"{f.n_within} component(s) move no pair's score by more than the resolution "
+                        f"{r.stats.resolution_effect:.2g} (negligible, never significant); "
+                        if r.stats.resolution_effect is not None else
+                        f"{f.n_within} component(s) move the score by no more than their floor (never significant); ")
+                     + f"{f.n_exact_zero} provably cannot move it.")
     trivial = [x for x in r.components if x.trivial and x.share]
     if trivial:
         shown = ", ".join(f"`{x.id}` {x.share:.3f}" for x in trivial[:6])

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from refusal_eval.errors import ReportError
 
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 
 
 class _Model(BaseModel):
@@ -152,9 +152,16 @@ class StatsInfo(_Model):
     seed: int
     unit: str = "pair"
     estimator: str = "ratio of sums over pairs"
-    familywise: str = ("max-t bootstrap band over all components of the report, never narrower than the marginal "
-                       "interval; components whose share varies by rounding only keep their marginal interval")
-    n_components: int = Field(description="size of the family for the family-wise intervals")
+    familywise: str = ("max-t bootstrap band over the components whose effects vary beyond the resolution, never "
+                       "narrower than the marginal interval; the others keep their marginal interval")
+    n_components: int = Field(description="components of the report")
+    resolution_effect: float | None = Field(
+        None, description="from schema 1.4: a component that moves no pair's score by more than this (score units: "
+        "10 noise floors, at least 0.1% of the mean |gap|) is negligible: never significant, outside the family-wise "
+        "maxima")
+    resolution_share: float | None = Field(
+        None, description="from schema 1.4: a significant component's family-wise interval clears 0 by more than this "
+        "(10 noise floors in share units), so that float rounding cannot flip it")
 
 
 class Gap(_Model):
@@ -226,7 +233,8 @@ class ComponentResult(_Model):
                                         "for an approximate component (schema 1.3)")
     p_permutation_fw: float | None = Field(None, description="family-wise (max-T over all components) permutation p")
     noise_floor: float | None = Field(None, description="largest |score change| of an identity patch")
-    within_noise: bool | None = Field(None, description="it moves the score, but no pair by more than the noise floor")
+    within_noise: bool | None = Field(None, description="it moves the score, but no pair by more than the resolution "
+                                      "(stats.resolution_effect; before schema 1.4: its own noise floor)")
     trivial: str | None = Field(None, description="why the patch is the run's whole input or output by construction")
     effects: list[float | None] = Field(
         description="per used pair: signed change in refusal score, same order as pairs; null where the component "
@@ -305,7 +313,8 @@ class NoiseFloor(_Model):
     dtype: str
     max_abs: float
     median_abs: float
-    n_within: int = Field(description="components that move the score, but by no more than their noise floor")
+    n_within: int = Field(description="components that move the score, but no pair by more than the resolution "
+                          "(stats.resolution_effect; before schema 1.4: their own noise floor)")
     n_exact_zero: int = Field(0, description="components that provably cannot move the score (exact zeros)")
 
 
@@ -381,7 +390,7 @@ class Environment(_Model):
 class AuditReport(_Model):
     """One model's refusal audit."""
 
-    schema_version: Literal["1.0", "1.1", "1.2", "1.3"] = SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4"] = SCHEMA_VERSION
     created: str
     command: str
     config: dict
