@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -16,6 +18,13 @@ torch.set_num_threads(1)
 
 REFUSAL_IDS = torch.tensor([1, 2])
 COMPLIANCE_IDS = torch.tensor([3, 4])
+
+
+def default_signals() -> None:
+    """``preexec_fn`` for a child that a test signals: SIGINT and SIGTERM at their default dispositions, whatever
+    the shell that started pytest set (a background job or ``nohup`` ignores SIGINT, and children inherit that)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def score_fn(logits: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,8 @@ from refusal_eval.report import writers
 from refusal_eval.report.writers import LOCK_NAME, output_lock, write_reports
 from refusal_eval.stats import share_intervals
 
+from .conftest import default_signals
+
 FAST = ["--max-pairs", "6", "--n-boot", "200", "--n-permutations", "200", "--components", "mlp_out",
         "--positions", "all", "--quiet"]
 
@@ -172,7 +174,7 @@ def test_sigterm_mid_run_exits_143_and_keeps_the_earlier_report(tmp_path, report
     json_path, md_path = write_reports(report, tmp_path)
     before = json_path.read_bytes(), md_path.read_bytes()
     proc = subprocess.Popen([sys.executable, "-m", "refusal_eval.cli", "run", "--out", str(tmp_path), "--quiet",
-                             "--n-boot", "200"], stderr=subprocess.PIPE, text=True)
+                             "--n-boot", "200"], stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     lock = tmp_path / LOCK_NAME
     for _ in range(600):  # wait until it holds the lock (imports done, options validated)
         if lock.exists() or proc.poll() is not None:

@@ -15,6 +15,8 @@ from refusal_eval import AuditConfig, audit, load_report
 from refusal_eval.errors import ConfigError
 from refusal_eval.resume import PARTIAL_NAME
 
+from .conftest import default_signals
+
 OPTIONS = ["--max-pairs", "8", "--n-boot", "200", "--n-permutations", "200", "--components", "head",
            "--positions", "all,each", "--batch-rows", "2"]
 CONFIG = dict(max_pairs=8, n_boot=200, n_permutations=200, components=["head"], positions=["all", "each"],
@@ -69,7 +71,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_report(sig, code, uninterrupt
     """A real `refusal-eval run` subprocess, signalled once some chunks are on disk, then `--resume`d."""
     command = _command(tmp_path)
     partial = tmp_path / "tiny-refuser" / PARTIAL_NAME
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if partial.is_file() and len(partial.read_text().splitlines()) >= 3:  # header + two chunks
