@@ -39,6 +39,7 @@ from refusal_eval.replies import greedy_replies, left_pad
 from refusal_eval.report import schema as rs
 from refusal_eval.resume import ResultsLog
 from refusal_eval.stats import (
+    MIN_SCORE_AUROC,
     Interval,
     PermutationResult,
     Resolution,
@@ -47,6 +48,7 @@ from refusal_eval.stats import (
     mean_interval,
     ratio_of_sums,
     resolution,
+    score_auroc,
     share_heterogeneity,
     share_intervals,
     sign_flip_test,
@@ -193,6 +195,8 @@ class Analysis:
     gap: rs.Gap
     shares_defined: bool
     shares_reason: str
+    validity: rs.ScoreValidity | None
+    validity_tricky: rs.ScoreValidity | None
     engine: PatchEngine
     batch: PairBatch
     suffix: int
@@ -245,9 +249,20 @@ def check_prompt_lengths(loaded: LoadedModel, inputs: Inputs, config: AuditConfi
                                     f"{limit} positions. Shorten it or leave the pair out")
 
 
+@dataclass
+class Verdicts:
+    """Both sides' prompt token ids and whether each greedy reply is a refusal (the tricky pairs)."""
+
+    harmful_ids: list[list[int]]
+    benign_ids: list[list[int]]
+    refused_h: list[bool]
+    refused_b: list[bool]
+
+
 def behaviour_stage(loaded: LoadedModel, inputs: Inputs, config: AuditConfig, progress: bool):
     """Greedy replies to both sides of every scored pair (and the tricky set): rates with Wilson intervals,
-    and the behaviour gate: harmful refusal's interval lies wholly above benign over-refusal's."""
+    and the behaviour gate: harmful refusal's interval lies wholly above benign over-refusal's. The tricky pairs'
+    verdicts come back as :class:`Verdicts` (None without a tricky set)."""
     tok, level = loaded.tokenizer, config.ci_level
     harmful_ids = [format_prompt(tok, p.harmful) for p in inputs.pairs]
     benign_ids = [format_prompt(tok, p.benign) for p in inputs.pairs]
@@ -264,13 +279,17 @@ def behaviour_stage(loaded: LoadedModel, inputs: Inputs, config: AuditConfig, pr
         benign_compliance=rate(n - sum(refused_b), n, level),
         benign_over_refusal=rate(sum(refused_b), n, level),
     )
+    tricky = None
     if inputs.tricky:
-        tr_h = replies([format_prompt(tok, p.harmful) for p in inputs.tricky], "tricky harmful")
-        tr_b = replies([format_prompt(tok, p.benign) for p in inputs.tricky], "tricky benign")
-        behaviour.tricky_harmful_refusal = rate(sum(map(is_refusal, tr_h)), len(inputs.tricky), level)
-        behaviour.tricky_benign_over_refusal = rate(sum(map(is_refusal, tr_b)), len(inputs.tricky), level)
+        ids = ([format_prompt(tok, p.harmful) for p in inputs.tricky],
+               [format_prompt(tok, p.benign) for p in inputs.tricky])
+        tr_h = [is_refusal(r) for r in replies(ids[0], "tricky harmful")]
+        tr_b = [is_refusal(r) for r in replies(ids[1], "tricky benign")]
+        behaviour.tricky_harmful_refusal = rate(sum(tr_h), len(inputs.tricky), level)
+        behaviour.tricky_benign_over_refusal = rate(sum(tr_b), len(inputs.tricky), level)
+        tricky = Verdicts(ids[0], ids[1], tr_h, tr_b)
     behaviour.refuses = behaviour.harmful_refusal.clearly_above(behaviour.benign_over_refusal)
-    return harmful_ids, benign_ids, (reply_h, reply_b), (refused_h, refused_b), behaviour
+    return harmful_ids, benign_ids, (reply_h, reply_b), (refused_h, refused_b), behaviour, tricky
 
 
 def token_set_stage(loaded: LoadedModel, inputs: Inputs, config: AuditConfig, progress: bool) -> TokenSets:
@@ -308,6 +327,35 @@ def _gap(values: np.ndarray, config: AuditConfig) -> rs.Gap:
                   separated=verdict == "separated", verdict=verdict, n_pairs=len(values), p_permutation=p_value)
 
 
+def score_validity(m_h: Sequence[float], m_b: Sequence[float], refused_h: Sequence[bool], refused_b: Sequence[bool],
+                   prompts: str, config: AuditConfig) -> rs.ScoreValidity:
+    """Does the score track the refusals? AUROC (pair bootstrap CI) and point-biserial r of every prompt's score
+    against its greedy reply's verdict, judged against ``stats.MIN_SCORE_AUROC`` (fixed before any model was audited
+    with it)."""
+    scores = np.concatenate([np.asarray(m_h, dtype=np.float64), np.asarray(m_b, dtype=np.float64)])
+    refused = np.array(list(refused_h) + list(refused_b), dtype=bool)
+    groups = np.concatenate([np.arange(len(m_h))] * 2)
+    r = score_auroc(scores, refused, groups, config.ci_level, config.n_boot, config.seed)
+    n, level = r.n_refused + r.n_answered, f"{config.ci_level:.0%}"
+    if r.auroc is None:
+        words = (f"undefined: all {n} prompts ({prompts}) were {'refused' if r.n_refused else 'answered'}, so there "
+                 "is no refusal to predict")
+        tracks = None
+    else:
+        tracks = not r.ci_high < MIN_SCORE_AUROC
+        verdict = ("it tracks this model's refusals" if r.ci_low >= MIN_SCORE_AUROC else
+                   f"it does not track this model's refusals (the interval lies below {MIN_SCORE_AUROC})"
+                   if not tracks else f"it may not track this model's refusals (the interval reaches below "
+                   f"{MIN_SCORE_AUROC})")
+        pb = "" if r.point_biserial is None else f", point-biserial r {r.point_biserial:.2f}"
+        words = (f"the refusal score ranks refused prompts above answered ones with AUROC {r.auroc:.3f} ({level} CI "
+                 f"[{r.ci_low:.3f}, {r.ci_high:.3f}]) over {n} prompts ({prompts}: {r.n_refused} refused){pb}: "
+                 f"{verdict}")
+    return rs.ScoreValidity(prompts=prompts, n_refused=r.n_refused, n_answered=r.n_answered, auroc=r.auroc,
+                            ci_low=r.ci_low, ci_high=r.ci_high, point_biserial=r.point_biserial,
+                            p_point_biserial=r.p_point_biserial, threshold=MIN_SCORE_AUROC, tracks=tracks, words=words)
+
+
 def _positions_wanted(config: AuditConfig, width: int, suffix: int) -> list[int | None]:
     wanted: set[int | None] = set()
     if "all" in config.positions:
@@ -321,8 +369,10 @@ def _positions_wanted(config: AuditConfig, width: int, suffix: int) -> list[int 
     return sorted(wanted, key=lambda p: (p is not None, p or 0))
 
 
-def _shares_rule(behaviour: rs.Behaviour, refuses: bool, gap_all: rs.Gap, gap: rs.Gap, config: AuditConfig):
-    """(shares defined, reason in words, warnings) under the behaviour gate and the gap rule."""
+def _shares_rule(behaviour: rs.Behaviour, refuses: bool, gap_all: rs.Gap, gap: rs.Gap, config: AuditConfig,
+                 validity: rs.ScoreValidity | None = None):
+    """(shares defined, reason in words, warnings) under the behaviour gate, the score-validity rule and the gap
+    rule. ``--force-shares`` overrides the first two, never the gap."""
     level = f"{config.ci_level:.0%}"
     warnings: list[str] = []
     h, b = behaviour.harmful_refusal, behaviour.benign_over_refusal
@@ -339,6 +389,10 @@ def _shares_rule(behaviour: rs.Behaviour, refuses: bool, gap_all: rs.Gap, gap: r
     reasons = []
     if not refuses and not config.force_shares:
         reasons.append(f"no refusal behaviour to localise: {gate_words}; the intervals overlap")
+    untracked = validity is not None and validity.tracks is False
+    if untracked and not config.force_shares:
+        reasons.append(f"the score does not track this model's refusals: {validity.words}; shares of this score "
+                       "would not be shares of refusal")
     if gap.verdict != "separated":
         what = {"reversed": "lies below 0", "includes_zero": "includes 0",
                 "inconclusive": "lies above 0, but the permutation test cannot exclude 0 "
@@ -349,10 +403,15 @@ def _shares_rule(behaviour: rs.Behaviour, refuses: bool, gap_all: rs.Gap, gap: r
                        f"{gap.ci_high:.3f}] {what}): shares would be noise")
     if reasons:
         return False, "; and ".join(reasons), warnings
+    if untracked:
+        warnings.append(f"SHARES FORCED (--force-shares): {validity.words}; the shares describe the refusal score "
+                        "only, not the model's refusals")
     if not refuses:
         warnings.append(f"SHARES FORCED (--force-shares): {gate_words}; the intervals overlap, so there is no "
                         "measurable refusal behaviour and the shares describe the refusal score only")
-        return True, "forced with --force-shares although the model shows no measurable refusal", warnings
+    if not refuses or untracked:
+        what = "shows no measurable refusal" if not refuses else "has a score that does not track its refusals"
+        return True, f"forced with --force-shares although the model {what}", warnings
     return True, "the model refuses harmful prompts more often than benign ones and the gap is separated", warnings
 
 
@@ -438,12 +497,16 @@ class Scores:
     shares_defined: bool
     shares_reason: str
     warnings: list[str]
+    validity: rs.ScoreValidity | None = None
+    validity_tricky: rs.ScoreValidity | None = None
 
 
 def scores_stage(engine: PatchEngine, inputs: Inputs, harmful_ids, benign_ids, behaviour: rs.Behaviour,
-                 config: AuditConfig, progress: bool) -> Scores:
-    """Both sides' refusal scores (non-finite: MetricError naming the pair), the patchable pairs, the gaps and the
-    rule that decides whether shares are defined."""
+                 config: AuditConfig, progress: bool, refused: tuple[list[bool], list[bool]] | None = None,
+                 tricky: Verdicts | None = None) -> Scores:
+    """Both sides' refusal scores (non-finite: MetricError naming the pair), the patchable pairs, the gaps, whether
+    the score tracks the greedy replies' refusals (``refused``; the tricky pairs reported apart) and the rule that
+    decides whether shares are defined."""
     pairs, pad = inputs.pairs, engine.loaded.tokenizer.pad_token_id
     m_h = _side_scores(engine, harmful_ids, pad, "scores (harmful)", progress)
     m_b = _side_scores(engine, benign_ids, pad, "scores (benign)", progress)
@@ -459,12 +522,21 @@ def scores_stage(engine: PatchEngine, inputs: Inputs, harmful_ids, benign_ids, b
     gaps = all_gaps[used]
     gap = _gap(gaps, config)
     gap_all = gap if len(used) == len(pairs) else _gap(all_gaps, config)
+    validity = validity_tricky = None
+    if refused is not None:
+        validity = score_validity(m_h, m_b, *refused, f"both sides of the {len(pairs)} scored pairs", config)
+    if tricky is not None:
+        t_h = _side_scores(engine, tricky.harmful_ids, pad, "scores (tricky harmful)", progress)
+        t_b = _side_scores(engine, tricky.benign_ids, pad, "scores (tricky benign)", progress)
+        validity_tricky = score_validity(t_h, t_b, tricky.refused_h, tricky.refused_b,
+                                         f"both sides of the {len(t_h)} tricky pairs", config)
     shares_defined, shares_reason, rule_warnings = _shares_rule(behaviour, bool(behaviour.refuses), gap_all, gap,
-                                                                config)
+                                                                config, validity)
     warnings += rule_warnings
     if not shares_defined:
         warnings.append(f"UNDEFINED SHARES: {shares_reason}")
-    return Scores(m_h, m_b, used, exclusions, alignment, gaps, gap, gap_all, shares_defined, shares_reason, warnings)
+    return Scores(m_h, m_b, used, exclusions, alignment, gaps, gap, gap_all, shares_defined, shares_reason, warnings,
+                  validity, validity_tricky)
 
 
 @dataclass
@@ -626,7 +698,7 @@ def analyse(
     statistics. ``checkpoint`` keeps (and on resume supplies) the patching engine's finished chunks."""
     torch.manual_seed(config.seed)
     check_prompt_lengths(loaded, inputs, config)
-    harmful_ids, benign_ids, replies, refused, behaviour = behaviour_stage(loaded, inputs, config, progress)
+    harmful_ids, benign_ids, replies, refused, behaviour, tricky = behaviour_stage(loaded, inputs, config, progress)
     token_sets = token_set_stage(loaded, inputs, config, progress)
     ref_ids, com_ids = torch.tensor(token_sets.refusal), torch.tensor(token_sets.compliance)
 
@@ -635,7 +707,7 @@ def analyse(
 
     engine = PatchEngine(loaded, score_fn, max_rows=config.batch_rows, progress=progress)
     engine.checkpoint = checkpoint
-    scores = scores_stage(engine, inputs, harmful_ids, benign_ids, behaviour, config, progress)
+    scores = scores_stage(engine, inputs, harmful_ids, benign_ids, behaviour, config, progress, refused, tricky)
     plan = plan_stage(loaded, inputs, harmful_ids, benign_ids, scores, config)
     effects, approximate, checks = patch_stage(engine, plan, scores, config)
     stats = statistics_stage(engine, plan, scores, effects, approximate, config, noise, progress)
@@ -647,7 +719,8 @@ def analyse(
         loaded=loaded, pairs=inputs.pairs, harmful_ids=harmful_ids, benign_ids=benign_ids, replies=replies,
         refused=refused, behaviour=behaviour, token_sets=token_sets, m_h=scores.m_h, m_b=scores.m_b, used=scores.used,
         exclusions=scores.exclusions, full_alignment=scores.alignment == "full", gap_all=scores.gap_all,
-        gap=scores.gap, shares_defined=scores.shares_defined, shares_reason=scores.shares_reason, engine=engine,
+        gap=scores.gap, shares_defined=scores.shares_defined, shares_reason=scores.shares_reason,
+        validity=scores.validity, validity_tricky=scores.validity_tricky, engine=engine,
         batch=plan.batch, suffix=plan.suffix, components=plan.components, effects=effects, approximate=approximate,
         attribution_info=attribution_info, permutation=stats.permutation, intervals=stats.intervals,
         floor=stats.floor, resolution=stats.resolution, significant=stats.significant,
@@ -931,6 +1004,8 @@ def build_report(a: Analysis, inputs: Inputs, config: AuditConfig, command: str,
         gap_equal_length=a.gap_full,
         shares_defined=a.shares_defined,
         shares_reason=a.shares_reason,
+        score_validity=a.validity,
+        score_validity_tricky=a.validity_tricky,
         stats=rs.StatsInfo(method=config.ci_method, level=config.ci_level, n_resamples=config.n_boot,
                            seed=config.seed, n_components=len(a.components),
                            resolution_effect=a.resolution.effect, resolution_share=a.resolution.share),

@@ -35,10 +35,10 @@ from refusal_eval.report.plots import comparison_picture, render_pictures
 from refusal_eval.report.schema import AuditReport, Rate
 from refusal_eval.report.writers import write_with_pictures
 from refusal_eval.stats import (  # noqa: F401  (newcombe_difference, mcnemar_exact: re-exported)
+    Resolution,
     mcnemar_exact,
     mean_interval,
     newcombe_difference,
-    Resolution,
     resolution,
     share_difference_intervals,
     two_sample_mean_difference,

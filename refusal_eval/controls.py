@@ -71,7 +71,8 @@ def noise_floor_info(analysis: Analysis, config: AuditConfig) -> rs.NoiseFloor |
     largest = analysis.largest_effect
     return rs.NoiseFloor(
         dtype=config.dtype, max_abs=float(floor.max(initial=0.0)), median_abs=float(np.median(floor)) if floor.size
-        else 0.0, n_within=int(((largest > 0) & (largest <= analysis.resolution.effect)).sum()), n_exact_zero=int((largest == 0).sum()),
+        else 0.0, n_within=int(((largest > 0) & (largest <= analysis.resolution.effect)).sum()),
+        n_exact_zero=int((largest == 0).sum()),
     )
 
 
@@ -103,6 +104,6 @@ def random_control(
         refusal_tokens=[control.tokenizer.decode([t]) for t in result.token_sets.refusal],
         compliance_tokens=[control.tokenizer.decode([t]) for t in result.token_sets.compliance],
         shares_defined=under_rules, n_significant=result.n_significant if under_rules else 0,
-        n_significant_forced=result.n_significant, n_components=len(result.components),
+        n_significant_forced=result.n_significant, n_components=len(result.components), score_validity=result.validity,
         n_permutation_p_below=int((result.permutation.p_familywise < 1 - config.ci_level).sum()),
     )

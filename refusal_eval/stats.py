@@ -256,6 +256,71 @@ def wilson_interval(successes: int, total: int, level: float = 0.95) -> tuple[fl
     return float(ci.low), float(ci.high)
 
 
+# --- Does the score track the model's refusals? -------------------------------------------------------------------
+
+# Fixed before any organism or model was audited with it (issue 24): a score whose AUROC interval lies wholly below
+# this does not track the model's refusals, and its shares are undefined.
+MIN_SCORE_AUROC = 0.75
+
+
+@dataclass
+class AurocResult:
+    """How well per-prompt scores rank refused prompts above answered ones (None where undefined)."""
+
+    auroc: float | None
+    ci_low: float | None
+    ci_high: float | None
+    point_biserial: float | None
+    p_point_biserial: float | None
+    n_refused: int
+    n_answered: int
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties counting one half: the Mann-Whitney U over n1·n0."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n1, n0 = int(positive.sum()), int((~positive).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = stats.rankdata(scores)
+    return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def score_auroc(scores: np.ndarray, refused: np.ndarray, groups: np.ndarray, level: float = 0.95,
+                n_resamples: int = 2000, seed: int = 0) -> AurocResult:
+    """AUROC of the scores as a predictor of the refusal verdicts, with a percentile bootstrap CI that resamples
+    ``groups`` (pairs: both prompts of a pair are drawn together), and the point-biserial correlation
+    (``scipy.stats.pointbiserialr``). Undefined (None) when every prompt has the same verdict; resamples with one
+    verdict only are left out of the interval."""
+    scores, refused = np.asarray(scores, dtype=np.float64), np.asarray(refused, dtype=bool)
+    groups = np.asarray(groups)
+    n1, n0 = int(refused.sum()), int((~refused).sum())
+    if n1 == 0 or n0 == 0:
+        return AurocResult(None, None, None, None, None, n1, n0)
+    labels, index = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(index == k) for k in range(labels.size)]
+
+    def statistic(idx: np.ndarray) -> float:
+        rows = np.concatenate([members[k] for k in np.asarray(idx, dtype=np.int64)])
+        return auroc(scores[rows], refused[rows])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # resamples with one verdict only are NaN, left out below
+        result = stats.bootstrap((np.arange(labels.size),), statistic, n_resamples=n_resamples, vectorized=False,
+                                 method="percentile", confidence_level=level, rng=np.random.default_rng(seed))
+    values = np.asarray(result.bootstrap_distribution, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    tail = (1 - level) / 2
+    point = auroc(scores, refused)
+    low, high = (np.quantile(values, [tail, 1 - tail]) if values.size else (point, point))
+    if np.ptp(scores) > 0:
+        r, p = stats.pointbiserialr(refused.astype(float), scores)
+        r, p = float(r), float(p)
+    else:
+        r = p = None
+    return AurocResult(point, float(min(low, point)), float(max(high, point)), r, p, n1, n0)
+
+
 # --- Sign-flip permutation test -------------------------------------------------------------------------------------
 
 # Peak working set of the permutation test is about this many float64s (components x sign vectors per chunk):
@@ -615,7 +680,8 @@ def share_difference_intervals(
     if family.any():
         out["fw_low"][vd[family]], out["fw_high"][vd[family]] = _max_t_band(out["diff"][vd[family]], d_dist[family],
                                                                             level)
-    out["fw_low"][vd[~family]], out["fw_high"][vd[~family]] = out["diff_low"][vd[~family]], out["diff_high"][vd[~family]]
+    rest = vd[~family]
+    out["fw_low"][rest], out["fw_high"][rest] = out["diff_low"][rest], out["diff_high"][rest]
     # A simultaneous band is never narrower than the marginal interval, and both hold the estimate.
     out["fw_low"] = np.minimum(out["fw_low"], np.minimum(out["diff_low"], out["diff"]))
     out["fw_high"] = np.maximum(out["fw_high"], np.maximum(out["diff_high"], out["diff"]))

@@ -343,7 +343,8 @@ def test_example_policy_is_printed_and_ships_in_the_wheel(capsys, tmp_path):
     # the printed policy is a working policy: saved and used, it passes on the shipped report
     saved = tmp_path / "gate.toml"
     saved.write_text(printed, encoding="utf-8")
-    assert main(["gate", str(ROOT / "examples" / "reports" / "tiny-refuser" / "report.json"), "--policy", str(saved)]) == 0
+    shipped = ROOT / "examples" / "reports" / "tiny-refuser" / "report.json"
+    assert main(["gate", str(shipped), "--policy", str(saved)]) == 0
     # an installed wheel finds it as package data: pyproject maps the file there
     try:
         import tomllib

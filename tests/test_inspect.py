@@ -221,7 +221,7 @@ def test_behaviour_task_through_hf_gives_the_audits_replies_and_rates(tmp_path, 
     assert log.status == "success", log.error
     config = AuditConfig(full_replies=True)
     inputs, loaded = load_inputs(config), load_model(None)
-    _, _, (harmful, benign), _, behaviour = behaviour_stage(loaded, inputs, config, progress=False)
+    _, _, (harmful, benign), _, behaviour, _ = behaviour_stage(loaded, inputs, config, progress=False)
     tricky = {side: greedy_replies(loaded, [format_prompt(loaded.tokenizer, getattr(p, side)) for p in inputs.tricky],
                                    config.max_new_tokens, progress=False)[1] for side in ("harmful", "benign")}
     want = {f"{p.id}/harmful": r for p, r in zip(inputs.pairs, harmful, strict=True)}

@@ -108,8 +108,8 @@ def render_comparison_markdown(c: ComparisonReport, top_k: int = 15, pictures: I
         lines += [
             f"Shares of both models on the {'common' if c.paired else 'respective'} pairs; family-wise intervals hold "
             f"simultaneously for all {c.stats.n_components} components ({c.stats.familywise}); a change is "
-            f"significant when its family-wise interval clears 0 by more than 10 noise floors, it moves some pair's score "
-            f"beyond the resolution in A or B, and |B − A| ≥ {c.stats.min_diff:g}: "
+            "significant when its family-wise interval clears 0 by more than 10 noise floors, it moves some pair's "
+            f"score beyond the resolution in A or B, and |B − A| ≥ {c.stats.min_diff:g}: "
             f"{len(c.ranking)} are. Ranked by |B − A|.",
             "",
         ]

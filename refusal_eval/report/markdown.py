@@ -125,6 +125,8 @@ def summary_lines(report: AuditReport) -> list[str]:
         + ("" if b.refuses is None else ("; refuses measurably" if b.refuses else "; NO measurable refusal")),
         f"gap {_gap_words(r.gap, level)}".replace("**", ""),
     ]
+    if r.score_validity is not None:
+        lines.append(f"score vs. replies: {_validity_short(r.score_validity)}")
     if r.gap_all_pairs is not None and r.gap_all_pairs.n_pairs != r.gap.n_pairs:
         lines.append(f"gap over all scored pairs {_gap_words(r.gap_all_pairs, level)}".replace("**", ""))
     lines.append(verdict(r))
@@ -137,6 +139,16 @@ def summary_lines(report: AuditReport) -> list[str]:
                      f"({(c.gap.verdict or '').replace('_', ' ')}), {c.n_significant} significant component(s) "
                      f"({c.n_significant_forced} with shares forced)")
     return lines
+
+
+def _validity_short(v) -> str:
+    """One line: the score's AUROC against the greedy replies' refusals, and what it means."""
+    n = v.n_refused + v.n_answered
+    if v.auroc is None:
+        return f"AUROC undefined (all {n} prompts {'refused' if v.n_refused else 'answered'})"
+    meaning = ("tracks the refusals" if v.ci_low >= v.threshold else
+               "DOES NOT TRACK the refusals" if v.tracks is False else "may not track the refusals")
+    return f"AUROC {v.auroc:.3f} [{v.ci_low:.3f}, {v.ci_high:.3f}] over {n} prompts ({v.n_refused} refused); {meaning}"
 
 
 def _alignment_words(r: AuditReport) -> str:
@@ -196,6 +208,9 @@ def render_markdown(report: AuditReport, top_k: int = 15, pictures: Iterable[str
     if r.gap_equal_length is not None:
         lines.append(f"- Gap over the {r.gap_equal_length.n_pairs} equal-length pairs (all-position components): "
                      f"{_gap_words(r.gap_equal_length, level)}")
+    for v in (r.score_validity, r.score_validity_tricky):
+        if v is not None:
+            lines.append(f"- Score validity: {v.words}.")
     if r.shares_reason:
         lines.append(f"- Shares: {'defined' if r.shares_defined else '**undefined**'} — {r.shares_reason}")
     if ranked:
@@ -376,7 +391,8 @@ def _controls(r: AuditReport, level: str) -> list[str]:
             f"{x.harmful_refusal.total} harmful and {x.benign_over_refusal.successes}/{x.benign_over_refusal.total} "
             f"benign; gap {x.gap.mean:.3f} [{x.gap.ci_low:.3f}, {x.gap.ci_high:.3f}] "
             f"({(x.gap.verdict or '').replace('_', ' ')}); {x.n_significant} significant component(s) under the "
-            f"audit's rules, {x.n_significant_forced} with its shares forced (of {x.n_components}). "
+            f"audit's rules, {x.n_significant_forced} with its shares forced (of {x.n_components}); "
+            + ("" if x.score_validity is None else f"score vs. its replies: {_validity_short(x.score_validity)}. ")
             + ("A real circuit should stand out against this." if x.n_significant_forced == 0 else
                "**The statistics find 'components' in a random network: read this model's circuit with caution.**")
         )

@@ -145,6 +145,24 @@ class Behaviour(_Model):
     )
 
 
+class ScoreValidity(_Model):
+    """Whether the refusal score tracks the model's refusals: how well each prompt's score predicts whether its greedy
+    reply is a refusal (from schema 1.4)."""
+
+    prompts: str = Field(description="which prompts: both sides of the scored pairs, or of the tricky pairs")
+    n_refused: int
+    n_answered: int
+    auroc: float | None = Field(description="P(a refused prompt scores above an answered one), ties counting one half; "
+                                "null when every prompt has the same verdict")
+    ci_low: float | None = Field(description="percentile bootstrap over pairs (both prompts of a pair drawn together)")
+    ci_high: float | None
+    point_biserial: float | None = Field(description="correlation of the score with the 0/1 refusal verdict")
+    p_point_biserial: float | None
+    threshold: float = Field(description="the score does not track the refusals when the AUROC CI lies below this")
+    tracks: bool | None = Field(description="false: the AUROC CI lies wholly below the threshold; null: undefined")
+    words: str = Field(description="the same in words")
+
+
 class StatsInfo(_Model):
     method: str
     level: float
@@ -301,6 +319,8 @@ class RandomControl(_Model):
     shares_defined: bool = Field(description="under the audit's own rules")
     n_significant: int = Field(description="significant components under the audit's own rules")
     n_significant_forced: int = Field(description="significant components with the behaviour gate overridden")
+    score_validity: ScoreValidity | None = Field(None, description="from schema 1.4: the copy's score against its "
+                                                 "own replies")
     n_components: int
     n_permutation_p_below: int
 
@@ -408,6 +428,8 @@ class AuditReport(_Model):
         "shares are undefined unless it is separated")
     shares_defined: bool | None = None
     shares_reason: str | None = Field(None, description="why shares are (un)defined, in words")
+    score_validity: ScoreValidity | None = Field(None, description="from schema 1.4: does the score track refusals")
+    score_validity_tricky: ScoreValidity | None = Field(None, description="the same on the tricky pairs")
     stats: StatsInfo
     controls: Controls | None = None
     heterogeneity: list[ComponentHeterogeneity] = Field(default_factory=list)
