@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -234,7 +235,11 @@ def test_canonical_token_sets_and_no_noise_floor_on_request():
     assert report.metric.token_set_source == "canonical" and "--token-sets canonical" in report.metric.derivation
     assert report.dataset.n_calibration == 0 and report.dataset.calibration_path is None
     assert report.controls.noise_floor is None
-    assert all(c.noise_floor is None and c.within_noise is None for c in report.components)
+    assert all(c.noise_floor is None for c in report.components)
+    # without a floor the resolution assumes float32 rounding (1e-6 of the mean gap); negligible is still decided
+    assert report.stats.resolution_effect == pytest.approx(1e-3 * np.abs(
+        [p.m_harmful - p.m_benign for p in report.pairs if p.used]).mean(), rel=1e-3)
+    assert all(isinstance(c.within_noise, bool) for c in report.components)
 
 
 def test_light_commands_and_the_plugin_never_load_torch():
