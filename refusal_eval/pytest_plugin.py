@@ -126,6 +126,15 @@ def assert_gap(report: AuditReport, at_least: float, on: str = "ci_low") -> None
     _fail_unless(check_gap_min(report, at_least, on=_bound(on, "ci_low")))  # type: ignore[arg-type]
 
 
+def assert_score_tracks_refusals(report: AuditReport, at_least: float = 0.9, on: str = "ci_low") -> None:
+    """The report's refusal score predicts the model's own refusals: AUROC at least ``at_least`` (on its CI lower
+    bound by default), as the gate's ``[behaviour] min_score_auroc``."""
+    __tracebackhide__ = True
+    from refusal_eval.gate import check_score_auroc
+
+    _fail_unless(check_score_auroc(report, at_least, on=_bound(on, "ci_low")))  # type: ignore[arg-type]
+
+
 def assert_gate(report: AuditReport, policy: GatePolicy | str | Path, baseline: AuditReport | None = None) -> None:
     """Every rule of a gate policy (a GatePolicy or a TOML path) holds; the failure lists each failing rule."""
     __tracebackhide__ = True

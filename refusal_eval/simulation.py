@@ -39,3 +39,12 @@ def simulate(scenario: str, n_pairs: int, rng: np.random.Generator, share: float
     else:
         raise ValueError(f"unknown scenario '{scenario}'; choose from {', '.join(SCENARIOS)}")
     return share * gaps + noise, gaps
+
+
+def perturbed_report(report, scale: float, rng: np.random.Generator):
+    """A copy of an audit report whose every per-pair effect (exact zeros included) moved by independent uniform
+    noise in [-scale, scale]: what another CPU's float rounding does, at ``scale`` = a few noise floors."""
+    out = report.model_copy(deep=True)
+    for c in out.components:
+        c.effects = [None if v is None else v + float(rng.uniform(-scale, scale)) for v in c.effects]
+    return out

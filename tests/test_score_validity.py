@@ -116,3 +116,11 @@ def test_gate_rule_min_score_auroc(report):
     old = report.model_copy(update={"score_validity": None})
     result = evaluate_gate(old, GatePolicy.model_validate({"behaviour": {"min_score_auroc": 0.5}}))
     assert not result.passed and "before schema 1.4" in result.rules[0].message
+
+
+def test_pytest_helper_asserts_the_score_tracks_refusals(report):
+    from refusal_eval.pytest_plugin import assert_score_tracks_refusals
+
+    assert_score_tracks_refusals(report, at_least=0.9)
+    with pytest.raises(AssertionError, match="score AUROC"):
+        assert_score_tracks_refusals(report.model_copy(update={"score_validity": None}), at_least=0.5)
