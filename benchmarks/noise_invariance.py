@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from refusal_eval.audit import significance
-from refusal_eval.compare import compare_reports
+from refusal_eval.compare import _effects_matrix, _gaps, compare_reports
 from refusal_eval.config import AuditConfig
 from refusal_eval.report.schema import load_report
 from refusal_eval.simulation import perturbed_report
@@ -27,9 +27,7 @@ COMPARISONS = [("tiny-refuser", "tiny-refuser-no-drugs")]
 def audit_row(name: str, seeds: int, floors: float) -> str:
     r = load_report(EXAMPLES / name / "report.json")
     config = AuditConfig(**{k: v for k, v in r.config.items() if k in AuditConfig.model_fields})
-    effects = np.array([[np.nan if v is None else v for v in c.effects] for c in r.components])
-    by_id = {p.id: p for p in r.pairs}
-    gaps = np.array([by_id[i].m_harmful - by_id[i].m_benign for i in r.used_pair_ids])
+    effects, gaps = _effects_matrix(r.components), _gaps(r, r.used_pair_ids)
     floor = r.controls.noise_floor.max_abs
     res, _, base, sig = significance(effects, gaps, floor, True, config)
     rng, flips, moved = np.random.default_rng(0), 0, 0.0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from refusal_eval.audit import significance
-from refusal_eval.compare import compare_reports
+from refusal_eval.compare import _effects_matrix, _gaps, compare_reports
 from refusal_eval.config import AuditConfig
 from refusal_eval.report.schema import AuditReport, load_report
 from refusal_eval.simulation import perturbed_report
@@ -21,10 +21,6 @@ A = EXAMPLES / "tiny-refuser" / "report.json"
 B = EXAMPLES / "tiny-refuser-no-drugs" / "report.json"
 SEEDS = range(20)
 BOUND_TOLERANCE = 1e-4  # the bar for the family-wise bounds
-
-
-def _effects(report: AuditReport) -> np.ndarray:
-    return np.array([[np.nan if v is None else v for v in c.effects] for c in report.components])
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +35,7 @@ def _scale(*reports: AuditReport) -> float:
 def test_an_audits_significance_does_not_move_with_float_noise(reports):
     report = reports[0]
     config = AuditConfig(**{k: v for k, v in report.config.items() if k in AuditConfig.model_fields})
-    effects = _effects(report)
-    by_id = {p.id: p for p in report.pairs}
-    gaps = np.array([by_id[i].m_harmful - by_id[i].m_benign for i in report.used_pair_ids])
+    effects, gaps = _effects_matrix(report.components), _gaps(report, report.used_pair_ids)
     floor = report.controls.noise_floor.max_abs
     _, _, base, significant = significance(effects, gaps, floor, True, config)
     # the recomputation from the report's rounded effects is the report's own verdict
