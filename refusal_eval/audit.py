@@ -30,11 +30,19 @@ from refusal_eval.controls import last_position_finding, noise_floor_info, rando
 from refusal_eval.data.formats import PRESET_HUB_IDS, ColumnMap, load_pair_source
 from refusal_eval.data.pairs import PromptPair, file_sha256, load_pairs, select_split, shipped_dataset
 from refusal_eval.errors import DataError, MetricError
-from refusal_eval.metrics import TokenSets, canonical_token_sets, derive_token_sets, is_refusal, refusal_score
+from refusal_eval.metrics import (
+    Branch,
+    TokenSets,
+    canonical_token_sets,
+    check_branch_tokens,
+    derive_token_sets,
+    is_refusal,
+    tree_score,
+)
 from refusal_eval.models.loading import LoadedModel, check_device, load_model
 from refusal_eval.patching.attribution import attribute
 from refusal_eval.patching.components import Component, components_at
-from refusal_eval.patching.exact import PairBatch, PatchEngine, build_pair_batch, noise_floor
+from refusal_eval.patching.exact import PairBatch, PatchEngine, build_pair_batch, noise_floor, with_tail
 from refusal_eval.replies import greedy_replies, left_pad
 from refusal_eval.report import schema as rs
 from refusal_eval.resume import ResultsLog
@@ -293,18 +301,69 @@ def behaviour_stage(loaded: LoadedModel, inputs: Inputs, config: AuditConfig, pr
 
 
 def token_set_stage(loaded: LoadedModel, inputs: Inputs, config: AuditConfig, progress: bool) -> TokenSets:
-    """Refusal/compliance token sets from greedy replies to the calibration pairs (never the scored ones), or
-    the canonical openings where there is no calibration set."""
+    """The opening tree (:class:`TokenSets`, ``--score-depth``) from greedy replies to the calibration pairs (never
+    the scored ones), or from the canonical openings where there is no calibration set. MetricError where it cannot
+    be built or a branch token cannot be appended after a prompt."""
     tok = loaded.tokenizer
     if not inputs.calibration:
-        sets = canonical_token_sets(tok)
+        sets = canonical_token_sets(tok, config.score_depth)
         sets.derivation = f"{inputs.calibration_note}; {sets.derivation}"
-        return sets
+    else:
+        openings, refused = calibration_openings(loaded, inputs, config, progress)
+        sets = derive_token_sets(openings, refused, tok, where=inputs.calibration_note, depth=config.score_depth)
+    check_branch_tokens(sets, tok, loaded.model.get_input_embeddings().weight.shape[0])
+    return sets
+
+
+def calibration_openings(loaded: LoadedModel, inputs: Inputs, config: AuditConfig,
+                         progress: bool) -> tuple[list[tuple[int, ...]], list[bool]]:
+    """The first two tokens of the greedy reply to both sides of every calibration pair, and whether each reply is
+    a refusal."""
+    tok = loaded.tokenizer
     prompts = [format_prompt(tok, p.harmful) for p in inputs.calibration]
     prompts += [format_prompt(tok, p.benign) for p in inputs.calibration]
-    firsts, replies = greedy_replies(loaded, prompts, config.max_new_tokens, desc="replies (calibration)",
-                                     progress=progress, until_decided=True)
-    sets = derive_token_sets(firsts, [is_refusal(r) for r in replies], tok, where=inputs.calibration_note)
+    openings, replies = greedy_replies(loaded, prompts, config.max_new_tokens, desc="replies (calibration)",
+                                       progress=progress, until_decided=True, opening=2)
+    return openings, [is_refusal(r) for r in replies]
+
+
+def shared_token_sets(configs: Sequence[AuditConfig], progress: bool = False) -> TokenSets | None:
+    """One opening tree for several models audited together, from all their calibration replies pooled, so that
+    their gaps and shares are measured on one score (None for a single model). Each model is loaded once for its
+    replies here and again by its audit. None, with a warning, where the models' tokenizers differ: a token id would
+    not mean the same text in both, so each model keeps its own tree (and a comparison says the gaps and shares are
+    not comparable)."""
+    if len(configs) < 2:
+        return None
+    openings: list[tuple[int, ...]] = []
+    refused: list[bool] = []
+    names, vocab, tok, inputs, vocab_rows = [], None, None, None, None
+    for config in configs:
+        inputs = load_inputs(config)
+        loaded = load_model(config.model, dtype=config.dtype, device=config.device, adapter=config.adapter,
+                            device_map=config.device_map)
+        tok, names = loaded.tokenizer, [*names, loaded.name]
+        if vocab is None:
+            vocab = tok.get_vocab()
+        elif tok.get_vocab() != vocab:
+            log.warning("the models %s have different tokenizers, so one refusal score cannot be defined for them: "
+                        "each is scored with its own opening tree, and their gaps and shares are not comparable",
+                        names)
+            return None
+        vocab_rows = loaded.model.get_input_embeddings().weight.shape[0]
+        if inputs.calibration:
+            found = calibration_openings(loaded, inputs, configs[0], progress)
+            openings += found[0]
+            refused += found[1]
+        del loaded
+    config = configs[0]
+    if not inputs.calibration:
+        sets = canonical_token_sets(tok, config.score_depth)
+        sets.derivation = f"{inputs.calibration_note}; {sets.derivation}; one tree for {', '.join(names)}"
+    else:
+        where = f"{inputs.calibration_note}; the replies of {len(names)} models pooled: {', '.join(names)}"
+        sets = derive_token_sets(openings, refused, tok, where=where, depth=config.score_depth)
+    check_branch_tokens(sets, tok, vocab_rows)
     return sets
 
 
@@ -313,7 +372,7 @@ def _side_scores(engine: PatchEngine, seqs: list[list[int]], pad_id: int, desc: 
     values: list[float] = []
     size = engine.rows(max(map(len, seqs), default=1))
     for start in tqdm(range(0, len(seqs), size), desc=desc, unit="batch", disable=not progress, leave=False):
-        ids, mask = left_pad(seqs[start : start + size], pad_id)
+        ids, mask = with_tail(*left_pad(seqs[start : start + size], pad_id), engine.tail)
         values.extend(engine.scores(ids, mask).tolist())
     return values
 
@@ -557,12 +616,13 @@ class PatchPlan:
 
 
 def plan_stage(loaded: LoadedModel, inputs: Inputs, harmful_ids, benign_ids, scores: Scores,
-               config: AuditConfig) -> PatchPlan:
-    """Which components are patched on which pairs (see :class:`PatchPlan`); DataError when none can be."""
+               config: AuditConfig, tail: Sequence[int] = ()) -> PatchPlan:
+    """Which components are patched on which pairs (see :class:`PatchPlan`), with the score's branch tokens
+    (``tail``) after every prompt; DataError when none can be."""
     tok, pairs, used = loaded.tokenizer, inputs.pairs, scores.used
     warnings = []
     batch = build_pair_batch([(harmful_ids[i], benign_ids[i]) for i in used], tok.pad_token_id,
-                             [pairs[i].id for i in used], allow_unequal=scores.alignment != "full")
+                             [pairs[i].id for i in used], allow_unequal=scores.alignment != "full", tail=tail)
     suffix = min(common_suffix(harmful_ids[i], benign_ids[i]) for i in used)
     full_cols = gap_full = None
     if scores.alignment == "mixed":
@@ -589,11 +649,11 @@ def plan_stage(loaded: LoadedModel, inputs: Inputs, harmful_ids, benign_ids, sco
         families = [(np.flatnonzero(~on_full), list(range(len(used))), batch)]
         if on_full.any():
             full_batch = build_pair_batch([(harmful_ids[used[k]], benign_ids[used[k]]) for k in full_cols],
-                                          tok.pad_token_id, [batch.pair_ids[k] for k in full_cols])
+                                          tok.pad_token_id, [batch.pair_ids[k] for k in full_cols], tail=tail)
             families.append((np.flatnonzero(on_full), full_cols, full_batch))
     else:
         components = components_at(config.components, loaded.n_layers, loaded.n_heads,
-                                   _positions_wanted(config, batch.width, suffix))
+                                   _positions_wanted(config, batch.prompt_width, suffix))
         on_full = None
         families = [(np.arange(len(components)), list(range(len(used))), batch)]
     return PatchPlan(batch, suffix, components, families, on_full, full_cols, gap_full, warnings)
@@ -692,23 +752,21 @@ def statistics_stage(engine: PatchEngine, plan: PatchPlan, scores: Scores, effec
 
 def analyse(
     loaded: LoadedModel, inputs: Inputs, config: AuditConfig, progress: bool = True, noise: bool | None = None,
-    checkpoint: ResultsLog | None = None,
+    checkpoint: ResultsLog | None = None, token_sets: TokenSets | None = None,
 ) -> Analysis:
-    """Run the model-touching stages on one model: behaviour -> token sets -> scores and gap -> plan -> effects ->
-    statistics. ``checkpoint`` keeps (and on resume supplies) the patching engine's finished chunks."""
+    """Run the model-touching stages on one model: token sets -> behaviour -> scores and gap -> plan -> effects ->
+    statistics. ``checkpoint`` keeps (and on resume supplies) the patching engine's finished chunks; ``token_sets``
+    (one tree for several models, :func:`shared_token_sets`) replaces the model's own."""
     torch.manual_seed(config.seed)
     check_prompt_lengths(loaded, inputs, config)
+    # the opening tree first: a tree that cannot be built stops the audit before the scored replies are generated
+    if token_sets is None:
+        token_sets = token_set_stage(loaded, inputs, config, progress)
     harmful_ids, benign_ids, replies, refused, behaviour, tricky = behaviour_stage(loaded, inputs, config, progress)
-    token_sets = token_set_stage(loaded, inputs, config, progress)
-    ref_ids, com_ids = torch.tensor(token_sets.refusal), torch.tensor(token_sets.compliance)
-
-    def score_fn(logits: torch.Tensor) -> torch.Tensor:
-        return refusal_score(logits, ref_ids.to(logits.device), com_ids.to(logits.device), config.metric)
-
-    engine = PatchEngine(loaded, score_fn, max_rows=config.batch_rows, progress=progress)
+    engine = tree_engine(loaded, token_sets, config, progress)
     engine.checkpoint = checkpoint
     scores = scores_stage(engine, inputs, harmful_ids, benign_ids, behaviour, config, progress, refused, tricky)
-    plan = plan_stage(loaded, inputs, harmful_ids, benign_ids, scores, config)
+    plan = plan_stage(loaded, inputs, harmful_ids, benign_ids, scores, config, engine.tail)
     effects, approximate, checks = patch_stage(engine, plan, scores, config)
     stats = statistics_stage(engine, plan, scores, effects, approximate, config, noise, progress)
     attribution_info = None
@@ -727,6 +785,26 @@ def analyse(
         warnings=list(token_sets.warnings) + scores.warnings + plan.warnings + stats.warnings,
         alignment=scores.alignment, on_full=plan.on_full, full_cols=plan.full_cols, gap_full=plan.gap_full,
     )
+
+
+def token_sets_of(metric: rs.MetricInfo) -> TokenSets:
+    """The opening tree a report scored with, rebuilt from its metric section."""
+
+    def ids(tokens: list[rs.TokenInfo]) -> list[int]:
+        return [t.id for t in tokens]
+
+    branches = [Branch(b.token.id, ids(b.refusal_tokens), ids(b.compliance_tokens)) for b in metric.branches]
+    return TokenSets(ids(metric.refusal_tokens), ids(metric.compliance_tokens), metric.derivation,
+                     metric.token_set_source, branches=branches, depth=metric.depth)
+
+
+def tree_engine(loaded: LoadedModel, token_sets: TokenSets, config: AuditConfig, progress: bool = False) -> PatchEngine:
+    """A patching engine scoring with the opening tree: its branch tokens follow every prompt (the engine's tail)."""
+
+    def score_fn(logits: torch.Tensor) -> torch.Tensor:
+        return tree_score(logits, token_sets, config.metric)
+
+    return PatchEngine(loaded, score_fn, max_rows=config.batch_rows, progress=progress, tail=token_sets.tail)
 
 
 @dataclass
@@ -881,12 +959,14 @@ def _heterogeneity(a: Analysis, results: list[rs.ComponentResult], config: Audit
 
 
 def audit(config: AuditConfig | None = None, command: str = "", progress: bool = True,
-          partial: str | Path | None = None, resume: bool = False) -> rs.AuditReport:
+          partial: str | Path | None = None, resume: bool = False,
+          token_sets: TokenSets | None = None) -> rs.AuditReport:
     """Run a complete refusal audit and return the validated report (the report itself is not written).
 
     With ``partial`` (a ``partial.jsonl`` path), every finished chunk of patching is appended there as it is done
     (:class:`refusal_eval.resume.ResultsLog`); with ``resume`` the chunks already there are reused after the
-    file's header (version, weights, dataset, options) is checked against this run."""
+    file's header (version, weights, dataset, options) is checked against this run. ``token_sets``: score with this
+    opening tree (one tree for several models, :func:`shared_token_sets`) instead of the model's own."""
     config = config or AuditConfig()
     started = time.perf_counter()
     if config.device.startswith("cuda") and torch.cuda.is_available():
@@ -902,7 +982,7 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
                   "dataset_sha256": inputs.fingerprint, "config": config.model_dump()}
         results_log = ResultsLog(partial, header, resume)
     try:
-        analysis = analyse(loaded, inputs, config, progress=progress, checkpoint=results_log)
+        analysis = analyse(loaded, inputs, config, progress=progress, checkpoint=results_log, token_sets=token_sets)
         report = build_report(analysis, inputs, config, command, started, progress)
     finally:
         if results_log is not None:
@@ -926,8 +1006,8 @@ def build_report(a: Analysis, inputs: Inputs, config: AuditConfig, command: str,
                             "component(s) when its shares are forced: treat this model's circuit with caution")
     floor_info = noise_floor_info(a, config)
     positions = []
-    for offset in range(-batch.width, 0):
-        col = batch.width + offset
+    for offset in range(-batch.prompt_width, 0):
+        col = batch.prompt_width + offset
         real = batch.harmful_mask[:, col].bool() & batch.benign_mask[:, col].bool()
         if not real.any():
             continue
@@ -955,6 +1035,8 @@ def build_report(a: Analysis, inputs: Inputs, config: AuditConfig, command: str,
     def token_infos(ids: list[int], counts: dict[int, int]) -> list[rs.TokenInfo]:
         return [rs.TokenInfo(id=t, text=tok.decode([t]), count=counts.get(t, 0)) for t in ids]
 
+    both = {t: ts.refusal_counts.get(t, 0) + ts.compliance_counts.get(t, 0) for t in ts.ambiguous}
+
     counts = dict(Counter(e.reason for e in a.exclusions))
     model_cfg = loaded.model.config
     report = rs.AuditReport(
@@ -972,7 +1054,7 @@ def build_report(a: Analysis, inputs: Inputs, config: AuditConfig, command: str,
             path=str(inputs.dataset_path), sha256=inputs.fingerprint, split=config.split,
             n_pairs=len(pairs), n_used=len(a.used), exclusions=a.exclusions, exclusion_counts=counts,
             alignment=a.alignment,
-            n_aligned_positions=batch.width if a.full_alignment else max(a.suffix, 1) if a.alignment == "mixed"
+            n_aligned_positions=batch.prompt_width if a.full_alignment else max(a.suffix, 1) if a.alignment == "mixed"
             else a.suffix,
             n_full_pairs=len(a.full_cols) if a.full_cols is not None else None,
             tricky_path=str(inputs.tricky_path) if inputs.tricky_path else None,
@@ -988,12 +1070,20 @@ def build_report(a: Analysis, inputs: Inputs, config: AuditConfig, command: str,
                 "log P(refusal tokens) - log P(compliance tokens)" if config.metric == "logdiff"
                 else "log p - log(1 - p), p = P(refusal tokens)"
             ),
-            position="last prompt token (the first response position), after the chat template",
+            position="last prompt token (the first response position), after the chat template" + (
+                "; each branch token teacher-forced after it gives the second-token distribution" if ts.branches
+                else ""),
             refusal_tokens=token_infos(ts.refusal, ts.refusal_counts),
             compliance_tokens=token_infos(ts.compliance, ts.compliance_counts),
             derivation=ts.derivation, max_new_tokens=config.max_new_tokens, token_set_source=ts.source,
-            ambiguous_tokens=token_infos(ts.ambiguous, {t: ts.refusal_counts.get(t, 0) + ts.compliance_counts.get(t, 0)
-                                                        for t in ts.ambiguous}),
+            ambiguous_tokens=token_infos(ts.ambiguous, both), depth=ts.depth,
+            branches=[rs.BranchInfo(
+                token=token_infos([b.token], both)[0],
+                refusal_tokens=token_infos(b.refusal, b.refusal_counts),
+                compliance_tokens=token_infos(b.compliance, b.compliance_counts),
+                ambiguous_tokens=token_infos(b.ambiguous, {t: b.refusal_counts.get(t, 0) + b.compliance_counts.get(t, 0)
+                                                            for t in b.ambiguous}),
+            ) for b in ts.branches],
         ),
         direction=config.direction,
         method=config.method,

@@ -385,9 +385,8 @@ def run_circuit(report, report_path: str | Path, model: str | None = None, adapt
                 max_edge_nodes: int = 12, command: str = "", progress: bool = False) -> CircuitReport:
     """Search the circuit(s) of an audited model: the pairs, token sets and statistics options come from the
     report; the model is reloaded (``model``/``adapter`` default to the report's) and must have its weights."""
-    from refusal_eval.audit import format_prompt, load_inputs
+    from refusal_eval.audit import format_prompt, load_inputs, token_sets_of, tree_engine
     from refusal_eval.config import AuditConfig
-    from refusal_eval.metrics import refusal_score
     from refusal_eval.models.loading import load_model
     from refusal_eval.patching.exact import build_pair_batch
 
@@ -426,14 +425,8 @@ def run_circuit(report, report_path: str | Path, model: str | None = None, adapt
         if len(keep) < 2:
             raise ConfigError(f"{report_path}: fewer than 2 pairs have sides of equal token length; use --nodes last")
         tokenized, ids = [tokenized[k] for k in keep], [ids[k] for k in keep]
-    batch = build_pair_batch(tokenized, tok.pad_token_id, ids, allow_unequal=family == "last")
-    ref = torch.tensor([t.id for t in report.metric.refusal_tokens])
-    com = torch.tensor([t.id for t in report.metric.compliance_tokens])
-
-    def score_fn(logits: torch.Tensor) -> torch.Tensor:
-        return refusal_score(logits, ref.to(logits.device), com.to(logits.device), report.metric.form)
-
-    engine = PatchEngine(loaded, score_fn, max_rows=config.batch_rows)
+    engine = tree_engine(loaded, token_sets_of(report.metric), config.model_copy(update={"metric": report.metric.form}))
+    batch = build_pair_batch(tokenized, tok.pad_token_id, ids, allow_unequal=family == "last", tail=engine.tail)
     m_h, m_b = (t.numpy().astype(np.float64) for t in engine.baseline(batch))
     nodes = circuit_nodes(loaded.n_layers, loaded.n_heads, family)
     circuits = []

@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from refusal_eval import __version__
+from refusal_eval.config import AUTO_BRANCH_REPLIES
 from refusal_eval.errors import RefusalEvalError
 from refusal_eval.report.kinds import KINDS
 
@@ -79,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--token-sets", choices=["calibration", "canonical"], default="calibration",
                      help="refusal/compliance tokens from replies to calibration pairs, never the scored ones "
                      "(default), or the canonical openings")
+    run.add_argument("--score-depth", choices=["1", "2", "auto"], default="auto",
+                     help="the opening tree's depth: 1 scores first tokens only and drops one that opens both "
+                     "refusals and compliances ('I'); 2 branches such a token on the second token; auto (default) is "
+                     f"2 when an ambiguous first token opens at least {AUTO_BRANCH_REPLIES} calibration replies")
     run.add_argument("--calibration", help="pair JSONL whose replies choose the token sets (default: the dataset's "
                      "other split: train for an eval audit)")
     run.add_argument("--max-calibration-pairs", type=int, help="use only the first N calibration pairs")
@@ -237,6 +242,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         "harmful_column": args.harmful_column, "benign_column": args.benign_column, "id_column": args.id_column,
         "category_column": args.category_column, "split_column": args.split_column,
         "direction": args.direction, "metric": args.metric, "token_sets": args.token_sets,
+        "score_depth": args.score_depth if args.score_depth == "auto" else int(args.score_depth),
         "calibration": args.calibration, "max_calibration_pairs": args.max_calibration_pairs,
         "force_shares": args.force_shares, "controls": args.control or [], "n_permutations": args.n_permutations,
         "noise_floor": not args.no_noise_floor, "min_gap": args.min_gap,
@@ -276,10 +282,11 @@ def _run_sharded(configs, names: list[str], args: argparse.Namespace, argv: list
                   "writes the reports", file=sys.stderr)
             with output_lock(args.out):
                 return _run_audits(configs, names, args, argv, keep_partial=False)
-        from refusal_eval.audit import audit
+        from refusal_eval.audit import audit, shared_token_sets
 
+        tree = shared_token_sets(configs)
         for config in configs:
-            audit(config, progress=False)
+            audit(config, progress=False, token_sets=tree)
         return EXIT_OK
     finally:
         distributed.finish()
@@ -287,7 +294,7 @@ def _run_sharded(configs, names: list[str], args: argparse.Namespace, argv: list
 
 def _run_audits(configs, names: list[str], args: argparse.Namespace, argv: list[str],
                 keep_partial: bool = True) -> int:
-    from refusal_eval.audit import audit
+    from refusal_eval.audit import audit, shared_token_sets
     from refusal_eval.errors import ConfigError
     from refusal_eval.report.markdown import summary_lines
     from refusal_eval.report.writers import write_reports
@@ -299,10 +306,12 @@ def _run_audits(configs, names: list[str], args: argparse.Namespace, argv: list[
         raise ConfigError(f"--resume: no unfinished audit in {args.out} (no {PARTIAL_NAME} for "
                           f"{', '.join(names)}); run without --resume")
     reports = []
+    tree = shared_token_sets(configs, progress=not args.quiet)  # one score for every model of the run
     for config, partial in zip(configs, partials, strict=True):
         # with two models, the one that finished before the interruption has no partial file: it runs again
         resume = args.resume and partial is not None and partial.is_file()
-        report = audit(config, command=command, progress=not args.quiet, partial=partial, resume=resume)
+        report = audit(config, command=command, progress=not args.quiet, partial=partial, resume=resume,
+                       token_sets=tree)
         reports.append(report)
         json_path, md_path = write_reports(report, args.out, pictures=not args.no_pictures)
         if partial is not None:

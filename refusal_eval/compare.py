@@ -68,7 +68,8 @@ def _side(r: AuditReport) -> Side:
         command=r.command, dataset_path=r.dataset.path, dataset_sha256=r.dataset.sha256, split=r.dataset.split,
         tricky_sha256=r.dataset.tricky_sha256, n_pairs=r.dataset.n_pairs, n_used=r.dataset.n_used,
         direction=r.direction, metric=r.metric.form, refusal_tokens=[t.text for t in r.metric.refusal_tokens],
-        compliance_tokens=[t.text for t in r.metric.compliance_tokens], gap=r.gap,
+        compliance_tokens=[t.text for t in r.metric.compliance_tokens], score_depth=r.metric.depth,
+        branches=[b.token.text for b in r.metric.branches], gap=r.gap,
         shares_defined=r.gap.separated and all(c.share is not None for c in r.components),
     )
 
@@ -133,15 +134,20 @@ def compare_reports(a: AuditReport, b: AuditReport, n_boot: int = 2000, level: f
                         "shares measure different things")
     if a.metric.form != b.metric.form:
         warnings.append(f"the audits used different refusal scores (A {a.metric.form}, B {b.metric.form})")
-    toks_a = ([t.id for t in a.metric.refusal_tokens], [t.id for t in a.metric.compliance_tokens])
-    toks_b = ([t.id for t in b.metric.refusal_tokens], [t.id for t in b.metric.compliance_tokens])
-    if toks_a != toks_b:
+    comparable = a.metric.tree_key() == b.metric.tree_key()
+    not_comparable = None
+    if not comparable:
         def texts(r: AuditReport) -> str:
-            return (f"refusal {[t.text for t in r.metric.refusal_tokens]}, compliance "
-                    f"{[t.text for t in r.metric.compliance_tokens]}")
+            branches = "".join(f"; {b.token.text!r} branched: refusal {[t.text for t in b.refusal_tokens]}, compliance "
+                               f"{[t.text for t in b.compliance_tokens]}" for b in r.metric.branches)
+            return (f"{r.metric.form}, depth {r.metric.depth}: refusal {[t.text for t in r.metric.refusal_tokens]}, "
+                    f"compliance {[t.text for t in r.metric.compliance_tokens]}{branches}")
 
-        warnings.append(f"the refusal score's token sets differ (A: {texts(a)}; B: {texts(b)}): each audit derives "
-                        "them from its model's own greedy replies, so the score is defined slightly differently")
+        not_comparable = (f"A and B measure refusal with different scores (A: {texts(a)}; B: {texts(b)}), so their "
+                          "gaps and shares cannot be subtracted. Audit both in one run (`refusal-eval run --model A "
+                          "--model B`, with their --adapter), which scores every model with one opening tree built "
+                          "from all their calibration replies")
+        warnings.append(f"NOT COMPARABLE: {not_comparable}")
     if a.model.weights_sha256 == b.model.weights_sha256:
         warnings.append("A and B have identical weights")
 
@@ -168,7 +174,7 @@ def compare_reports(a: AuditReport, b: AuditReport, n_boot: int = 2000, level: f
         ia, ib = list(range(len(a.used_pair_ids))), list(range(len(b.used_pair_ids)))
         ga, gb = _gaps(a, a.used_pair_ids), _gaps(b, b.used_pair_ids)
     changes: list[ComponentChange] = []
-    if shares_defined and shared:
+    if shares_defined and shared and comparable:
         res_a, res_b = _resolution(a, ga), _resolution(b, gb)
         ea = _effects_matrix(shared)[:, ia]
         eb = _effects_matrix([comp_b[c.id] for c in shared])[:, ib]
@@ -203,7 +209,10 @@ def compare_reports(a: AuditReport, b: AuditReport, n_boot: int = 2000, level: f
         ranking = []
 
     # -- gap -------------------------------------------------------------------------------------------------
-    if paired:
+    if not comparable:
+        gap = GapChange(n_pairs_a=len(ga), n_pairs_b=len(gb), mean_a=float(ga.mean()), mean_b=float(gb.mean()),
+                        diff=None, ci_low=None, ci_high=None, method="not comparable: A and B use different scores")
+    elif paired:
         ci = mean_interval(gb - ga, level, n_boot, method, seed)
         gap = GapChange(n_pairs_a=len(ga), n_pairs_b=len(gb), mean_a=float(ga.mean()), mean_b=float(gb.mean()),
                         diff=float(ci.estimate), ci_low=float(ci.low), ci_high=float(ci.high),
@@ -271,7 +280,7 @@ def compare_reports(a: AuditReport, b: AuditReport, n_boot: int = 2000, level: f
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=command, a=side_a, b=side_b,
         same_dataset=same_dataset, paired=paired, n_pairs=len(ga), n_pairs_b=len(gb),
         compared_pair_ids=common if paired else [], used_only_in_a=only_a, used_only_in_b=only_b,
-        shares_defined=shares_defined,
+        shares_defined=shares_defined, comparable=comparable, not_comparable=not_comparable,
         stats=ComparisonStats(
             method=method, level=level, n_resamples=n_boot, seed=seed, n_components=len(changes), min_diff=min_diff,
             resampling="paired: one draw of the common pairs per resample for both A and B" if paired

@@ -10,6 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from refusal_eval.patching.components import DEFAULT_KINDS, KINDS
 
+# --score-depth auto branches on the second token when an ambiguous first token opens at least this many
+# calibration replies (as many as a token set needs before the report stops flagging it: metrics.MIN_REPLIES).
+AUTO_BRANCH_REPLIES = 10
+
 
 class AuditConfig(BaseModel):
     """What to audit and how; recorded verbatim in the report."""
@@ -58,6 +62,12 @@ class AuditConfig(BaseModel):
         "calibration",
         description="refusal/compliance tokens from greedy replies to calibration pairs (never the scored ones), or "
         "the canonical openings",
+    )
+    score_depth: Literal[1, 2, "auto"] = Field(
+        "auto",
+        description="the opening tree's depth: 1 scores the first response token only (a first token that opens both "
+        "refusals and compliances is dropped); 2 branches such a token on the token after it, read by teacher-forcing; "
+        f"'auto' is 2 when an ambiguous first token opens at least {AUTO_BRANCH_REPLIES} calibration replies",
     )
     calibration: str | None = Field(
         None, description="pair file for the token sets; None = the dataset's other split (train for an eval audit)"

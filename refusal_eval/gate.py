@@ -467,6 +467,10 @@ def check_baseline(
             f"baseline ({baseline.direction}, {baseline.metric.form}) and report ({report.direction}, "
             f"{report.metric.form}) measure different shares; audit both with the same --direction and --metric"
         )
+    if baseline.metric.tree_key() != report.metric.tree_key():
+        raise GateError("baseline and report score refusal with different opening trees (token sets or branches), so "
+                        "their shares are not comparable; audit both in one run (refusal-eval run --model BASELINE "
+                        "--model CANDIDATE) so that one tree scores both")
     if not baseline.gap.separated:
         raise GateError("the baseline's gap is not separated, so it has no shares to compare against")
     top = top_components(baseline, top_k)

@@ -152,6 +152,12 @@ def _prefix_agrees(loaded: LoadedModel, prompts: Sequence[Sequence[int]], prefix
     return agrees
 
 
+def _stop_ids(loaded: LoadedModel) -> set[int]:
+    """Ids that end a reply: the tokenizer's and the generation config's end of sequence."""
+    eos = loaded.model.generation_config.eos_token_id
+    return ({loaded.tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])) - {None}
+
+
 def _ended(tokens: torch.Tensor, stops: set[int], pad: int) -> bool:
     return int(tokens[-1]) == pad or any(int(t) in stops for t in tokens)
 
@@ -159,13 +165,12 @@ def _ended(tokens: torch.Tensor, stops: set[int], pad: int) -> bool:
 def _batch(loaded: LoadedModel, seqs: Sequence[Sequence[int]], prefix: int, max_new_tokens: int,
            until_decided: bool) -> list[torch.Tensor]:
     """Generated tokens of each row (after an end of sequence or a decided verdict: padding, or cut there)."""
-    tok, model = loaded.tokenizer, loaded.model
+    tok = loaded.tokenizer
     ids, mask, cache = _inputs(loaded, seqs, prefix)
     start = ids.shape[1]
     if not until_decided:
         return list(_generate(loaded, ids, mask, cache, max_new_tokens).sequences[:, start:].cpu())
-    eos = model.generation_config.eos_token_id
-    stops = ({tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos])) - {None}
+    stops = _stop_ids(loaded)
     rows, done, left = list(range(len(seqs))), {}, max_new_tokens
     while True:
         out = _generate(loaded, ids, mask, cache, min(SEGMENT, left), stop=_Decided(tok, start))
@@ -190,14 +195,25 @@ def _batch(loaded: LoadedModel, seqs: Sequence[Sequence[int]], prefix: int, max_
         rows = [rows[j] for j in keep]
 
 
+def opening_ids(tokens: torch.Tensor, n: int, stops: set[int]) -> tuple[int, ...]:
+    """The first ``n`` generated ids of a reply, cut after an end of sequence (or the padding after it)."""
+    out: list[int] = []
+    for t in tokens[:n].tolist():
+        out.append(int(t))
+        if t in stops:
+            break
+    return tuple(out)
+
+
 @torch.inference_mode()
 def greedy_replies(
     loaded: LoadedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int | None = None,
-    desc: str = "generating", progress: bool = True, until_decided: bool = False,
-) -> tuple[list[int], list[str]]:
-    """Greedy completions of tokenised prompts: (first generated token id, decoded reply) for each, in order.
-    With ``until_decided`` a reply stops once the refusal matcher's verdict on it is settled (see the module).
-    ``batch_size`` None: :func:`batch_rows`."""
+    desc: str = "generating", progress: bool = True, until_decided: bool = False, opening: int = 1,
+) -> tuple[list, list[str]]:
+    """Greedy completions of tokenised prompts: (first generated token id, decoded reply) for each, in order; with
+    ``opening`` 2, a tuple of the first two generated ids instead of the first (one where the reply ended after
+    one token). With ``until_decided`` a reply stops once the refusal matcher's verdict on it is settled (see the
+    module). ``batch_size`` None: :func:`batch_rows`."""
     tok, n = loaded.tokenizer, len(prompts)
     if not n:
         return [], []
@@ -210,10 +226,11 @@ def greedy_replies(
     if prefix < MIN_PREFIX or not _window_fits(loaded.model, width) or not _prefix_agrees(loaded, prompts, prefix):
         prefix = 0
     firsts, replies = [0] * n, [""] * n
+    stops = _stop_ids(loaded) | {tok.pad_token_id} - {None}
     for begin in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         rows = order[begin : begin + batch_size]
         seqs = [prompts[i] for i in rows]
         for i, tokens in zip(rows, _batch(loaded, seqs, prefix, max_new_tokens, until_decided), strict=True):
-            firsts[i] = int(tokens[0])
+            firsts[i] = int(tokens[0]) if opening == 1 else opening_ids(tokens, opening, stops)
             replies[i] = tok.decode(tokens, skip_special_tokens=True)
     return firsts, replies

@@ -359,3 +359,30 @@ def test_attribution_source_replay_equals_full_source_forward(loaded):
     config = loaded.model.config
     expected = replays_layers(config)
     assert fast._attribution_prefix is expected, config.model_type
+
+
+def test_two_branch_tree_equals_one_forward_per_branch(loaded, pairs):
+    """An opening tree with two branches reads both second-token distributions from one forward (each branch
+    column attends to the prompt and itself): equal to a plain forward of prompt + branch token per branch, in every
+    family; a sliding window narrower than the prompt is refused, never silently ignored."""
+    from refusal_eval.metrics import Branch, TokenSets, tree_score
+
+    tail = [7, 9]
+    tree = TokenSets([1, 2], [3, 4], "test", branches=[Branch(7, [11], [12]), Branch(9, [13], [14, 15])], depth=2)
+    engine = PatchEngine(loaded, lambda logits: tree_score(logits, tree), max_rows=64, tail=tail)
+    batch = build_pair_batch(pairs, 0, [f"p{i}" for i in range(len(pairs))], tail=tail)
+    window = getattr(loaded.model.config, "sliding_window", None)
+    if window and batch.width > window:
+        with pytest.raises(ModelError, match="sliding-window"):
+            engine.baseline(batch)
+        return
+    harmful, _ = engine.baseline(batch)
+    for i, (prompt, _) in enumerate(pairs):
+        with torch.no_grad():
+            runs = [loaded.model(input_ids=torch.tensor([prompt + [t]])).logits[0] for t in tail]
+        logits = torch.stack([runs[0][-2], runs[0][-1], runs[1][-1]])
+        assert abs(float(harmful[i]) - float(tree_score(logits[None], tree)[0])) < 1e-4, i
+    comps = enumerate_components(KINDS, LAYERS, HEADS, batch.width - len(tail))
+    slow = PatchEngine(loaded, engine.score_fn, max_rows=64, tail=tail, layer_skip=False, prefix_reuse=False)
+    torch.testing.assert_close(engine.patch(batch, comps, "noise"), slow.patch(batch, comps, "noise"),
+                               atol=1e-4, rtol=0)

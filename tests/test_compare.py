@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +168,59 @@ def test_run_with_two_models_writes_both_reports_and_comparison(tmp_path, capsys
     # two models with the same name would overwrite each other's reports
     assert main(["run", "--model", str(copy), "--model", str(copy), "--out", str(out), "--quiet"]) == 2
     assert "share a name" in capsys.readouterr().err
+
+
+def test_reports_scored_with_different_trees_are_not_comparable(tmp_path, report_a):
+    """A depth-2 tree on one side: the summary, the Markdown and the JSON say the gap and share changes are not
+    comparable (no difference is computed) and how to rerun both together; behaviour is still compared."""
+    from refusal_eval.report.comparison_markdown import render_comparison_markdown, summary_lines
+    from refusal_eval.report.schema import BranchInfo, TokenInfo
+
+    b = report_a.model_copy(deep=True)
+    b.model.name = "tiny-refuser-deep"
+    b.metric.depth = 2
+    b.metric.branches = [BranchInfo(token=TokenInfo(id=40, text="I", count=20),
+                                    refusal_tokens=[TokenInfo(id=41, text="'m", count=10)],
+                                    compliance_tokens=[TokenInfo(id=42, text="'d", count=10)])]
+    c = compare_reports(report_a, b, n_boot=N_BOOT)
+    assert not c.comparable and c.gap.diff is None and c.gap.ci_low is None
+    assert c.components == [] and c.ranking == []
+    assert "refusal-eval run --model A --model B" in c.not_comparable and "'I' branched" in c.not_comparable
+    assert any("NOT COMPARABLE" in line for line in summary_lines(c))
+    assert not any(line.strip().startswith("gap:") for line in summary_lines(c))
+    assert "Gap and share changes: not comparable" in render_comparison_markdown(c)
+    assert [r.measure for r in c.behaviour][:2] == ["refusal on harmful", "compliance on benign"]
+    json_path, _ = write_comparison(c, tmp_path, pictures=False)
+    assert not ComparisonReport.model_validate_json(json_path.read_text()).comparable
+    # the same tree on both sides stays comparable
+    assert compare_reports(report_a, report_a, n_boot=N_BOOT).comparable
+
+
+def test_run_with_two_models_scores_both_with_one_pooled_tree(tmp_path):
+    """Two models that refuse differently, audited in one run: both reports carry the tree derived from both models'
+    calibration replies pooled (recomputed here from each model's own openings), so the comparison subtracts gaps
+    measured on one score."""
+    from refusal_eval.audit import calibration_openings, load_inputs
+    from refusal_eval.metrics import derive_token_sets
+    from refusal_eval.models.loading import load_model
+
+    other = str(Path(__file__).parents[1] / "examples" / "tiny-refuser-no-drugs")
+    out = tmp_path / "reports"
+    common = ["--max-pairs", "4", "--max-calibration-pairs", "12", "--components", "mlp_out", "--positions", "all",
+              "--tricky", "", "--n-boot", "200", "--quiet"]
+    assert main(["run", "--model", "tiny-refuser", "--model", other, "--out", str(out), *common]) == 0
+    a = AuditReport.model_validate_json((out / "tiny-refuser" / "report.json").read_text())
+    b = AuditReport.model_validate_json((out / "tiny-refuser-no-drugs" / "report.json").read_text())
+    assert a.metric == b.metric and "pooled" in a.metric.derivation
+    openings, refused = [], []
+    config = AuditConfig(max_pairs=4, max_calibration_pairs=12, tricky="")
+    for model in (None, other):
+        found = calibration_openings(load_model(model), load_inputs(config), config, progress=False)
+        openings += found[0]
+        refused += found[1]
+    pooled = derive_token_sets(openings, refused, load_model().tokenizer)
+    assert [t.id for t in a.metric.refusal_tokens] == pooled.refusal
+    assert [t.id for t in a.metric.compliance_tokens] == pooled.compliance
+    c = ComparisonReport.model_validate_json(
+        (out / "comparison-tiny-refuser-vs-tiny-refuser-no-drugs" / "comparison.json").read_text())
+    assert c.comparable and c.gap.diff is not None

@@ -175,3 +175,46 @@ def test_denoising_matches_transformer_lens(setup, kind):
     # the patches do something (hooks fired in both libraries), so agreement is not agreement on "no effect"
     assert float(result.effect().abs().max()) > 1e-2
     _report(setup, kind, float((got - expected).abs().max()))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_depth_two_score_matches_transformer_lens(family):
+    """A depth-2 opening tree (one branch): TransformerLens runs prompt + branch token and reads the tree score from
+    the last two positions; its sweeps at the prompt positions (ours never patch the branch column) agree with ours."""
+    from refusal_eval.metrics import Branch, TokenSets, tree_score
+
+    branch = 7
+    tree = TokenSets([1, 2], [3], "test", branches=[Branch(branch, [11, 12], [13, 14])], depth=2)
+
+    def metric(logits):
+        return tree_score(logits[:, -2:, :], tree)
+
+    build, architecture = FAMILIES[family]
+    torch.manual_seed(12)
+    model = build().eval()
+    bridge = build_bridge_from_module(copy.deepcopy(model), architecture, hf_config=model.config).eval()
+    loaded = LoadedModel(model, None, get_adapter(model), f"random-{family}", "random", "float32", "cpu")
+    engine = PatchEngine(loaded, lambda logits: tree_score(logits, tree), max_rows=64, tail=[branch])
+    pairs = random_pairs(N_PAIRS, seed=5, min_len=SEQ_LEN, max_len=SEQ_LEN, prefix=1)
+    batch = build_pair_batch(pairs, 0, [f"p{i}" for i in range(N_PAIRS)], tail=[branch])
+    clean = torch.tensor([h + [branch] for h, _ in pairs])
+    corrupted = torch.tensor([b + [branch] for _, b in pairs])
+    layers, positions = range(N_LAYERS), range(SEQ_LEN)
+    with torch.no_grad():
+        clean_logits, cache = bridge.run_with_cache(clean)
+    harmful, benign = engine.baseline(batch)
+    assert float((harmful - benign).abs().max()) > 1e-2
+    assert float((harmful - metric(clean_logits)).abs().max()) < TOL
+    sweeps = {"resid_pre": patching.get_act_patch_resid_pre, "attn_out": patching.get_act_patch_attn_out,
+              "mlp_out": patching.get_act_patch_mlp_out}
+    for kind, fn in sweeps.items():
+        with torch.no_grad(), mock.patch.object(patching, "tqdm", lambda cells, **_: cells):
+            result = fn(bridge, corrupted, cache, metric, reduce="none", baseline=True)
+        assert float((result.baseline - benign).abs().max()) < TOL
+        comps = [Component(kind, layer, position=p - SEQ_LEN) for layer in layers for p in positions]
+        got = engine.patch(batch, comps, "denoise").view(N_LAYERS, SEQ_LEN, N_PAIRS)
+        expected = result.values[:, :SEQ_LEN]  # TransformerLens also patches the branch column: left out
+        assert float(result.effect()[:, :SEQ_LEN].abs().max()) > 1e-2
+        diff = float((got - expected).abs().max())
+        print(f"max abs diff vs TransformerLens {family} {kind} (depth 2): {diff:.2e}")
+        assert diff < TOL, (family, kind, diff)

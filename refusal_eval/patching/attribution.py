@@ -32,7 +32,7 @@ def attribute(engine: PatchEngine, batch: PairBatch, components: Sequence[Compon
         sub = batch.select(rows)
         target, target_mask = sub.side(harmful=direction == "noise")
         source, source_mask = sub.side(harmful=direction == "denoise")
-        masks, first_diff = engine._position_masks(target, target_mask, source, source_mask, components)
+        masks, first_diff = engine._position_masks(target, target_mask, source, source_mask, components, sub.tail)
         shape = masks[None].shape
         inputs: list = []
         kv = _PrefixCache()
@@ -108,7 +108,6 @@ def _target_gradients(engine: PatchEngine, ids: torch.Tensor, mask: torch.Tensor
         return output.detach().requires_grad_(True)
 
     model = engine.model
-    ids, mask = ids.to(engine.device), mask.to(engine.device)
     handle = model.get_input_embeddings().register_forward_hook(start_graph)
     # Gradients with respect to activations only: no weight gradients, about half the backward pass.
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -116,9 +115,7 @@ def _target_gradients(engine: PatchEngine, ids: torch.Tensor, mask: torch.Tensor
         p.requires_grad_(False)
     try:
         with torch.enable_grad(), engine._hooks({p: keep(p) for p in points}), engine.recording_inputs(inputs, kv):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                        logits_to_keep=1, use_cache=False)
-            scores = engine.score_fn(out.logits[:, -1, :]).float()
+            scores = engine.score_fn(engine.forward_logits(ids, mask)).float()
             scores.sum().backward()
     finally:
         handle.remove()

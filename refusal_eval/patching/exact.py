@@ -15,6 +15,11 @@ forward starts at the first patched layer from the clean run's recorded layer in
 recomputes only the columns from the first patched one on, attending to the clean keys/values of earlier
 columns (prefix reuse); only the last position is unembedded; cells are grouped into batched forwards of
 variants x pairs by a cost model (:meth:`PatchEngine._plan_chunks`).
+
+A score read one token into the reply (an opening tree of depth 2, :class:`refusal_eval.metrics.TokenSets`)
+appends its branch tokens after every prompt: the engine's ``tail``. Each tail column attends to the prompt and to
+itself only, at the position right after the prompt, so every branch reads p(t2 | prompt, t) from one forward.
+Patches write prompt columns only, and position offsets still count from the end of the prompt.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from refusal_eval import distributed
+from refusal_eval.errors import ModelError
 from refusal_eval.models.loading import LoadedModel, input_device
 from refusal_eval.patching.components import Component
 from refusal_eval.resume import chunk_key
@@ -46,6 +52,7 @@ class PairBatch:
     harmful_mask: torch.Tensor  # [N, T], 1 on real tokens
     benign_mask: torch.Tensor  # [N, T]
     pair_ids: list[str]
+    tail: int = 0  # branch-token columns after every prompt (the last ``tail`` columns of both sides)
 
     @property
     def n_pairs(self) -> int:
@@ -54,6 +61,11 @@ class PairBatch:
     @property
     def width(self) -> int:
         return self.harmful_ids.shape[1]
+
+    @property
+    def prompt_width(self) -> int:
+        """Columns of the prompts (position offsets count back from the last of them)."""
+        return self.width - self.tail
 
     @property
     def equal_lengths(self) -> bool:
@@ -69,15 +81,16 @@ class PairBatch:
         start = int((real.sum(0) == 0).sum())
         return PairBatch(
             self.harmful_ids[rows, start:], self.benign_ids[rows, start:],
-            self.harmful_mask[rows, start:], self.benign_mask[rows, start:], self.pair_ids[rows],
+            self.harmful_mask[rows, start:], self.benign_mask[rows, start:], self.pair_ids[rows], self.tail,
         )
 
 
 def build_pair_batch(
     tokenized: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, pair_ids: Sequence[str],
-    allow_unequal: bool = False,
+    allow_unequal: bool = False, tail: Sequence[int] = (),
 ) -> PairBatch:
-    """Left-pad (harmful, benign) token lists into one PairBatch (right-aligned if lengths differ)."""
+    """Left-pad (harmful, benign) token lists into one PairBatch (right-aligned if lengths differ), with the
+    ``tail`` token ids (an opening tree's branch tokens) appended after every prompt."""
     if not tokenized:
         raise ValueError("no pairs to batch")
     width = max(max(len(h), len(b)) for h, b in tokenized)
@@ -92,7 +105,40 @@ def build_pair_batch(
         for side, tokens in enumerate(pair):
             ids[side][i, width - len(tokens) :] = torch.tensor(list(tokens), dtype=torch.long)
             masks[side][i, width - len(tokens) :] = 1
-    return PairBatch(ids[0], ids[1], masks[0], masks[1], list(pair_ids))
+    extended = [with_tail(ids[side], masks[side], tail) for side in (0, 1)]
+    return PairBatch(extended[0][0], extended[1][0], extended[0][1], extended[1][1], list(pair_ids), len(tail))
+
+
+def with_tail(ids: torch.Tensor, mask: torch.Tensor, tail: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts [n, T] with the ``tail`` token ids appended as real tokens: [n, T + len(tail)]."""
+    if not tail:
+        return ids, mask
+    n = ids.shape[0]
+    extra = torch.tensor(list(tail), dtype=ids.dtype).expand(n, -1)
+    return torch.cat([ids, extra.to(ids.device)], 1), torch.cat([mask, torch.ones_like(extra).to(mask.device)], 1)
+
+
+def _tail_inputs(mask: torch.Tensor, tail: int, like: torch.Tensor, implementation: str):
+    """Position ids [n, T] and the [n, 1, T, T] attention mask of left-padded rows whose last ``tail`` columns are
+    branch tokens: prompt columns attend causally to the prompt; each branch column attends to the prompt and to
+    itself, at the position after the prompt (padding columns attend to themselves only, so nothing is empty)."""
+    n, width = mask.shape
+    prompt = width - tail
+    real = mask.bool()
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids[:, prompt:] = position_ids[:, prompt - 1 : prompt] + 1
+    rows = torch.arange(width, device=mask.device)[:, None]
+    cols = torch.arange(width, device=mask.device)[None, :]
+    allowed = (cols <= rows) & (cols < prompt)  # causal over prompt keys (branch rows see the whole prompt)
+    allowed = allowed[None] & real[:, None, :]
+    allowed |= (cols == rows)[None]
+    if implementation == "sdpa":
+        return position_ids, allowed[:, None]
+    if implementation == "eager":
+        blocked = torch.full(allowed.shape, torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device)
+        zero = torch.zeros((), dtype=like.dtype, device=like.device)
+        return position_ids, torch.where(allowed.to(like.device), zero, blocked)[:, None]
+    raise ValueError(f"attention implementation '{implementation}' cannot take a branch mask; use --score-depth 1")
 
 
 def _detach(value):
@@ -263,8 +309,12 @@ class PatchEngine:
         prefix_reuse: bool = True,
         merge_overhead: int | None = None,
         max_chunk_tokens: int | None = None,
+        tail: Sequence[int] = (),
     ) -> None:
         self.loaded = loaded
+        # branch tokens appended after every prompt (an opening tree of depth 2): score_fn then takes logits
+        # [rows, 1 + len(tail), vocab]; inputs handed to the engine carry them (build_pair_batch, with_tail)
+        self.tail = list(tail)
         self.model = loaded.model
         self.adapter = loaded.adapter
         self.score_fn = score_fn
@@ -345,14 +395,34 @@ class PatchEngine:
         mask: torch.Tensor,
         transforms: dict[Point, Callable[[torch.Tensor], torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """Refusal score at the last position for each row of a left-padded batch (float32, on CPU)."""
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        """Refusal score at the last prompt position (and the branch columns after it) for each row of a
+        left-padded batch (float32, on CPU)."""
         with self._hooks(transforms or {}):
-            out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1, use_cache=False
-            )
-        return self.score_fn(out.logits[:, -1, :]).float().cpu()
+            return self.score_fn(self.forward_logits(ids, mask)).float().cpu()
+
+    def forward_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The logits ``score_fn`` takes from a forward of the rows (the model's grad mode and hooks apply):
+        [n, vocab] at the last position, or with a tail [n, 1 + len(tail), vocab] from the last prompt position on."""
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        n_tail = len(self.tail)
+        if n_tail > 1:
+            config = self.model.config
+            window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+            if window and ids.shape[1] > window:
+                raise ModelError(f"{n_tail} branch tokens need one attention mask for every layer, which this model's "
+                                 f"sliding-window attention (window {window}) cannot take for prompts of "
+                                 f"{ids.shape[1]} tokens; use --score-depth 1")
+            implementation = getattr(config, "_attn_implementation", "eager")
+            position_ids, attention = _tail_inputs(mask, n_tail, self.model.get_input_embeddings().weight,
+                                                   implementation)
+        else:  # one branch column follows the prompt causally: the plain causal mask is the branch mask
+            position_ids, attention = (mask.cumsum(-1) - 1).clamp(min=0), mask
+        out = self.model(input_ids=ids, attention_mask=attention, position_ids=position_ids,
+                         logits_to_keep=1 + n_tail, use_cache=False)
+        return self._score_logits(out.logits)
+
+    def _score_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, -1, :] if not self.tail else logits[:, -1 - len(self.tail) :, :]
 
     @torch.inference_mode()
     def embedded(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -469,9 +539,8 @@ class PatchEngine:
                 kw = {k: _tile(v, repeat, n) for k, v in kw.items()}
                 out = layers[index](hidden, *_tile(args[1:], repeat, n), **kw)
                 hidden = out[0] if isinstance(out, tuple) else out
-        last = self.adapter.final_norm(self.model)(hidden[:, -1:, :])
-        logits = self.model.get_output_embeddings()(last)[:, -1, :]
-        return self.score_fn(logits).float().cpu()
+        last = self.adapter.final_norm(self.model)(hidden[:, -1 - len(self.tail) :, :])
+        return self.score_fn(self._score_logits(self.model.get_output_embeddings()(last))).float().cpu()
 
     @torch.inference_mode()
     def record_prefix(self, inputs: list[tuple[tuple, dict]]) -> tuple[torch.Tensor, _PrefixCache] | None:
@@ -586,7 +655,7 @@ class PatchEngine:
             sub = batch.select(rows)
             target, target_mask = sub.side(harmful=direction == "noise")
             source, source_mask = sub.side(harmful=direction == "denoise")
-            masks, first_diff = self._position_masks(target, target_mask, source, source_mask, flat)
+            masks, first_diff = self._position_masks(target, target_mask, source, source_mask, flat, sub.tail)
             source_cache = self.cache(source, source_mask, points, from_col=first_diff) if points else {}
             per_forward = max(1, rows_per_forward // len(target))
             for start in range(0, len(sets), per_forward):
@@ -666,7 +735,7 @@ class PatchEngine:
         sub = batch.select(rows)
         target, target_mask = sub.side(harmful=direction == "noise")
         source, source_mask = sub.side(harmful=direction == "denoise")
-        masks, first_diff = self._position_masks(target, target_mask, source, source_mask, components)
+        masks, first_diff = self._position_masks(target, target_mask, source, source_mask, components, sub.tail)
         # A patch that touches no slot (every chosen position precedes the pair's first differing token,
         # where both runs are identical, or lies outside the prompt) leaves the target run unchanged.
         # Nor does a patch after the last layer's attention at a position other than the last: nothing
@@ -686,7 +755,7 @@ class PatchEngine:
         # (the identity patch writes the target's own activations, from its own clean full forward)
         recorded_ids, recorded_mask = (target, target_mask) if identity else (source, source_mask)
         source_cache = self.cache(recorded_ids, recorded_mask, points, from_col=first_diff)
-        width = sub.width
+        width = sub.width - sub.tail  # columns of the prompt (offsets count from its end)
         # A patch at one column leaves every earlier column untouched, whatever the padding: where no column
         # is shared by all pairs (right-aligned pairs of unequal length), single-position cells still reuse
         # the clean prefix before their own column.
@@ -704,7 +773,7 @@ class PatchEngine:
             if prefix is not None and layer >= 0:
                 col = first_diff if c.position is None else width + c.position
             starts[k] = (layer, col)
-        for ks in self._plan_chunks(active, starts, len(target), width, rows_per_forward):
+        for ks in self._plan_chunks(active, starts, len(target), sub.width, rows_per_forward):
             if self._shard is not None and not self._shard.take(ks, rows):  # another process runs this forward
                 bar.update(len(ks))
                 continue
@@ -726,7 +795,7 @@ class PatchEngine:
                 touched = touched.to(values.device)
                 result[ks, rows] = torch.where(touched, values, clean[None, :].to(values.device)).to(result.dtype)
             self.work["patched_forwards"] += 1
-            self.work["token_layers"] += v * len(target) * (width - col0) * (self.loaded.n_layers - max(layer, 0))
+            self.work["token_layers"] += v * len(target) * (sub.width - col0) * (self.loaded.n_layers - max(layer, 0))
             bar.update(v)
 
     def _moves(
@@ -793,14 +862,18 @@ class PatchEngine:
         source: torch.Tensor,
         source_mask: torch.Tensor,
         components: Sequence[Component],
+        tail: int = 0,
     ) -> tuple[dict[int | None, torch.Tensor], int]:
-        """Boolean [n, T] masks of the slots each position patches: every slot (None) or the slot at offset
-        -k, where both sides have a token and the pair has already diverged (earlier slots hold
-        identical activations in both runs, so patching them is a no-op); and the first column where any
-        pair differs (every activation before it is the same in both runs)."""
+        """Boolean [n, T] masks of the slots each position patches: every prompt slot (None) or the slot at
+        offset -k from the end of the prompt, where both sides have a token and the pair has already diverged
+        (earlier slots hold identical activations in both runs, so patching them is a no-op); and the first
+        column where any pair differs (every activation before it is the same in both runs). The last ``tail``
+        columns (branch tokens) are never patched."""
         real = target_mask.bool() & source_mask.bool()
+        if tail:
+            real[:, -tail:] = False
         differs = (target != source) | (target_mask != source_mask)
-        width = real.shape[1]
+        width = real.shape[1] - tail
         diverged = differs.cumsum(1) > 0  # True from the pair's first differing slot on
         out: dict[int | None, torch.Tensor] = {None: real & diverged}
         for position in {c.position for c in components if c.position is not None}:
@@ -841,6 +914,7 @@ class PatchEngine:
             by_point.setdefault(component.point, []).append((v, component))
         head_dim = self.head_dim
         n, width = masks[None].shape
+        prompt = width - len(self.tail)  # offsets count from the end of the prompt
         low = max(col0, cache_col)  # first column that may be written
 
         def make(point: Point, entries: list[tuple[int, Component]]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -854,7 +928,7 @@ class PatchEngine:
                     m = masks[component.position][:, low:].to(x.device)
                     cols, dims = slice(None), slice(None)
                     if component.position is not None:
-                        col = width + component.position - low
+                        col = prompt + component.position - low
                         if col < 0:
                             continue  # before the first difference: nothing to write
                         cols = slice(col, col + 1)

@@ -64,9 +64,14 @@ def render_comparison_markdown(c: ComparisonReport, top_k: int = 15, pictures: I
             f"**{k.category}** {k.refused_a}/{k.n_a} → {k.refused_b}/{k.n_b}" for k in moved))
     else:
         lines.append("- No category's refusal rate changed beyond its interval")
-    lines.append(f"- Gap m(harmful) − m(benign) on the compared pairs: {c.gap.mean_a:.3f} → {c.gap.mean_b:.3f} "
-                 f"({_f(c.gap.diff)}, {level} CI [{c.gap.ci_low:.3f}, {c.gap.ci_high:.3f}])")
-    if not c.shares_defined:
+    if not c.comparable:
+        lines.append(f"- **Gap and share changes: not comparable.** {c.not_comparable}")
+    else:
+        lines.append(f"- Gap m(harmful) − m(benign) on the compared pairs: {c.gap.mean_a:.3f} → {c.gap.mean_b:.3f} "
+                     f"({_f(c.gap.diff)}, {level} CI [{c.gap.ci_low:.3f}, {c.gap.ci_high:.3f}])")
+    if not c.comparable:
+        lines.append("- Share changes: not compared (different scores)")
+    elif not c.shares_defined:
         lines.append("- **Shares are undefined** for at least one model (gap not separated): only behaviour and the "
                      "gap are compared")
     else:
@@ -102,7 +107,9 @@ def render_comparison_markdown(c: ComparisonReport, top_k: int = 15, pictures: I
     # Components -----------------------------------------------------------------------------------------------
     lines += [f"## Share changes (B − A, {level} {c.stats.method} bootstrap CI over pairs, "
               f"{'paired' if c.paired else 'unpaired'})", ""]
-    if not c.shares_defined:
+    if not c.comparable:
+        lines += ["Not comparable: A and B use different refusal scores (see the summary).", ""]
+    elif not c.shares_defined:
         lines += ["Shares are undefined because at least one model's gap is not separated from 0.", ""]
     else:
         lines += [
@@ -165,11 +172,15 @@ def summary_lines(c: ComparisonReport, top: int = 5) -> list[str]:
     for k in c.categories:
         if k.significant:
             lines.append(f"  category {k.category}: refused {k.refused_a}/{k.n_a} -> {k.refused_b}/{k.n_b} *")
-    lines.append(f"  gap: {c.gap.mean_a:.3f} -> {c.gap.mean_b:.3f} ({_f(c.gap.diff)} [{c.gap.ci_low:.3f}, "
-                 f"{c.gap.ci_high:.3f}])")
-    if not c.shares_defined:
-        lines.append("  shares undefined for at least one model: components not compared")
+    if not c.comparable:
+        lines.append("  gap and shares: NOT COMPARABLE (A and B use different scores; audit both in one run: "
+                     "refusal-eval run --model A --model B)")
     else:
+        lines.append(f"  gap: {c.gap.mean_a:.3f} -> {c.gap.mean_b:.3f} ({_f(c.gap.diff)} [{c.gap.ci_low:.3f}, "
+                     f"{c.gap.ci_high:.3f}])")
+    if c.comparable and not c.shares_defined:
+        lines.append("  shares undefined for at least one model: components not compared")
+    elif c.comparable:
         lines.append(f"  significant share changes: {len(c.ranking)} of {len(c.components)}")
         for cid in c.ranking[:top]:
             x = c.component(cid)

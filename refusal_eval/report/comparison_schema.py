@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from refusal_eval.report.schema import Gap, Rate, json_schema_document, read_json, validate_json
 
-COMPARISON_SCHEMA_VERSION = "1.0"
+COMPARISON_SCHEMA_VERSION = "1.1"
 BEHAVIOUR_METHOD = (
     "Wilson interval per rate; difference B − A with Newcombe's hybrid-score interval (method 10, built from "
     "the two Wilson intervals, treating A and B as independent samples: conservative when they scored the "
@@ -44,6 +44,8 @@ class Side(_Model):
     metric: str
     refusal_tokens: list[str]
     compliance_tokens: list[str]
+    score_depth: int = Field(1, description="the depth of the report's opening tree (schema < 1.1: 1)")
+    branches: list[str] = Field(default_factory=list, description="depth 2: the first tokens split on the next one")
     gap: Gap = Field(description="the report's own gap (over its used pairs)")
     shares_defined: bool = Field(description="the report's gap is separated from 0, so its shares are defined")
 
@@ -109,9 +111,9 @@ class GapChange(_Model):
     n_pairs_b: int
     mean_a: float = Field(description="mean gap over the compared pairs in A")
     mean_b: float
-    diff: float
-    ci_low: float
-    ci_high: float
+    diff: float | None = Field(description="B − A; None where the two scores differ (not comparable)")
+    ci_low: float | None
+    ci_high: float | None
     method: str
 
 
@@ -133,7 +135,7 @@ class ComparisonStats(_Model):
 class ComparisonReport(_Model):
     """Checkpoint comparison of two audit reports: what moved from A to B."""
 
-    schema_version: Literal["1.0"] = COMPARISON_SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1"] = COMPARISON_SCHEMA_VERSION
     created: str
     command: str
     a: Side
@@ -146,6 +148,10 @@ class ComparisonReport(_Model):
     used_only_in_a: list[str]
     used_only_in_b: list[str]
     shares_defined: bool
+    comparable: bool = Field(
+        True, description="A and B scored with one opening tree (same leaves, branches and form), so their gaps and "
+        "shares can be subtracted; when False, gap and share changes are not computed")
+    not_comparable: str | None = Field(None, description="why the scores differ, and how to rerun them together")
     stats: ComparisonStats
     gap: GapChange
     behaviour: list[RateChange]

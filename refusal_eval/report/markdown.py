@@ -30,6 +30,25 @@ def _share(c: ComponentResult) -> str:
     return f"{c.share:.3f} [{c.ci_low:.3f}, {c.ci_high:.3f}]"
 
 
+
+def _tokens(tokens) -> str:
+    return ", ".join(f"`{t.text!r}` ({t.count})" for t in tokens) or "none"
+
+
+def _tree_lines(metric) -> list[str]:
+    """The opening tree's branches and what it dropped, with counts (calibration replies)."""
+    branched = {b.token.id for b in metric.branches}
+    lines = [f"- Branch `{b.token.text!r}` ({b.token.count} replies), scored by the next token: refusal "
+             + _tokens(b.refusal_tokens) + "; compliance " + _tokens(b.compliance_tokens)
+             + ("; dropped (opened both): " + _tokens(b.ambiguous_tokens) if b.ambiguous_tokens else "")
+             for b in metric.branches]
+    dropped = [t for t in metric.ambiguous_tokens if t.id not in branched]
+    if dropped:
+        why = ("not branched: no second token after it opens only refusals or only compliances" if metric.depth == 2
+               else "depth 1 scores first tokens only")
+        lines.append(f"- Dropped (opened both refusals and compliances; {why}): " + _tokens(dropped))
+    return lines
+
 def method_sentence(report: AuditReport) -> str | None:
     """How the shares were computed, when not all by exact patching: how many are estimates, which cells were
     patched exactly, and the estimates' error on them in share units (None for an exact audit)."""
@@ -257,13 +276,12 @@ def render_markdown(report: AuditReport, top_k: int = 15, pictures: Iterable[str
         "",
         f"`{r.metric.definition}` at the {r.metric.position}.",
         "",
-        "- Refusal tokens: " + ", ".join(f"`{t.text!r}` ({t.count})" for t in r.metric.refusal_tokens),
-        "- Compliance tokens: " + ", ".join(f"`{t.text!r}` ({t.count})" for t in r.metric.compliance_tokens),
+        f"- Opening tree: depth {r.metric.depth}",
+        "- Refusal tokens: " + _tokens(r.metric.refusal_tokens),
+        "- Compliance tokens: " + _tokens(r.metric.compliance_tokens),
+        *_tree_lines(r.metric),
         f"- Derivation: {r.metric.derivation}",
         *([f"- Token set source: {r.metric.token_set_source}"] if r.metric.token_set_source else []),
-        *(["- Ambiguous (opened both refusals and compliances; in neither set): "
-           + ", ".join(f"`{t.text!r}` ({t.count})" for t in r.metric.ambiguous_tokens)]
-          if r.metric.ambiguous_tokens else []),
         "",
     ]
     lines += _controls(r, level)

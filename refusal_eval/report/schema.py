@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from refusal_eval.errors import ReportError
 
-SCHEMA_VERSION = "1.4"
+SCHEMA_VERSION = "1.5"
 
 
 class _Model(BaseModel):
@@ -82,6 +82,16 @@ class TokenInfo(_Model):
     count: int = Field(description="greedy completions that began with this token")
 
 
+class BranchInfo(_Model):
+    """An ambiguous first token and the second tokens after it: refusal, compliance, or dropped (both)."""
+
+    token: TokenInfo = Field(description="the first token; its count is the calibration replies it opens")
+    refusal_tokens: list[TokenInfo]
+    compliance_tokens: list[TokenInfo]
+    ambiguous_tokens: list[TokenInfo] = Field(
+        default_factory=list, description="second tokens that opened both refusals and compliances: dropped")
+
+
 class MetricInfo(_Model):
     form: Literal["logdiff", "logodds"]
     definition: str
@@ -95,8 +105,19 @@ class MetricInfo(_Model):
         description="calibration (replies to pairs never scored), canonical (documented openings) or both",
     )
     ambiguous_tokens: list[TokenInfo] = Field(
-        default_factory=list, description="tokens that opened both refusals and compliances: in neither set"
+        default_factory=list, description="first tokens that opened both refusals and compliances: in neither set "
+        "(at depth 2, those in ``branches`` are split on the second token)"
     )
+    depth: Literal[1, 2] = Field(1, description="the opening tree's depth (schema < 1.5: 1)")
+    branches: list[BranchInfo] = Field(
+        default_factory=list, description="depth 2: the ambiguous first tokens split on the second token, in the order "
+        "their positions follow the prompt")
+
+    def tree_key(self) -> tuple:
+        """What defines the score: the leaves and branches by token id, and the form."""
+        return (self.form, sorted(t.id for t in self.refusal_tokens), sorted(t.id for t in self.compliance_tokens),
+                sorted((b.token.id, tuple(sorted(t.id for t in b.refusal_tokens)),
+                        tuple(sorted(t.id for t in b.compliance_tokens))) for b in self.branches))
 
 
 class Rate(_Model):
@@ -410,7 +431,7 @@ class Environment(_Model):
 class AuditReport(_Model):
     """One model's refusal audit."""
 
-    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4"] = SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5"] = SCHEMA_VERSION
     created: str
     command: str
     config: dict
