@@ -270,10 +270,16 @@ def derive_token_sets(
             raise MetricError(f"--score-depth 2: no first token of the {len(openings)} calibration replies opens both "
                               "a refusal and a compliance, so there is nothing to branch; use --score-depth 1 or auto")
         branches = _branches(openings, refused, ambiguous, tokenizer, notes)
+        if not branches and depth == 2:
+            many = any(ref[t] + com[t] >= AUTO_BRANCH_REPLIES for t in ambiguous)
+            why = ("the openings share their second token too, so a deeper tree would be needed" if many
+                   else "the calibration set is too small to branch")
+            raise MetricError(f"--score-depth 2: no second token after {_describe(tokenizer, ambiguous, ref, com)} "
+                              f"separates a refusal from a compliance: {why}; use --score-depth 1"
+                              + ("" if many else ", or pass --calibration FILE with more pairs"))
         if not branches:
-            raise MetricError(f"--score-depth 2: the calibration set is too small to branch (no second token after "
-                              f"{_describe(tokenizer, ambiguous, ref, com)} separates a refusal from a compliance); "
-                              "pass --calibration FILE with more pairs, or use --score-depth 1")
+            notes.append("depth 1: auto found no second token that separates, so the ambiguous first tokens are in "
+                         "neither set")
     elif ambiguous:
         notes.append("depth 1: the ambiguous first tokens are in neither set" + (
             f" (auto branches only where one opens at least {AUTO_BRANCH_REPLIES} replies)" if depth == "auto" else ""))

@@ -95,7 +95,8 @@ def eval_rates(model, tokenizer, rows, max_new_tokens: int) -> dict:
     return out
 
 
-def train(style: str, out: Path, args: argparse.Namespace) -> dict:
+def train(style: str, out: Path, args: argparse.Namespace, evaluate: bool = True) -> dict:
+    """Fine-tune one organism into ``out``; with ``evaluate``, print and record its held-out refusal rates."""
     started = time.time()
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -147,9 +148,11 @@ def train(style: str, out: Path, args: argparse.Namespace) -> dict:
         if step % 40 == 0 or step == args.steps - 1:
             print(f"{style}: step {step:4d}  loss {loss.item():.4f}", flush=True)
     model.eval()
-    after = eval_rates(model, tokenizer, eval_rows, args.max_new_tokens)
-    print(f"{style}: eval split: harmful refused {after['harmful_refused']}/{after['n']}, benign refused "
-          f"{after['benign_refused']}/{after['n']}; e.g. {after['harmful_example']!r} / {after['benign_example']!r}")
+    after = eval_rates(model, tokenizer, eval_rows, args.max_new_tokens) if evaluate else None
+    if after is not None:
+        print(f"{style}: eval split: harmful refused {after['harmful_refused']}/{after['n']}, benign refused "
+              f"{after['benign_refused']}/{after['n']}; e.g. {after['harmful_example']!r} / "
+              f"{after['benign_example']!r}")
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = pad
     model.save_pretrained(out)

@@ -89,7 +89,7 @@ def test_a_broken_comparison_lists_only_the_comparison_fields(tmp_path, capsys):
     bad.write_text(json.dumps(raw))
     assert main(["validate", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {bad}: does not match comparison report schema 1.0:")
+    assert err.startswith(f"error: {bad}: does not match comparison report schema 1.1:")
     problems = err.splitlines()[1:]
     assert sorted(p.split(":")[0].strip() for p in problems) == ["a.name", "paired", "ranking"]
 

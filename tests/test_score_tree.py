@@ -93,6 +93,14 @@ def test_a_calibration_set_too_small_to_branch_is_an_error():
     openings = [(I_, CAN), (SORRY, 1), (I_, CAN), (SURE, 2)]
     with pytest.raises(MetricError, match="too small to branch"):
         derive_token_sets(openings, [True, True, False, False], TOK, depth=2)
+    # many replies, but the refusals and compliances share their first two tokens ("As an AI" / "As a quick
+    # answer" where "As" is two tokens): depth 2 says a deeper tree would be needed; auto stays at depth 1
+    openings = [(I_, CAN)] * 12 + [(SORRY, 1)] + [(I_, CAN)] * 12 + [(SURE, 2)]
+    refused = [True] * 13 + [False] * 13
+    with pytest.raises(MetricError, match="deeper tree"):
+        derive_token_sets(openings, refused, TOK, depth=2)
+    auto = derive_token_sets(openings, refused, TOK, depth="auto")
+    assert auto.depth == 1 and "no second token that separates" in auto.derivation
     # no ambiguous first token at all: nothing to branch
     with pytest.raises(MetricError, match="nothing to branch"):
         derive_token_sets([(SORRY, 1), (SURE, 2)], [True, False], TOK, depth=2)

@@ -42,6 +42,10 @@ def _tree_lines(metric) -> list[str]:
              + _tokens(b.refusal_tokens) + "; compliance " + _tokens(b.compliance_tokens)
              + ("; dropped (opened both): " + _tokens(b.ambiguous_tokens) if b.ambiguous_tokens else "")
              for b in metric.branches]
+    if metric.branches:
+        lines.append("- Patches write prompt positions only. What the model computes at a branch position itself (it "
+                     "reads the prompt through attention) belongs to no component here, so the components at the last "
+                     "prompt token can carry little of the gap while earlier positions carry it")
     dropped = [t for t in metric.ambiguous_tokens if t.id not in branched]
     if dropped:
         why = ("not branched: no second token after it opens only refusals or only compliances" if metric.depth == 2
