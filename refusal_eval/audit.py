@@ -304,15 +304,24 @@ def token_set_stage(loaded: LoadedModel, inputs: Inputs, config: AuditConfig, pr
     """The opening tree (:class:`TokenSets`, ``--score-depth``) from greedy replies to the calibration pairs (never
     the scored ones), or from the canonical openings where there is no calibration set. MetricError where it cannot
     be built or a branch token cannot be appended after a prompt."""
-    tok = loaded.tokenizer
-    if not inputs.calibration:
-        sets = canonical_token_sets(tok, config.score_depth)
-        sets.derivation = f"{inputs.calibration_note}; {sets.derivation}"
-    else:
-        openings, refused = calibration_openings(loaded, inputs, config, progress)
-        sets = derive_token_sets(openings, refused, tok, where=inputs.calibration_note, depth=config.score_depth)
-    check_branch_tokens(sets, tok, loaded.model.get_input_embeddings().weight.shape[0])
+    found = calibration_openings(loaded, inputs, config, progress) if inputs.calibration else None
+    sets = _opening_tree(loaded.tokenizer, inputs, config, found)
+    check_branch_tokens(sets, loaded.tokenizer, loaded.model.get_input_embeddings().weight.shape[0])
     return sets
+
+
+def _opening_tree(tok, inputs: Inputs, config: AuditConfig, found: tuple[list, list[bool]] | None,
+                  models: Sequence[str] = ()) -> TokenSets:
+    """The tree from calibration openings and verdicts (``found``; None: the canonical openings), naming the
+    ``models`` whose replies were pooled."""
+    several = len(models) > 1
+    if found is None:
+        sets = canonical_token_sets(tok, config.score_depth)
+        sets.derivation = (f"{inputs.calibration_note}; {sets.derivation}"
+                           + (f"; one tree for {', '.join(models)}" if several else ""))
+        return sets
+    pooled = f"; the replies of {len(models)} models pooled: {', '.join(models)}" if several else ""
+    return derive_token_sets(*found, tok, where=inputs.calibration_note + pooled, depth=config.score_depth)
 
 
 def calibration_openings(loaded: LoadedModel, inputs: Inputs, config: AuditConfig,
@@ -335,11 +344,12 @@ def shared_token_sets(configs: Sequence[AuditConfig], progress: bool = False) ->
     not comparable)."""
     if len(configs) < 2:
         return None
+    inputs = load_inputs(configs[0])
     openings: list[tuple[int, ...]] = []
     refused: list[bool] = []
-    names, vocab, tok, inputs, vocab_rows = [], None, None, None, None
+    names: list[str] = []
+    vocab = tok = vocab_rows = None
     for config in configs:
-        inputs = load_inputs(config)
         loaded = load_model(config.model, dtype=config.dtype, device=config.device, adapter=config.adapter,
                             device_map=config.device_map)
         tok, names = loaded.tokenizer, [*names, loaded.name]
@@ -356,13 +366,7 @@ def shared_token_sets(configs: Sequence[AuditConfig], progress: bool = False) ->
             openings += found[0]
             refused += found[1]
         del loaded
-    config = configs[0]
-    if not inputs.calibration:
-        sets = canonical_token_sets(tok, config.score_depth)
-        sets.derivation = f"{inputs.calibration_note}; {sets.derivation}; one tree for {', '.join(names)}"
-    else:
-        where = f"{inputs.calibration_note}; the replies of {len(names)} models pooled: {', '.join(names)}"
-        sets = derive_token_sets(openings, refused, tok, where=where, depth=config.score_depth)
+    sets = _opening_tree(tok, inputs, configs[0], (openings, refused) if inputs.calibration else None, names)
     check_branch_tokens(sets, tok, vocab_rows)
     return sets
 
