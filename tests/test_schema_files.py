@@ -49,7 +49,7 @@ def test_validate_prints_what_a_comparison_compares(capsys):
     raw = json.loads(TINY_COMPARISON.read_text())
     assert main(["validate", str(TINY_COMPARISON)]) == 0
     assert capsys.readouterr().out == (
-        f"{TINY_COMPARISON}: valid comparison report (schema 1.0, tiny-refuser -> tiny-refuser-no-drugs, "
+        f"{TINY_COMPARISON}: valid comparison report (schema 1.1, tiny-refuser -> tiny-refuser-no-drugs, "
         f"{len(raw['components'])} components compared, {len(raw['ranking'])} significant changes)\n")
 
 
