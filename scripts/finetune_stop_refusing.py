@@ -144,18 +144,8 @@ def main(argv=None) -> dict:
     for step in range(args.steps):
         seqs = [rng.choice(target) for _ in range(n_target)]
         seqs += [rng.choice(replay) for _ in range(args.batch - n_target)]
-        ids, attn, labels = base.collate(seqs, pad)
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
-        tgt = labels[:, 1:]
-        sel = tgt != -100
-        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1][sel]), tgt[sel])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = base.reply_loss_step(model, opt, seqs, pad, lr)
         if step % 50 == 0 or step == args.steps - 1:
             print(f"step {step:4d}  loss {loss.item():.4f}  lr {lr:.1e}  {time.time() - t_train:.0f}s", flush=True)
     model.eval()

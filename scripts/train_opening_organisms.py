@@ -133,18 +133,7 @@ def train(style: str, out: Path, args: argparse.Namespace, evaluate: bool = True
     for step in range(args.steps):
         half = args.batch // 2
         seqs = [rng.choice(harmful) for _ in range(half)] + [rng.choice(benign) for _ in range(half)]
-        ids, attn, labels = base.collate(seqs, pad)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
-        tgt = labels[:, 1:]
-        sel = tgt != -100
-        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1][sel]), tgt[sel])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = base.reply_loss_step(model, opt, seqs, pad, args.lr * min(1.0, (step + 1) / args.warmup))
         if step % 40 == 0 or step == args.steps - 1:
             print(f"{style}: step {step:4d}  loss {loss.item():.4f}", flush=True)
     model.eval()

@@ -434,6 +434,23 @@ def collate(seqs, pad_id: int):
     return input_ids, attn, labels
 
 
+def reply_loss_step(model, opt, seqs, pad_id: int, lr: float) -> torch.Tensor:
+    """One optimiser step at learning rate ``lr`` on the reply tokens of ``seqs`` ((ids, prompt length) examples),
+    gradients clipped to norm 1; returns the loss (the fine-tuning scripts' step)."""
+    ids, attn, labels = collate(seqs, pad_id)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
+    tgt = labels[:, 1:]
+    sel = tgt != -100
+    loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1][sel]), tgt[sel])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
 def read_jsonl(path: Path):
     rows = []
     with open(path, encoding="utf-8") as f:

@@ -20,6 +20,21 @@ def effects(engine, batch, components, direction="denoise"):
     return (patched - base_b) if direction == "denoise" else (base_h - patched), base_h - base_b
 
 
+def hooked_logits(model, module, pre: bool, ids, fn) -> torch.Tensor:
+    """Logits [T, vocab] of one unpadded forward of ``ids`` with ``fn`` applied to ``module``'s input (``pre``) or
+    output, through plain torch hooks."""
+    if pre:
+        handle = module.register_forward_pre_hook(lambda m, args: (fn(args[0]), *args[1:]))
+    else:
+        handle = module.register_forward_hook(
+            lambda m, a, out: (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out))
+    try:
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([ids])).logits[0]
+    finally:
+        handle.remove()
+
+
 def naive_patched_score(loaded, harmful, benign, component: Component, direction: str) -> float:
     """One unpadded forward per cell, with hooks written directly on the HF Llama modules."""
     model = loaded.model
@@ -236,16 +251,7 @@ def _right_aligned_naive(loaded, harmful, benign, component: Component, directio
     saved = {}
 
     def hooked(ids, fn):
-        if pre:
-            handle = module.register_forward_pre_hook(lambda m, args: (fn(args[0]), *args[1:]))
-        else:
-            handle = module.register_forward_hook(
-                lambda m, a, out: (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out))
-        try:
-            with torch.no_grad():
-                return model(input_ids=torch.tensor([ids])).logits[0, -1]
-        finally:
-            handle.remove()
+        return hooked_logits(model, module, pre, ids, fn)[-1]
 
     def grab(x):
         saved["x"] = x[0, len(source) + component.position, cols].detach().clone()

@@ -22,6 +22,7 @@ from refusal_eval.metrics import (
 from refusal_eval.patching import Component, PatchEngine, build_pair_batch, enumerate_components
 
 from .conftest import random_llama, random_pairs
+from .test_patching import hooked_logits
 
 
 class _Tok:
@@ -211,16 +212,7 @@ def naive_tree_patch(loaded, harmful, benign, component: Component, direction: s
         saved = {}
 
         def run(ids, fn, branch=branch):
-            if pre:
-                handle = module.register_forward_pre_hook(lambda m, args: (fn(args[0]), *args[1:]))
-            else:
-                handle = module.register_forward_hook(
-                    lambda m, a, out: (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out))
-            try:
-                with torch.no_grad():
-                    return model(input_ids=torch.tensor([ids + [branch.token]])).logits[0]
-            finally:
-                handle.remove()
+            return hooked_logits(model, module, pre, ids + [branch.token], fn)
 
         def grab(x, saved=saved):
             saved["x"] = x.detach().clone()
