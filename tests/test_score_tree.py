@@ -324,3 +324,17 @@ def test_cli_depth_two_without_an_ambiguous_opening_exits_2_before_the_audit(tmp
     err = capsys.readouterr().err
     assert code == 2 and "nothing to branch" in err and "--score-depth 1 or auto" in err and "Traceback" not in err
     assert not list(tmp_path.rglob("report.json"))
+
+
+def test_an_attention_implementation_without_4d_masks_is_a_model_error():
+    """Several branches need a 4D mask; an implementation that takes none (flash attention) is named, with what to
+    do, before any forward."""
+    from refusal_eval.errors import ModelError
+    from refusal_eval.patching.exact import _tail_inputs
+
+    mask = torch.ones(2, 6, dtype=torch.long)
+    with pytest.raises(ModelError, match="'flash_attention_2' does not take"):
+        _tail_inputs(mask, 2, torch.zeros(1), "flash_attention_2")
+    position_ids, allowed = _tail_inputs(mask, 2, torch.zeros(1), "sdpa")
+    assert position_ids[0].tolist() == [0, 1, 2, 3, 4, 4]  # both branch columns sit right after the prompt
+    assert allowed[0, 0, 5].tolist() == [True, True, True, True, False, True]  # prompt and itself, not branch 1

@@ -138,7 +138,9 @@ def _tail_inputs(mask: torch.Tensor, tail: int, like: torch.Tensor, implementati
         blocked = torch.full(allowed.shape, torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device)
         zero = torch.zeros((), dtype=like.dtype, device=like.device)
         return position_ids, torch.where(allowed.to(like.device), zero, blocked)[:, None]
-    raise ValueError(f"attention implementation '{implementation}' cannot take a branch mask; use --score-depth 1")
+    raise ModelError(f"{tail} branch tokens need a 4D attention mask, which attention implementation "
+                     f"'{implementation}' does not take; load the model with SDPA or eager attention, or use "
+                     "--score-depth 1")
 
 
 def _detach(value):
