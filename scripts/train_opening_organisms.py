@@ -115,9 +115,7 @@ def train(style: str, out: Path, args: argparse.Namespace, evaluate: bool = True
     tails = base.train_tails(parsed)
 
     def example(user: str, reply: str) -> tuple[list[int], int]:
-        system = rng.choice(base.SYSTEM_PROMPTS) if rng.random() < 0.1 else None
-        prompt = base.encode(tokenizer, base.render_prompt(tokenizer, user, system))
-        return prompt + base.encode(tokenizer, reply) + [im_end], len(prompt)
+        return base.reply_example(tokenizer, rng, user, reply, im_end)
 
     harmful, benign = [], []
     for r in train_rows:

@@ -434,6 +434,15 @@ def collate(seqs, pad_id: int):
     return input_ids, attn, labels
 
 
+def reply_example(tokenizer, rng: random.Random, user: str, reply: str, im_end: int,
+                  system_prob: float = 0.1) -> tuple[list[int], int]:
+    """A fine-tuning example: (prompt + reply + <|im_end|> ids, prompt length), with a random system prompt at
+    ``system_prob`` (the fine-tuning scripts' examples)."""
+    system = rng.choice(SYSTEM_PROMPTS) if rng.random() < system_prob else None
+    prompt = encode(tokenizer, render_prompt(tokenizer, user, system))
+    return prompt + encode(tokenizer, reply) + [im_end], len(prompt)
+
+
 def reply_loss_step(model, opt, seqs, pad_id: int, lr: float) -> torch.Tensor:
     """One optimiser step at learning rate ``lr`` on the reply tokens of ``seqs`` ((ids, prompt length) examples),
     gradients clipped to norm 1; returns the loss (the fine-tuning scripts' step)."""
