@@ -380,21 +380,27 @@ def created_now() -> str:
 
 
 # -- from a report ----------------------------------------------------------------------------------------------------
-def run_circuit(report, report_path: str | Path, model: str | None = None, adapter: str | None = None,
-                target: float = 0.8, directions: Sequence[str] = ("denoise", "noise"), family: str = "all",
-                max_edge_nodes: int = 12, command: str = "", progress: bool = False) -> CircuitReport:
-    """Search the circuit(s) of an audited model: the pairs, token sets and statistics options come from the
-    report; the model is reloaded (``model``/``adapter`` default to the report's) and must have its weights."""
+@dataclass
+class Prepared:
+    """An audited model reloaded with its report's pairs and score: what joint patches need."""
+
+    loaded: object
+    engine: PatchEngine
+    batch: PairBatch
+    ids: list[str]
+    m_h: np.ndarray
+    m_b: np.ndarray
+
+
+def prepare(report, report_path: str | Path, model: str | None = None, adapter: str | None = None,
+            family: str = "all") -> Prepared:
+    """Reload an audited model (``model``/``adapter`` default to the report's; its weights must be the audited ones)
+    with the report's pairs, opening tree and score form; ``all`` keeps the pairs of equal token length."""
     from refusal_eval.audit import format_prompt, load_inputs, token_sets_of, tree_engine
     from refusal_eval.config import AuditConfig
     from refusal_eval.models.loading import load_model
     from refusal_eval.patching.exact import build_pair_batch
 
-    started = time.perf_counter()
-    if not 0 < target <= 1:
-        raise ConfigError(f"--target {target}: give the share of the gap to recover, in (0, 1], e.g. 0.8")
-    if max_edge_nodes < 0:
-        raise ConfigError(f"--max-edge-nodes {max_edge_nodes}: give 0 (no edges) or more")
     shares_defined = report.gap.separated if report.shares_defined is None else report.shares_defined
     if not shares_defined:
         reason = report.shares_reason or "the gap is not separated from 0"
@@ -428,6 +434,21 @@ def run_circuit(report, report_path: str | Path, model: str | None = None, adapt
     engine = tree_engine(loaded, token_sets_of(report.metric), config.model_copy(update={"metric": report.metric.form}))
     batch = build_pair_batch(tokenized, tok.pad_token_id, ids, allow_unequal=family == "last", tail=engine.tail)
     m_h, m_b = (t.numpy().astype(np.float64) for t in engine.baseline(batch))
+    return Prepared(loaded, engine, batch, ids, m_h, m_b)
+
+
+def run_circuit(report, report_path: str | Path, model: str | None = None, adapter: str | None = None,
+                target: float = 0.8, directions: Sequence[str] = ("denoise", "noise"), family: str = "all",
+                max_edge_nodes: int = 12, command: str = "", progress: bool = False) -> CircuitReport:
+    """Search the circuit(s) of an audited model: the pairs, token sets and statistics options come from the
+    report; the model is reloaded (``model``/``adapter`` default to the report's) and must have its weights."""
+    started = time.perf_counter()
+    if not 0 < target <= 1:
+        raise ConfigError(f"--target {target}: give the share of the gap to recover, in (0, 1], e.g. 0.8")
+    if max_edge_nodes < 0:
+        raise ConfigError(f"--max-edge-nodes {max_edge_nodes}: give 0 (no edges) or more")
+    setup = prepare(report, report_path, model, adapter, family)
+    loaded, engine, batch, ids, m_h, m_b = setup.loaded, setup.engine, setup.batch, setup.ids, setup.m_h, setup.m_b
     nodes = circuit_nodes(loaded.n_layers, loaded.n_heads, family)
     circuits = []
     for direction in directions:

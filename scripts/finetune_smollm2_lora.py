@@ -112,26 +112,10 @@ def validation_score(rates: dict) -> float:
     return min(rates["harmful_refusal"]["rate"] - 0.80, rates["benign_compliance"]["rate"] - 0.90)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True)
-    rng = random.Random(args.seed)
-    started = time.perf_counter()
-    gguf = smollm2_gguf()
-    base = load_model(str(gguf))
+def build_sequences(base: LoadedModel, args: argparse.Namespace, rng: random.Random, train, extra) -> tuple[list, dict]:
+    """Training sequences ((ids, labels) with labels -100 on the prompt): harmful prompts -> a refusal, benign ->
+    the base model's own reply; and what was done, for the metrics."""
     tok = base.tokenizer
-    data = shipped_dataset()
-    train, evaluation = load_pairs(data, "train"), load_pairs(data, "eval")
-    extra_sets = [load_pairs(path, "train") for path in args.extra_train]
-    extra, extra_counts = [pair for pairs in extra_sets for pair in pairs], [len(pairs) for pairs in extra_sets]
-    val = [] if str(args.selection) == "none" else load_pairs(args.selection)
-    tricky = load_pairs(shipped_dataset("tricky_benign.jsonl"))
-
-    before = behaviour(base, evaluation, tricky, args.eval_tokens)
-    print("base model, eval split:", json.dumps({k: v["rate"] for k, v in before.items()}))
-
     # Minimal pairs: each train pair, its re-framings and its swapped words transplanted into other train
     # pairs' contexts (so the tune keys on the harmful word, not on the sentence around it).
     texts = []
@@ -168,11 +152,16 @@ def main(argv=None) -> dict:
           f"{len(sequences)} sequences "
           f"({len(refused)} benign base replies were refusals and were re-generated after '{COMPLIANT_OPENER}'; "
           f"{skipped} still refused and are left out)")
+    return sequences, {"minimal_pairs": len(texts), "train_sequences": len(sequences),
+                       "benign_refusals_regenerated": len(refused), "benign_refusals_left_out": skipped}
 
-    model = get_peft_model(base.model, LoraConfig(
-        r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    ))
+
+def train_adapter(model, base: LoadedModel, sequences: list, args: argparse.Namespace, rng: random.Random, val,
+                  started: float, after_step=None) -> tuple[list, list, int]:
+    """Train the peft ``model`` (its trainable weights only) on ``sequences``; every ``--val-every`` steps from
+    ``--val-from`` score the ``val`` pairs and keep the best checkpoint (loaded back at the end). ``after_step`` runs
+    after each optimiser step. Returns (losses, validation rows, chosen step)."""
+    tok = base.tokenizer
     model.train()
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / 10) * (1 - s / args.steps))
@@ -194,6 +183,8 @@ def main(argv=None) -> dict:
         optimiser.step()
         schedule.step()
         optimiser.zero_grad()
+        if after_step is not None:
+            after_step()
         losses.append(round(loss.item(), 4))
         if step % 10 == 0 or step == args.steps - 1:
             print(f"step {step:4d}  loss {loss.item():.4f}  {time.perf_counter() - started:.0f}s", flush=True)
@@ -212,15 +203,56 @@ def main(argv=None) -> dict:
     if best is not None:
         model.load_state_dict(best[2], strict=False)
         print(f"chosen checkpoint: step {best[1]} (validation score {best[0]:.3f})")
+    return losses, validation, best[1] if best is not None else args.steps
+
+
+def save_adapter(model, out: Path) -> None:
+    """The adapter files only (bfloat16; peft's own model card is not kept)."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.peft_config["default"].base_model_name_or_path = BASE_MODEL_ID  # not this machine's wheel path
+    with tempfile.TemporaryDirectory() as tmp:
+        model.to(torch.bfloat16).save_pretrained(tmp)  # bfloat16 halves the shipped adapter
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy(Path(tmp) / name, out / name)
+    model.to(torch.float32)
+
+
+def load_data(args: argparse.Namespace):
+    """(train, eval, extra train pairs, their counts per file, selection pairs, tricky benign pairs)."""
+    data = shipped_dataset()
+    train, evaluation = load_pairs(data, "train"), load_pairs(data, "eval")
+    extra_sets = [load_pairs(path, "train") for path in args.extra_train]
+    extra, extra_counts = [pair for pairs in extra_sets for pair in pairs], [len(pairs) for pairs in extra_sets]
+    val = [] if str(args.selection) == "none" else load_pairs(args.selection)
+    tricky = load_pairs(shipped_dataset("tricky_benign.jsonl"))
+    return train, evaluation, extra, extra_counts, val, tricky
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True)
+    rng = random.Random(args.seed)
+    started = time.perf_counter()
+    gguf = smollm2_gguf()
+    base = load_model(str(gguf))
+    tok = base.tokenizer
+    train, evaluation, extra, extra_counts, val, tricky = load_data(args)
+
+    before = behaviour(base, evaluation, tricky, args.eval_tokens)
+    print("base model, eval split:", json.dumps({k: v["rate"] for k, v in before.items()}))
+    sequences, data_counts = build_sequences(base, args, rng, train, extra)
+
+    model = get_peft_model(base.model, LoraConfig(
+        r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ))
+    losses, validation, chosen_step = train_adapter(model, base, sequences, args, rng, val, started)
     train_seconds = time.perf_counter() - started
 
     model.eval()
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.peft_config["default"].base_model_name_or_path = BASE_MODEL_ID  # not this machine's wheel path
-    with tempfile.TemporaryDirectory() as tmp:  # peft also writes a model card: the shipped one is kept
-        model.to(torch.bfloat16).save_pretrained(tmp)  # bfloat16 halves the shipped adapter
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copy(Path(tmp) / name, args.out / name)
+    save_adapter(model, args.out)
     merged = model.to(torch.float32).merge_and_unload()
     tuned = LoadedModel(merged, tok, base.adapter, "tuned", str(args.out), "float32", "cpu")
     after = behaviour(tuned, evaluation, tricky, args.eval_tokens)
@@ -232,10 +264,8 @@ def main(argv=None) -> dict:
         "extra_train": {shown(p): n for p, n in zip(args.extra_train, extra_counts, strict=True)},
         "extra_variants": args.extra_variants, "selection": shown(args.selection),
         "selection_pairs": len(val), "validation": validation,
-        "chosen_step": best[1] if best is not None else args.steps, "tail_prob": args.tail_prob,
-        "variants": args.variants, "minimal_pairs": len(texts),
-        "train_sequences": len(sequences), "benign_refusals_regenerated": len(refused),
-        "benign_refusals_left_out": skipped, "refusal_replies": list(REFUSALS),
+        "chosen_step": chosen_step, "tail_prob": args.tail_prob,
+        "variants": args.variants, **data_counts, "refusal_replies": list(REFUSALS),
         "train_seconds": round(train_seconds, 1), "threads": args.threads, "losses": losses,
         "eval_split_before": before, "eval_split_after": after,
     }

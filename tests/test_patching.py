@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from refusal_eval.patching import Component, PatchEngine, build_pair_batch, enumerate_components
+from refusal_eval.patching.components import components_at
 
 from .conftest import random_llama, random_pairs, score_fn
 
@@ -286,3 +287,12 @@ def test_right_aligned_unequal_pairs_equal_naive_with_prefix_reuse(llama, direct
         for i, (h, b) in enumerate(pairs):
             want = _right_aligned_naive(llama, h, b, comp, direction)
             assert abs(float(patched[j, i]) - want) < 1e-4, (comp.id, i, float(patched[j, i]), want)
+
+
+def test_component_ids_parse_back():
+    every = components_at(KINDS, 3, 2, [None, -1, -7])
+    assert [Component.parse(c.id) for c in every] == every
+    for bad in ("blocks.1.hook_z", "blocks.1.attn.hook_z", "blocks.1.hook_mlp_out[2]", "blocks.x.hook_attn_out",
+                "blocks.1.hook_attn_out@3"):
+        with pytest.raises(ValueError, match="'blocks"):
+            Component.parse(bad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -9,6 +10,10 @@ from typing import Literal
 Kind = Literal["embed", "resid_pre", "attn_out", "mlp_out", "head", "resid_post"]
 KINDS: tuple[str, ...] = ("embed", "resid_pre", "attn_out", "mlp_out", "head", "resid_post")
 DEFAULT_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "head")
+
+
+_ID = re.compile(r"^(?:(?P<embed>hook_embed)|blocks\.(?P<layer>\d+)\."
+                 r"(?P<hook>hook_resid_pre|hook_attn_out|hook_mlp_out|attn\.hook_z|hook_resid_post))(?:\[(?P<head>\d+)\])?(?:@(?P<position>-\d+))?$")
 
 
 @dataclass(frozen=True, order=True)
@@ -42,6 +47,20 @@ class Component:
         head = f"[{self.head}]" if self.head is not None else ""
         pos = f"@{self.position}" if self.position is not None else ""
         return f"{self.hook_name}{head}{pos}"
+
+    @classmethod
+    def parse(cls, text: str) -> Component:
+        """The component an :attr:`id` names (``blocks.2.attn.hook_z[0]@-1`` ...); ValueError if it names none."""
+        m = _ID.match(text)
+        if m is None:
+            raise ValueError(f"'{text}' is no component id (e.g. blocks.2.hook_mlp_out, blocks.1.attn.hook_z[3]@-1)")
+        position = int(m["position"]) if m["position"] is not None else None
+        if m["embed"]:
+            return cls("embed", 0, None, position)
+        kind = "head" if m["hook"] == "attn.hook_z" else m["hook"].removeprefix("hook_")
+        if (kind == "head") != (m["head"] is not None):
+            raise ValueError(f"'{text}': a head id needs [head] after attn.hook_z, and only a head has one")
+        return cls(kind, int(m["layer"]), int(m["head"]) if m["head"] is not None else None, position)
 
     @property
     def point(self) -> tuple[str, int]:
