@@ -114,7 +114,8 @@ def evaluate(name: str, model: str, adapter: str | None, methods, also_last: boo
 def base_row(model: str, options: dict) -> dict:
     from refusal_eval import audit
 
-    report = audit(audit_config(model, **options), progress=False)
+    config = audit_config(model, **options).model_copy(update={"components": ["mlp_out"], "positions": ["last"]})
+    report = audit(config, progress=False)  # behaviour and gap only: the components do not matter here
     h = report.behaviour
     return {"organism": "base", "refuses": h.refuses, "shares_defined": report.shares_defined,
             "reason": report.shares_reason, "gap": report.gap.mean}

