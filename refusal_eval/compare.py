@@ -32,7 +32,7 @@ from refusal_eval.report.comparison_schema import (  # noqa: F401  (re-exported:
     load_comparison,
 )
 from refusal_eval.report.plots import comparison_picture, render_pictures
-from refusal_eval.report.schema import AuditReport, Rate
+from refusal_eval.report.schema import AuditReport, Rate, rank_key
 from refusal_eval.report.writers import write_with_pictures
 from refusal_eval.stats import (  # noqa: F401  (newcombe_difference, mcnemar_exact: re-exported)
     Resolution,
@@ -201,7 +201,7 @@ def compare_reports(a: AuditReport, b: AuditReport, n_boot: int = 2000, level: f
                 significant=bool((res["fw_low"][k] > margin or res["fw_high"][k] < -margin) and abs(d) >= min_diff
                                  and res["measured"][k] and c.id not in estimated), rank=None,
             ))
-        ranked = sorted((c for c in changes if c.significant), key=lambda c: -abs(c.diff))
+        ranked = sorted((c for c in changes if c.significant), key=lambda c: rank_key(c.diff))
         for r, c in enumerate(ranked, 1):
             c.rank = r
         ranking = [c.id for c in ranked]

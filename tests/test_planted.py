@@ -200,3 +200,30 @@ def test_a_committed_plant_trains_only_its_modules(path):
     card = (folder / "README.md").read_text()
     assert all(f"`{m}`" in card for m in plant.modules) and plant.name in card
 
+
+
+@pytest.mark.slow
+def test_recovery_equals_a_naive_count(organisms, reports):
+    """recovery()'s rank, AUROC, precision and recall against a plain loop over the report's rows."""
+    for name in ("mlp", "heads"):
+        plant, report = load_planted(organisms[name]), reports[name]
+        result = recovery(report, plant)
+        rows = [c for c in report.components if c.position is None and c.trivial is None and c.share is not None
+                and c.kind in KINDS]
+        inside = [c for c in rows if c.id not in plant.components
+                  and any(s.holds(Component.parse(c.id)) for s in plant.site_list)]
+        holds = [c for c in rows if c.kind == "attn_out" and any(s.part == "heads" and s.layer == c.layer
+                                                                 for s in plant.site_list)]
+        ranked = [c for c in rows if c not in inside]
+        pos = [c.share for c in ranked if c.id in plant.components]
+        neg = [c.share for c in ranked if c.id not in plant.components and c not in holds]
+        wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+        assert result.auroc == pytest.approx(wins / (len(pos) * len(neg)))
+        for planted_id, rank in result.planted_ranks.items():
+            share = next(c.share for c in ranked if c.id == planted_id)
+            assert rank == 1 + sum(c.share > share for c in ranked)
+        named = [c.id for c in ranked if c.significant and c not in holds]
+        hits = [i for i in named if i in plant.components]
+        assert sorted(result.named) == sorted(named)
+        assert result.precision == pytest.approx(len(hits) / len(named))
+        assert result.recall == pytest.approx(len(hits) / len(plant.components))

@@ -217,3 +217,20 @@ def test_update_rewrites_stale_outputs_and_report_folders_but_not_elided_blocks(
     assert "README.md:9: has an elision; edit by hand" in capsys.readouterr().out  # ... and reported
     committed = repo / "examples" / "reports" / "m"
     assert sorted(p.name for p in committed.iterdir()) == ["positions.png", "report.json", "report.md"]
+
+
+def test_float_noise_and_permutation_p_tolerances(tmp_path):
+    """Noise floors (e-notation below 1e-4) and sign-flip p-values (within 0.02) may differ by CPU; shares and
+    verdicts may not."""
+    assert not ex.json_differences({"p_permutation": 0.2408}, {"p_permutation": 0.2280})
+    assert ex.json_differences({"p_permutation": 0.24}, {"p_permutation": 0.27})
+    assert ex.json_differences({"share": 0.2408}, {"share": 0.2280})
+    assert ex.json_differences({"significant": True}, {"significant": False})
+    assert ex.text_matches("largest 3.3e-06, median 0.0e+00", "largest 2.9e-06, median 0.0e+00")
+    assert not ex.text_matches("largest 3.3e-03", "largest 2.9e-03")
+    (tmp_path / "r.md").write_text("floor largest 2.9e-06 and share 0.814\n")
+    problems = ex.Problems()
+    ex.check_excerpts([ex.Excerpt(1, "r.md", ["floor largest 3.3e-06 and share 0.814"])], tmp_path, problems)
+    assert not problems
+    ex.check_excerpts([ex.Excerpt(1, "r.md", ["floor largest 3.3e-06 and share 0.815"])], tmp_path, problems)
+    assert problems

@@ -13,7 +13,8 @@ DEFAULT_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "head")
 
 
 _ID = re.compile(r"^(?:(?P<embed>hook_embed)|blocks\.(?P<layer>\d+)\."
-                 r"(?P<hook>hook_resid_pre|hook_attn_out|hook_mlp_out|attn\.hook_z|hook_resid_post))(?:\[(?P<head>\d+)\])?(?:@(?P<position>-\d+))?$")
+                 r"(?P<hook>hook_resid_pre|hook_attn_out|hook_mlp_out|attn\.hook_z|hook_resid_post))"
+                 r"(?:\[(?P<head>\d+)\])?(?:@(?P<position>-\d+))?$")
 
 
 @dataclass(frozen=True, order=True)

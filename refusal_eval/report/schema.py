@@ -365,14 +365,24 @@ class Controls(_Model):
     noise_floor: NoiseFloor | None = None
 
 
+RANK_DECIMALS = 4
+
+
+def rank_key(value: float | None) -> float:
+    """Sort key for "largest |value| first": |value| rounded to ``RANK_DECIMALS``, so that values equal but for float
+    noise (the last layer's MLP at every position and at the last one are the same patch) keep their listed order on
+    every CPU (the sorts are stable)."""
+    return -round(abs(value or 0.0), RANK_DECIMALS)
+
+
 def rank_components(components: list[ComponentResult], legacy: bool = False) -> list[ComponentResult]:
-    """Components with a defined share, largest |share| first, leaving out the trivial ones (the run's whole input
-    or output by construction). ``legacy``: schema-1.0 components carry no flag, so resid_pre at all positions is
-    left out by kind."""
+    """Components with a defined share, largest |share| first (``rank_key``), leaving out the trivial ones (the run's
+    whole input or output by construction). ``legacy``: schema-1.0 components carry no flag, so resid_pre at all
+    positions is left out by kind."""
     return sorted(
         (c for c in components if c.share is not None and c.trivial is None
          and not (legacy and c.kind == "resid_pre" and c.position is None)),
-        key=lambda c: -abs(c.share or 0),
+        key=lambda c: rank_key(c.share),
     )
 
 
