@@ -44,18 +44,8 @@ def load_script():
 
 def tiny_organisms(root: Path) -> tuple[Path, dict[str, Path]]:
     """The tiny base and plants under ``root`` (built where missing)."""
-    script = load_script()
-    base = root / "base"
-    if not (base / "model.safetensors").is_file():
-        script.main(["tiny-base", "--out", str(base)])
-    plants = {}
-    for name, sites in script.TINY_PLANTS.items():
-        out = root / name
-        if not (out / "planted.json").is_file():
-            script.main(["tiny", "--base", str(base), "--out", str(out), "--name", name]
-                        + [a for s in sites for a in ("--site", s)])
-        plants[name] = out
-    return base, plants
+    built = load_script().build_tiny(root)
+    return built.pop("base"), built
 
 
 def audit_config(model: str, adapter: str | None = None, method: str = "exact", positions=("all",), **extra):

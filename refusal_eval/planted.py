@@ -202,7 +202,7 @@ def recovery(report, planted: Planted) -> Recovery:
     rank_of = {r.id: i + 1 for i, r in enumerate(ranked)}
     scored = [r for r in ranked if labels[r.id] in ("planted", "unplanted")]
     exact = not any(r.approximate for r, _ in rows)
-    if exact or any(not r.approximate for r, _ in rows if labels[r.id] != "inside"):
+    if any(not r.approximate for r in ranked):  # exact patches, or attribution with verified cells
         named = [r.id for r in scored if r.measured_significant]
         rule = "significant components (exact patches)" if exact else "significant verified cells"
     else:

@@ -44,7 +44,7 @@ import train_tiny_refuser as base  # noqa: E402  (also pins the tokenizer's thre
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from refusal_eval.models.loading import shipped_model_path  # noqa: E402
-from refusal_eval.planted import Planted, Site, masked_columns  # noqa: E402
+from refusal_eval.planted import PLANTED_FILE, Planted, Site, masked_columns  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 TINY_PLANTS = {"mlp": ["mlp:2"], "attn": ["attn:1"], "mlp+attn": ["mlp:1", "attn:3"], "heads": ["heads:2:0,2"]}
@@ -290,6 +290,20 @@ Made by `python scripts/plant_refusal.py smollm2 {sites} --name {planted.name}`.
 Audit it as `refusal-eval run --model SMOLLM2.gguf --adapter <this folder> --direction noise --positions all`;
 `benchmarks/planted.py --smollm2 <this folder>` scores the audit against `planted.json`.
 """
+
+
+def build_tiny(root: Path) -> dict[str, Path]:
+    """The tiny base and every plant of ``TINY_PLANTS`` under ``root`` (each built where missing):
+    ``{"base": ..., name: ...}``."""
+    out = {"base": root / "base"}
+    if not (out["base"] / "model.safetensors").is_file():
+        main(["tiny-base", "--out", str(out["base"])])
+    for name, sites in TINY_PLANTS.items():
+        out[name] = root / name
+        if not (out[name] / PLANTED_FILE).is_file():
+            main(["tiny", "--base", str(out["base"]), "--out", str(out[name]), "--name", name]
+                 + [a for s in sites for a in ("--site", s)])
+    return out
 
 
 def main(argv=None) -> dict:

@@ -39,14 +39,7 @@ def _script():
 @pytest.fixture(scope="module")
 def organisms(tmp_path_factory) -> dict[str, Path]:
     """The tiny base and the four plants of scripts/plant_refusal.py (about 40 s on 2 cores)."""
-    script, root = _script(), tmp_path_factory.mktemp("planted")
-    script.main(["tiny-base", "--out", str(root / "base")])
-    out = {"base": root / "base"}
-    for name, sites in script.TINY_PLANTS.items():
-        script.main(["tiny", "--base", str(root / "base"), "--out", str(root / name), "--name", name]
-                    + [a for s in sites for a in ("--site", s)])
-        out[name] = root / name
-    return out
+    return _script().build_tiny(tmp_path_factory.mktemp("planted"))
 
 
 def _noising(model: Path, **extra):
