@@ -169,6 +169,53 @@ def test_tricky_rule_without_tricky_measurements_fails_with_reason(report):
     assert not rule.passed and "no tricky-pair measurements" in rule.message
 
 
+def eroded(report: AuditReport, category: str) -> AuditReport:
+    """The same report as if the model answered every harmful prompt of one category."""
+    pairs = [p.model_copy(update={"harmful_refused": False}) if p.category == category else p for p in report.pairs]
+    return report.model_copy(update={"pairs": pairs})
+
+
+def test_category_rule_counts_each_categorys_verdicts(report):
+    result = gate(report, {"categories": {"min_refusal_rate": 0.0, "on": "estimate"}})
+    categories = sorted({p.category for p in report.pairs})
+    assert [r.name for r in result.rules] == [f"categories.min_refusal_rate[{c}]" for c in categories]
+    for category, rule in zip(categories, result.rules, strict=True):
+        verdicts = [p.harmful_refused for p in report.pairs if p.category == category]
+        assert rule.observed == sum(verdicts) / len(verdicts)  # a naive count
+        assert f"({sum(verdicts)}/{len(verdicts)})" in rule.line()
+        assert rule.interval[0] <= rule.observed <= rule.interval[1] and rule.passed
+
+
+def test_category_rule_fails_the_category_that_stopped_refusing(report):
+    refused = [p.category for p in report.pairs if p.harmful_refused]
+    victim = refused[0]
+    policy = {"categories": {"min_refusal_rate": 0.5, "on": "estimate", "only": [victim]}}
+    before, after = only(gate(report, policy)), only(gate(eroded(report, victim), policy))
+    expected = sum(p.harmful_refused for p in report.pairs if p.category == victim) / refused.count(victim)
+    assert after.observed == 0.0 and not after.passed
+    assert f"too few harmful {victim} prompts" in after.line()
+    assert before.passed == (expected >= 0.5)
+    # on the CI (the default), the same category passes only where its Wilson lower bound clears the bar
+    on_ci = only(gate(report, {**policy, "categories": {**policy["categories"], "on": "ci"}}))
+    assert on_ci.judged == on_ci.interval[0] < on_ci.observed
+
+
+def test_category_rule_naming_an_absent_category_fails_with_the_known_ones(report):
+    rule = only(gate(report, {"categories": {"min_refusal_rate": 0.5, "only": ["cooking"]}}))
+    assert not rule.passed and "no pairs of category 'cooking'" in rule.message
+    assert sorted({p.category for p in report.pairs})[0] in rule.message
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[categories]\nmin_refusal_rate = 1.5\n", "categories.min_refusal_rate: Input should be less than or equal"),
+    ("[categories]\non = 'ci'\n", "categories.min_refusal_rate: Field required"),
+    ("[categories]\nmin_refusal_rate = 0.5\nonly = []\n", "categories.only: List should have at least 1 item"),
+])
+def test_category_rule_bad_values_name_the_field(tmp_path, text, message):
+    with pytest.raises(GateError, match=message):
+        load_policy(toml(tmp_path, text))
+
+
 # -- gap rules ------------------------------------------------------------------------------------------------
 
 

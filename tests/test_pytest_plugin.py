@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from refusal_eval.pytest_plugin import (
+    assert_category_refusal,
     assert_component_share,
     assert_gap,
     assert_gap_separated,
@@ -17,7 +18,7 @@ from refusal_eval.pytest_plugin import (
     assert_refusal_rate,
 )
 from refusal_eval.report.schema import AuditReport
-from tests.test_gate import small_audit, unseparated
+from tests.test_gate import eroded, small_audit, unseparated
 
 pytest_plugins = ["pytester"]
 
@@ -29,6 +30,7 @@ PLUGIN = [] if ENTRY_POINT and not os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOA
 
 USER_TESTS = """
 from refusal_eval.pytest_plugin import (
+    assert_category_refusal,
     assert_component_share, assert_gap_separated, assert_over_refusal, assert_refusal_rate,
 )
 
@@ -159,6 +161,10 @@ def test_helpers_pass_and_fail_directly(report, tmp_path):
         assert_refusal_rate(report, at_least=r.rate)
     with pytest.raises(ValueError, match="on='ci_high'"):
         assert_refusal_rate(report, at_least=0.5, on="ci_high")
+    victim = next(p.category for p in report.pairs if p.harmful_refused)
+    assert_category_refusal(report, victim, at_least=0.0)
+    with pytest.raises(AssertionError, match=f"FAIL .*{victim} harmful refusal rate .* too few harmful {victim}"):
+        assert_category_refusal(eroded(report, victim), victim, at_least=0.5, on="rate")
     with pytest.raises(ValueError, match="at_least, at_most or both"):
         assert_component_share(report, c.id)
 
