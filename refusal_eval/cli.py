@@ -9,6 +9,8 @@ import shlex
 import signal
 import sys
 import threading
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -428,8 +430,23 @@ class _Terminated(BaseException):
     """SIGTERM, raised in the main thread so that locks and temporary files are cleaned up on the way out."""
 
 
+# Libraries whose deprecation notices are addressed to this package's developers, not to its users.
+QUIET_LIBRARIES = r"(transformers|peft|accelerate|huggingface_hub|torch)(\.|$)"
+
+
+@contextmanager
+def quiet_library_warnings(debug: bool = False):
+    """Hide the libraries' FutureWarning and DeprecationWarning (``--debug`` shows them); other warnings pass."""
+    with warnings.catch_warnings():
+        if not debug:
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.filterwarnings("ignore", category=category, module=QUIET_LIBRARIES)
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``refusal-eval`` command; returns the exit code.
+    """Entry point of the ``refusal-eval`` command; returns the exit code. The libraries' deprecation warnings are
+    hidden unless ``--debug``.
 
     Expected failures (bad input) print one ``error:`` line and return 2; an unexpected exception prints one line
     with a hint to rerun with ``--debug`` (which shows the traceback) and returns 1 (3 for the gate, whose 1 means
@@ -442,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
-        return int(args.handler(args, argv))
+        with quiet_library_warnings(debug):
+            return int(args.handler(args, argv))
     except RefusalEvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

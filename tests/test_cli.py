@@ -281,3 +281,23 @@ def test_audit_stays_the_function_whatever_was_imported_first():
             "assert callable(audit) and audit.__name__ == 'audit', audit\n"
             "assert isinstance(PatchEngine, type)\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_library_deprecation_warnings_are_hidden_unless_debug():
+    """transformers' FutureWarnings (e.g. `is_gradient_checkpointing is deprecated`) are not the user's to act on;
+    --debug shows them, and this package's own warnings always pass."""
+    from refusal_eval.cli import quiet_library_warnings
+
+    def emitted(debug: bool) -> list[tuple[str, str]]:
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with quiet_library_warnings(debug):
+                for module in ("transformers.modeling_utils", "peft.tuners", "refusal_eval.audit"):
+                    warnings.warn_explicit("deprecated", FutureWarning, "f.py", 1, module=module)
+                warnings.warn_explicit("odd", UserWarning, "f.py", 2, module="transformers.generation")
+        return [(str(w.message), w.filename) for w in caught]
+
+    assert emitted(debug=False) == [("deprecated", "f.py"), ("odd", "f.py")]
+    assert len(emitted(debug=True)) == 4
