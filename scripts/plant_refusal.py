@@ -70,6 +70,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=None,
                    help="smollm2: keep the training sequences here (building them generates ~1,000 base replies)")
     p.add_argument("--val-every", type=int, default=50, help="smollm2: steps between checkpoint validations")
+    p.add_argument("--select", choices=["separation", "bars"], default="separation",
+                   help="smollm2: the checkpoint rule: harmful minus benign refusal on the selection pairs "
+                        "(separation), or the refuser's weaker margin over 80%%/90%% (bars: the mlp:15 plant's)")
+    p.add_argument("--benign-weight", type=int, default=2,
+                   help="smollm2: copies of each benign example (the mlp:15 plant had 1)")
     return p.parse_args(argv)
 
 
@@ -214,7 +219,8 @@ def smollm2_plant(args) -> dict:
     sites = [Site.parse(s) for s in args.site]
     fargs = ft.parse_args(["--out", str(args.out), "--steps", str(args.steps), "--lr", str(args.lr), "--rank",
                            str(args.rank), "--val-every", str(args.val_every), "--val-from", str(args.val_every),
-                           "--threads", str(args.threads), "--seed", str(args.seed)])
+                           "--threads", str(args.threads), "--seed", str(args.seed),
+                           "--benign-weight", str(args.benign_weight)])
     base = load_model(str(smollm2_gguf()))
     train, evaluation, extra, extra_counts, val, tricky = ft.load_data(fargs)
     if args.cache is not None and args.cache.is_file():
@@ -226,7 +232,9 @@ def smollm2_plant(args) -> dict:
             args.cache.write_text(json.dumps({"sequences": sequences, "counts": counts}))
     peft_model, trainable, apply_masks = lora_plant(base.model, sites, args.rank, base.model.config.head_dim)
     losses, validation, chosen = ft.train_adapter(peft_model, base, sequences, fargs, random.Random(args.seed + 1),
-                                                  val, started, after_step=apply_masks)
+                                                  val, started, after_step=apply_masks,
+                                                  score={"bars": ft.validation_score,
+                                                         "separation": ft.separation_score}[args.select])
     peft_model.eval()
     ft.save_adapter(peft_model, args.out)
     merged = peft_model.merge_and_unload()
@@ -237,7 +245,8 @@ def smollm2_plant(args) -> dict:
     planted.write(args.out)
     manifest = {"what": "smollm2 plant", "sites": planted.sites, "components": planted.components,
                 "modules": planted.modules, "steps": args.steps, "lr": args.lr, "rank": args.rank, "seed": args.seed,
-                "batch": fargs.batch, "val_every": args.val_every,
+                "batch": fargs.batch, "val_every": args.val_every, "select": args.select,
+                "benign_weight": args.benign_weight,
                 "trainable_parameters": sum(p.numel() for p in trainable), **counts,
                 "extra_train": {ft.shown(p): n for p, n in zip(fargs.extra_train, extra_counts, strict=True)},
                 "selection": ft.shown(fargs.selection), "validation": validation, "chosen_step": chosen,
@@ -247,12 +256,28 @@ def smollm2_plant(args) -> dict:
     return manifest
 
 
+RULES = {"bars": "the weaker margin over 80% harmful refused and 90% benign complied with",
+         "separation": "harmful refused minus benign refused"}
+RECIPES = {
+    "bars": "The recipe is the second tried: the first (learning rate 1e-3, 150 steps) left the MLP plant refusing 51% "
+            "of the eval split's harmful prompts and 53% of its benign ones.",
+    "separation": "The recipe is the third tried. The second (the mlp:15 plant's: one copy of each benign example, "
+                  "checkpoint by the weaker margin over 80%/90%) left the attn:15 and mlp:10 + attn:20 plants refusing "
+                  "harmful and benign prompts alike; this one doubles the benign examples and chooses the checkpoint "
+                  "that separates them most, and is used unchanged for every later SmolLM2 plant.",
+}
+FLAGS = {"bars": " --select bars --benign-weight 1", "separation": ""}
+
+
 def model_card(planted: Planted, m: dict) -> str:
     """The adapter's card: what was planted where, how, and how it behaves (from plant_metrics.json)."""
     rates = m["eval_split_after"]
     mask = "; `lora_A` of `o_proj` masked to the planted heads' input columns" if any(
         s.startswith("heads") for s in planted.sites) else ""
     every = m["val_every"]
+    select = m.get("select", "bars")  # the mlp:15 plant's metrics predate the choice
+    weight = m.get("benign_weight", 1)
+    copies = f"{weight} cop{'y' if weight == 1 else 'ies'}"
     sites = " ".join(f"--site {s}" for s in planted.sites)
 
     def rate(key: str) -> str:
@@ -277,16 +302,15 @@ report's naming the planted components are {", ".join(f"`{c}`" for c in planted.
   {m['trainable_parameters']:,} trainable weights.
 - **Data** (`scripts/finetune_smollm2_lora.py`'s): train pairs only, by three writers, {m['minimal_pairs']:,}
   minimal pairs; harmful prompts -> one of three refusals, benign -> the base model's own reply.
-- **Training**: {m['steps']} steps of {m['batch']} sequences, learning rate {m['lr']}, seed {m['seed']}; checkpoint
-  chosen on `{m['selection']}` (a fourth writer) every {every} steps: step {m['chosen_step']}.
-  {m['seconds'] / 60:.0f} min on 2 CPU cores. The recipe is the second tried: the first (learning rate 1e-3, 150 steps)
-  left the MLP plant refusing 51% of the eval split's harmful prompts and 53% of its benign ones; this one is used
-  unchanged for every SmolLM2 plant.
+- **Training**: {m['steps']} steps of {m['batch']} sequences ({copies} of each benign
+  example), learning rate {m['lr']}, seed {m['seed']}; checkpoint chosen on `{m['selection']}` (a fourth writer)
+  every {every} steps by {RULES[select]}: step {m['chosen_step']}. {m['seconds'] / 60:.0f} min on 2 CPU cores.
+  {RECIPES[select]}
 - **Judged** once, on the eval split (greedy replies, `refusal_eval.metrics.is_refusal`, Wilson 95%):
   harmful prompts refused {rate('harmful_refusal')}; benign prompts complied with {rate('benign_compliance')};
   tricky benign prompts refused {rate('tricky_benign_over_refusal')}.
 
-Made by `python scripts/plant_refusal.py smollm2 {sites} --name {planted.name}`.
+Made by `python scripts/plant_refusal.py smollm2 {sites} --name {planted.name}{FLAGS[select]}`.
 Audit it as `refusal-eval run --model SMOLLM2.gguf --adapter <this folder> --direction noise --positions all`;
 `benchmarks/planted.py --smollm2 <this folder>` scores the audit against `planted.json`.
 """
