@@ -46,7 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="audit a model on harmful/benign pairs and write JSON + Markdown reports")
+    run = sub.add_parser(
+        "run", help="audit a model on harmful/benign pairs and write JSON + Markdown reports",
+        description="Audit a causal LM: greedy replies to harmful and benign prompts (does it refuse?), a refusal "
+        "score from the opening tokens of refusals and compliances, and activation patching of each component "
+        "between the two prompts of every pair: each component's share of the refusal gap, with bootstrap "
+        "intervals and controls. Writes OUT/<model>/report.json and report.md (and pictures); with two --model, "
+        "also their comparison.")
     run.add_argument("--model", action="append",
                      help="hub id, local folder or .gguf file (default: shipped tiny-refuser); give it twice to audit "
                      "two models with the same options and compare them (B − A)")
@@ -62,18 +68,24 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("harmful", "benign", "id", "category", "split"):
         run.add_argument(f"--{name}-column", help=f"column of --dataset holding the {name} field")
     run.add_argument("--tricky", help="tricky-benign pair JSONL for over-refusal ('' to skip)")
-    run.add_argument("--split", choices=["eval", "train", "all"], default="eval")
+    run.add_argument("--split", choices=["eval", "train", "all"], default="eval",
+                     help="which pairs of the dataset are scored (default: eval; the other split calibrates the "
+                     "refusal score)")
     run.add_argument("--out", default="reports", help="output folder; reports go to OUT/<model>/ (default: reports)")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted run from OUT/<model>/partial.jsonl (same model, data and options)")
     run.add_argument("--components", type=_csv, default=None,
-                     help="comma-separated kinds: resid_pre,attn_out,mlp_out,head,resid_post "
+                     help="comma-separated kinds: embed,resid_pre,attn_out,mlp_out,head,resid_post "
                      "(default: resid_pre,attn_out,mlp_out,head)")
     run.add_argument("--positions", type=_csv, default=None,
                      help="comma-separated: 'all' (every position at once), 'each' (one at a time), 'suffix' (each "
                      "position of the shared chat-template suffix), 'last' (default: all,each)")
-    run.add_argument("--direction", choices=["denoise", "noise"], default="denoise")
-    run.add_argument("--metric", choices=["logdiff", "logodds"], default="logdiff")
+    run.add_argument("--direction", choices=["denoise", "noise"], default="denoise",
+                     help="denoise (default): the harmful activation patched into the benign run (what suffices to "
+                     "make it refuse); noise: the benign activation into the harmful run (what refusal needs)")
+    run.add_argument("--metric", choices=["logdiff", "logodds"], default="logdiff",
+                     help="the refusal score: log P(refusal tokens) - log P(compliance tokens) (default), or the "
+                     "log-odds of the refusal tokens against everything else")
     run.add_argument("--method", choices=["exact", "attribution", "attribution+verify"], default="exact",
                      help="exact patching (default), gradient attribution (approximate, one backward pass), or "
                      "attribution with exact checks of the top and random cells (--verify-top, --verify-random)")
@@ -110,8 +122,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ci-method", choices=["BCa", "percentile", "basic"], default="BCa")
     run.add_argument("--batch-rows", type=_batch_rows, default="auto",
                      help="rows per forward pass (memory vs speed); 'auto' (default) sizes them from free memory")
-    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    run.add_argument("--device", default="cpu")
+    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                     help="weights and activations (default float32; the noise floor says what a lower one costs)")
+    run.add_argument("--device", default="auto",
+                     help="auto (default: cuda if present, then mps, then cpu), cpu, cuda, cuda:N or mps; the report "
+                     "says which was used")
     run.add_argument("--device-map", metavar="auto|FILE.json",
                      help="load the model with accelerate straight onto several GPUs, the CPU and disk ('auto'), or "
                      "as a JSON file maps its modules; for models larger than one device (needs accelerate)")
@@ -219,7 +234,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.quiet:  # transformers' own bars too (weight loading, GGUF de-quantisation)
         _silence_transformers()
-    from refusal_eval.models.loading import check_device
+    from refusal_eval.models.loading import check_device, resolve_device
     from refusal_eval.report.writers import output_lock
 
     models = args.model or [None]
@@ -250,7 +265,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         "noise_floor": not args.no_noise_floor, "min_gap": args.min_gap,
         "method": args.method, "verify_top": args.verify_top, "verify_random": args.verify_random,
         "max_pairs": args.max_pairs, "seed": args.seed, "n_boot": args.n_boot, "ci_level": args.ci_level,
-        "ci_method": args.ci_method, "batch_rows": args.batch_rows, "dtype": args.dtype, "device": args.device,
+        "ci_method": args.ci_method, "batch_rows": args.batch_rows, "dtype": args.dtype,
+        "device": resolve_device(args.device),
         "device_map": args.device_map, "full_replies": args.full_replies,
     }
     if args.components is not None:

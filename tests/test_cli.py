@@ -301,3 +301,21 @@ def test_library_deprecation_warnings_are_hidden_unless_debug():
 
     assert emitted(debug=False) == [("deprecated", "f.py"), ("odd", "f.py")]
     assert len(emitted(debug=True)) == 4
+
+
+def test_device_auto_takes_what_the_machine_has(monkeypatch, capsys):
+    from refusal_eval.models.loading import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda" and resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto") == "mps" and resolve_device("cuda:1") == "cuda:1"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("auto (default: cuda if present, then mps, then cpu)", "embed,resid_pre", "what refusal needs",
+                  "log-odds of the refusal tokens", "which pairs of the dataset are scored", "Audit a causal LM"):
+        assert words in text

@@ -147,6 +147,16 @@ def resolve_model_spec(spec: str | None) -> tuple[str, str]:
     return spec.rstrip("/").split("/")[-1], spec
 
 
+def resolve_device(device: str) -> str:
+    """``auto``: the first of cuda, mps and cpu that this machine has; any other value unchanged."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
 def check_device(device: str) -> None:
     """ModelError, before any work, for a device torch does not know or that this machine does not have."""
     try:
