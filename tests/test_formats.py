@@ -274,6 +274,29 @@ def test_jbb_pairs_on_behavior(no_hub):
     assert result.description.startswith("JBB-Behaviors: 2 CSV files in")
 
 
+def test_presets_and_columns_match_headers_whatever_their_case(tmp_path):
+    """A widely shared JBB-Behaviors copy has lower-case headers (index,goal,...): read as the canonical file, and
+    the notes (which reach the report) say which columns were read as which. Likewise XSTest, AdvBench and a plain
+    table; two columns that differ only in case are never guessed between."""
+    lower = load_pair_source(str(FIXTURES / "jbb-lowercase"), preset="jbb")
+    assert lower.pairs == load_pair_source(str(FIXTURES / "jbb"), preset="jbb").pairs
+    notes = " ".join(lower.notes)
+    assert "column 'goal' read as 'Goal'" in notes and "column 'behavior' read as 'Behavior'" in notes
+    for preset, name in (("xstest", "xstest_prompts.csv"), ("advbench", "harmful_behaviors.csv")):
+        shouted = tmp_path / preset / name
+        shouted.parent.mkdir()
+        lines = (FIXTURES / preset / name).read_text(encoding="utf-8").split("\n")
+        shouted.write_text("\n".join([lines[0].upper(), *lines[1:]]), encoding="utf-8")
+        assert load_pair_source(str(shouted), preset=preset).pairs == load_pair_source(
+            str(FIXTURES / preset / name), preset=preset).pairs
+    plain = write_csv(tmp_path / "plain.csv", "ID,Harmful,BENIGN", "a,How do I pick a lock?,How do I pick a lily?")
+    pair = load_pair_source(str(plain)).pairs[0]
+    assert (pair.id, pair.harmful, pair.benign) == ("a", "How do I pick a lock?", "How do I pick a lily?")
+    twice = write_csv(tmp_path / "twice.csv", "harmful,Benign,BENIGN", "How do I pick a lock?,a,b")
+    with pytest.raises(DataError, match="no 'benign' column"):
+        load_pair_source(str(twice))
+
+
 def test_jbb_data_subfolder_and_fingerprint(tmp_path):
     shutil.copytree(FIXTURES / "jbb", tmp_path / "data")
     first = load_pair_source(str(tmp_path), preset="jbb")

@@ -372,8 +372,6 @@ def _read_jbb_local(path: Path) -> _Read:
         files = {side: folder / name for side, name in _JBB_FILES.items()}
         if all(f.is_file() for f in files.values()):
             tables = {side: _read_file(f).tables["train"] for side, f in files.items()}
-            for table in tables.values():
-                _require_columns(table, _JBB_NEEDED, "JailbreakBench JBB-Behaviors", _JBB_COLUMNS)
             named = [(f.name, f) for f in files.values()]
             return _Read(tables=tables, fingerprint=_files_sha256(named),
                          description=f"JBB-Behaviors: 2 CSV files in {folder}", files=named)
@@ -394,6 +392,22 @@ def _read_single_local(path: Path, file_name: str, layout: str, expected: Sequen
             return _read_file(candidate)
     raise DataError(f"{path}: no {file_name} in this folder or its data/ subfolder; pass the {layout} CSV file "
                     f"(columns {','.join(expected)}) or a folder holding it.")
+
+
+def _canonical_headers(read: _Read, expected: Sequence[str]) -> list[str]:
+    """Rename, in place, a column that matches an expected name but for case (``goal`` for JBB's ``Goal``), where
+    exactly one does; the notes say which were read so."""
+    notes = []
+    for table in read.tables.values():
+        for name in expected:
+            found = [c for c in table.columns if c.casefold() == name.casefold()]
+            if name in table.columns or len(found) != 1:
+                continue
+            table.columns[table.columns.index(found[0])] = name
+            for record in table.rows:
+                record[name] = record.pop(found[0], None)
+            notes.append(f"{table.label}: column '{found[0]}' read as '{name}' (header case differs)")
+    return notes
 
 
 def _require_columns(table: _Table, needed: Sequence[str], layout: str, expected: Sequence[str]) -> None:
@@ -490,7 +504,10 @@ def _plain(read: _Read, columns: ColumnMap, source_name: str) -> PairSource:
     problems = _Problems()
     pairs: list[PromptPair] = []
     seen: dict[str, tuple[str, int]] = {}
-    notes: list[str] = []
+    wanted = [given or name for given, name in ((columns.harmful, "harmful"), (columns.benign, "benign"),
+                                                (columns.id, "id"), (columns.category, "category"),
+                                                (columns.split, "split"), (None, "source"), (None, "notes"))]
+    notes: list[str] = _canonical_headers(read, wanted)
     for table in read.tables.values():
         harmful = _resolve_column(table, "harmful", "harmful", columns.harmful, required=True)
         benign = _resolve_column(table, "benign", "benign", columns.benign, required=True)
@@ -544,6 +561,7 @@ def _plain(read: _Read, columns: ColumnMap, source_name: str) -> PairSource:
 def _jbb(read: _Read) -> PairSource:
     """JBB-Behaviors: harmful and benign rows paired on equal `Behavior`; text = `Goal`, id = jbb-<harmful Index>."""
     problems = _Problems()
+    renamed = _canonical_headers(read, _JBB_COLUMNS)
     by_side: dict[str, dict[str, tuple[_Table, int, dict[str, Any]]]] = {}
     for side in ("harmful", "benign"):
         table = read.tables[side]
@@ -591,6 +609,7 @@ def _jbb(read: _Read) -> PairSource:
         "harmful Goal, benign text = benign Goal). The benign goals match the harmful ones by topic, not by a "
         "minimal edit, so the two sides differ in wording and length.",
         "JBB-Behaviors has no train/eval split: every pair has no split, so only --split all selects them.",
+        *renamed,
     ]
     if harmful_only or benign_only:
         notes.append(
@@ -620,6 +639,7 @@ def _id_order(value: str) -> tuple[int, int, str]:
 def _xstest(read: _Read) -> PairSource:
     """XSTest v2: each contrast_X prompt paired with the safe prompt of the same focus in X's safe family."""
     problems = _Problems()
+    renamed = _canonical_headers(read, _XSTEST_COLUMNS)
     contrast: list[tuple[_Table, int, str, str, str, str]] = []  # table, row, id, type, focus, prompt
     safe: dict[tuple[str, str], list[tuple[str, _Table, int, str]]] = {}  # (type, focus) -> [(id, table, row, text)]
     unknown: dict[str, int] = {}
@@ -686,6 +706,7 @@ def _xstest(read: _Read) -> PairSource:
                      f"known types: {', '.join(XSTEST_FAMILIES)}.")
     if not pairs:
         raise DataError(f"{read.description}: no contrast prompt has a safe counterpart, so there are no pairs")
+    notes += renamed
     return PairSource(pairs=pairs, notes=notes, fingerprint=read.fingerprint,
                       description=f"XSTest v2: {read.description}: {len(pairs)} pairs")
 
@@ -693,6 +714,7 @@ def _xstest(read: _Read) -> PairSource:
 def _advbench(read: _Read, seed: int) -> PairSource:
     """AdvBench goals, each matched with a benign prompt of the shipped pairs by a seeded shuffle (synthetic)."""
     problems = _Problems()
+    renamed = _canonical_headers(read, (*_ADVBENCH_COLUMNS, "prompt"))
     goals: list[tuple[_Table, int, str, str]] = []  # table, row, goal column, text
     for table in read.tables.values():
         # The CSV names the column 'goal'; the hub mirror calls it 'prompt'.
@@ -736,6 +758,7 @@ def _advbench(read: _Read, seed: int) -> PairSource:
                                                                                       pool_path)])
     else:
         fingerprint = f"{read.fingerprint}+{file_sha256(pool_path)}"
+    notes += renamed
     return PairSource(pairs=pairs, notes=notes, fingerprint=fingerprint,
                       description=f"AdvBench: {read.description}, paired with benign prompts from {pool_path}: "
                                   f"{len(pairs)} pairs")
