@@ -98,6 +98,35 @@ def test_hub_ids_stay_hub_ids():
     assert resolve_model_spec("hub:org/model") == ("model", "org/model")
 
 
+def test_an_unreachable_hub_fails_a_hub_id_at_once(tmp_path, monkeypatch, capsys):
+    """Offline, a hub id fails within the probe's few seconds (not the hub client's minute of retries), exit 2, with
+    the reason; HF_HUB_OFFLINE needs no probe; a model in the local cache is loaded from it instead."""
+    import socket
+    import time
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from refusal_eval.models import loading
+
+    def refused(*args, **kwargs):
+        raise OSError("connection refused (test)")
+
+    monkeypatch.setattr(socket, "create_connection", refused)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert loading.hub_unreachable().startswith("no connection to huggingface.co:443")
+    started = time.perf_counter()
+    assert main(["run", "--model", "hub:nobody-here/no-model", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert time.perf_counter() - started < 2 * loading.HUB_PROBE_SECONDS
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not load 'hub:nobody-here/no-model'") and "hub is unreachable" in err
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert loading.hub_unreachable() == "HF_HUB_OFFLINE is set"
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: f"/cache/{repo}/{name}")
+    assert loading._hub_kwargs("org/cached", "org/cached") == {"local_files_only": True}
+    assert loading._hub_kwargs("tiny", str(tmp_path)) == {}  # a local folder never asks the hub
+
+
 def test_a_failed_write_leaves_the_earlier_report_intact(report, tmp_path, monkeypatch):
     json_path, md_path = write_reports(report, tmp_path)
     before = {p.name: p.read_bytes() for p in json_path.parent.iterdir()}

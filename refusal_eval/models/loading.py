@@ -202,6 +202,56 @@ def read_device_map(device_map: str | dict | None) -> str | dict | None:
     return value
 
 
+HUB_PROBE_SECONDS = 3.0
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """Why the Hugging Face hub cannot be reached from here (``HF_HUB_OFFLINE``, or no TCP connection to its
+    endpoint within ``timeout`` seconds, name lookup included), or None when it can. Without this check an offline
+    machine spends most of a minute in the hub client's retries before failing."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    result: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as exc:
+            result.append(f"no connection to {host}:{port} ({exc})")
+
+    thread = threading.Thread(target=probe, daemon=True)  # a name lookup can hang past any socket timeout
+    thread.start()
+    thread.join(timeout)
+    return result[0] if result else f"no connection to {host}:{port} within {timeout:g} s"
+
+
+def _hub_kwargs(spec: str | None, location: str) -> dict:
+    """For a hub id: nothing when the hub is reachable; ``local_files_only`` when it is not but the model is in the
+    local cache; else ModelError at once, with the reason."""
+    if Path(location).exists():
+        return {}
+    reason = hub_unreachable()
+    if reason is None:
+        return {}
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(location, "config.json"), str):
+        return {"local_files_only": True}
+    raise ModelError(f"could not load '{spec}': it is not a local path, and the Hugging Face hub is unreachable "
+                     f"({reason}), and it is not in the local cache.\n"
+                     "Pass a local folder with config.json and weights, a .gguf file, or a hub id this machine can "
+                     "reach.")
+
+
 def load_model(
     spec: str | None = None, dtype: str = "float32", device: str = "cpu", adapter: str | None = None,
     device_map: str | dict | None = None,
@@ -227,6 +277,7 @@ def load_model(
     elif Path(location).is_dir() and not (Path(location) / "config.json").is_file():
         raise ModelError(f"--model {spec}: {location} has no config.json, so it is not a Hugging Face model folder. "
                          "Pass a folder with config.json, tokenizer files and weights (save_pretrained), or a .gguf")
+    kwargs.update(_hub_kwargs(spec, location))
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
