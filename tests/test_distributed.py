@@ -1,10 +1,12 @@
-"""A sharded audit (torchrun, 2 processes, gloo on CPU) writes the report a single process writes, byte for byte
-apart from when it ran and how long it took."""
+"""A sharded audit (torchrun, 2 processes, gloo on CPU) writes the report a single process writes: byte for byte
+(apart from when it ran and how long it took) at equal thread counts, and with the same verdicts and numbers within
+1e-6 relative (1e-5 absolute near 0) against one process with another thread count."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +19,31 @@ OPTIONS = ["--max-pairs", "8", "--components", "attn_out,mlp_out,head", "--posit
 RUN_FACTS = ("created", "runtime_seconds", "command")
 
 
-def _env(**extra) -> dict[str, str]:
+def _env(threads: int = 1, **extra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", **extra)  # torchrun gives each process one thread; so does the reference run
+    env.update(OMP_NUM_THREADS=str(threads), **extra)  # torchrun gives each process one thread
     return env
+
+
+NUMBER = re.compile(r"-?\d+\.\d+(?:e[-+]?\d+)?")
+
+
+def _differences(a, b, where: str = "") -> list[str]:
+    """Where two reports differ beyond float rounding: numbers by more than 1e-6 relative (1e-5 absolute, for values
+    near 0 such as the noise floor), or anything else at all (counts, verdicts, ids, words with numbers masked)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{where}: keys {sorted(a.keys() ^ b.keys())}"]
+        return [d for k in a for d in _differences(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{where}: {len(a)} against {len(b)} items"]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _differences(x, y, f"{where}[{i}]")]
+    if isinstance(a, float) and isinstance(b, float):
+        return [] if abs(a - b) <= 1e-5 + 1e-6 * abs(b) else [f"{where}: {a} against {b}"]
+    if isinstance(a, str) and isinstance(b, str):
+        return [] if NUMBER.sub("#", a) == NUMBER.sub("#", b) else [f"{where}: {a!r} against {b!r}"]
+    return [] if a == b and type(a) is type(b) else [f"{where}: {a!r} against {b!r}"]
 
 
 def _normalised(path: Path) -> str:
@@ -29,6 +52,13 @@ def _normalised(path: Path) -> str:
         report.pop(key)
     report["engine"].pop("peak_memory_bytes")
     return json.dumps(report, indent=1)
+
+
+def test_the_tolerance_catches_what_matters():
+    base = {"share": 0.5, "floor": 0.0, "significant": True, "n": 3, "words": "share 0.512 [0.4, 0.6]"}
+    assert _differences(base, {**base, "share": 0.5 + 1e-7, "floor": 2.9e-6, "words": "share 0.513 [0.4, 0.6]"}) == []
+    for change in ({"share": 0.5001}, {"significant": False}, {"n": 4}, {"words": "no share"}, {"floor": 1e-4}):
+        assert _differences(base, {**base, **change})
 
 
 @pytest.mark.slow
@@ -47,6 +77,15 @@ def test_two_gloo_processes_write_the_single_process_report(tmp_path):
     assert _normalised(a) == _normalised(b)  # every number and verdict, to the last bit
     report = json.loads(b.read_text())
     assert report["controls"]["random"] is not None and report["engine"]["patched_forwards"] > 2
+    # one process with 2 threads sums in another order: the same verdicts, numbers within rounding
+    threads = subprocess.run([*cli, "--out", str(tmp_path / "threads")], env=_env(threads=2), capture_output=True,
+                             text=True)
+    assert threads.returncode == 0, threads.stderr
+    c = json.loads(_normalised(tmp_path / "threads" / "tiny-refuser" / "report.json"))
+    assert c["environment"].pop("threads") == 2
+    sharded = json.loads(_normalised(b))
+    assert sharded["environment"].pop("threads") == 1
+    assert _differences(c, sharded) == []
 
 
 @pytest.mark.parametrize("option", ["--circuit", "--resume"])
