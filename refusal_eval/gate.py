@@ -2,11 +2,10 @@
 
 A policy lists rules on behaviour (refusal and over-refusal rates, overall and per harm category), on the
 refusal-score gap, on the share of named components or layers, and on how much the baseline's top components may
-lose. Every rule is judged on
-the conservative end of its confidence interval by default (``on = "ci"``): a minimum is checked against the
-interval's lower bound, a maximum against its upper bound, so a rule passes only when the data say so with the
-report's confidence. ``on = "estimate"`` judges the point estimate, ``on = "familywise"`` (shares only) the
-family-wise band that holds simultaneously over all components of the report.
+lose. Every rule is judged on the conservative end of its confidence interval by default (``on = "ci"``): a minimum
+is checked against the interval's lower bound, a maximum against its upper bound, so a rule passes only when the
+data say so with the report's confidence. ``on = "estimate"`` judges the point estimate, ``on = "familywise"``
+(shares only) the family-wise band that holds simultaneously over all components of the report.
 
 Each rule has one function here (:func:`check_rate`, :func:`check_category_refusal`, :func:`check_gap_min`,
 :func:`check_gap_separated`, :func:`check_share`, :func:`check_baseline`); :func:`evaluate_gate` applies a whole policy
