@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
@@ -13,8 +14,12 @@ from refusal_eval.models.adapters import get_adapter
 from refusal_eval.models.loading import LoadedModel
 from refusal_eval.patching import PatchEngine, build_pair_batch
 
-# Tiny models run fastest on one thread, and a second thread only contends with other work on 2-core CI.
+# Tiny models run fastest on one thread, and a second thread only contends with other work on 2-core CI. Every
+# child process a test starts (the CLI, the README's commands) inherits one thread too: beside the other xdist
+# worker, a child's two OpenMP threads made a tiny model's forwards many times slower (the README examples took
+# minutes instead of seconds). Tests that need another count set it themselves (test_distributed, test_reliability).
 torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 REFUSAL_IDS = torch.tensor([1, 2])
 COMPLIANCE_IDS = torch.tensor([3, 4])

@@ -281,17 +281,19 @@ def test_numerically_zero_components_do_not_move_the_others_bands():
 def test_verdicts_do_not_depend_on_batch_rows_or_threads():
     """The default audit's 784 components on the first 24 pairs, with 1, 8 and auto rows per forward, on 1 and 2
     threads: identical significance verdicts (before the fix, one component flipped between auto and 8 rows on all
-    77 pairs; 24 keep every batch layout: several pair chunks at 8 rows, mixed lengths, many significant)."""
+    77 pairs; 24 keep every batch layout: several pair chunks at 8 rows, mixed lengths, many significant). One run
+    uses two threads: beside the other xdist worker on 2 cores, two OpenMP threads make a tiny model's forwards many
+    times slower, and the row layouts need no second thread to differ."""
     threads = torch.get_num_threads()
     results = {}
     try:
-        for rows, n_threads in (("auto", 2), (8, 2), (1, 2), ("auto", 1)):
+        for rows, n_threads in (("auto", 1), (8, 1), (1, 1), ("auto", 2)):
             torch.set_num_threads(n_threads)
             r = audit(AuditConfig(batch_rows=rows, max_pairs=24), progress=False)
             results[(rows, n_threads)] = r
     finally:
         torch.set_num_threads(threads)
-    reference = results[("auto", 2)]
+    reference = results[("auto", 1)]
     assert any(c.significant for c in reference.components)
     for key, r in results.items():
         assert [c.significant for c in r.components] == [c.significant for c in reference.components], key
