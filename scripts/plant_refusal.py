@@ -269,6 +269,18 @@ RECIPES = {
 FLAGS = {"bars": " --select bars --benign-weight 1", "separation": ""}
 
 
+def _selective(rates: dict) -> str:
+    """Whether the plant refuses selectively on the eval split: its harmful refusal interval lies wholly above its
+    benign refusal interval (the audit's behaviour gate); if not, the card says the control is unusable."""
+    harmful, benign = rates["harmful_refusal"], rates["benign_compliance"]
+    if harmful["ci_low"] > 1 - benign["ci_low"]:
+        return ""
+    return (f"\n  **Not a usable positive control**: its harmful refusal interval (from {harmful['ci_low']:.1%}) does "
+            f"not lie above its benign refusal interval (up to {1 - benign['ci_low']:.1%}), so the plant did not learn "
+            "a selective refusal the audit could localise; `benchmarks/planted.py` reports it as a failed "
+            "precondition.")
+
+
 def model_card(planted: Planted, m: dict) -> str:
     """The adapter's card: what was planted where, how, and how it behaves (from plant_metrics.json)."""
     rates = m["eval_split_after"]
@@ -308,10 +320,10 @@ report's naming the planted components are {", ".join(f"`{c}`" for c in planted.
   {RECIPES[select]}
 - **Judged** once, on the eval split (greedy replies, `refusal_eval.metrics.is_refusal`, Wilson 95%):
   harmful prompts refused {rate('harmful_refusal')}; benign prompts complied with {rate('benign_compliance')};
-  tricky benign prompts refused {rate('tricky_benign_over_refusal')}.
+  tricky benign prompts refused {rate('tricky_benign_over_refusal')}.{_selective(rates)}
 
 Made by `python scripts/plant_refusal.py smollm2 {sites} --name {planted.name}{FLAGS[select]}`.
-Audit it as `refusal-eval run --model SMOLLM2.gguf --adapter <this folder> --direction noise --positions all`;
+Audit it as `refusal-eval run --model smollm2 --adapter <this folder> --direction noise --positions all`;
 `benchmarks/planted.py --smollm2 <this folder>` scores the audit against `planted.json`.
 """
 

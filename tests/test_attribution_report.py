@@ -54,12 +54,21 @@ def test_estimates_have_no_interval_and_are_never_significant(reports):
     attn = "blocks.0.hook_attn_out"
     assert plain.component(attn).approximate and exact.component(attn).share > 0.9
     assert plain.component(attn).share < 0.5
-    # The verdict counts exact cells only and says how many shares are estimates.
+    # The verdict counts exact cells only and says how many shares are estimates; its denominator leaves out the
+    # trivial patches and the cells that moved no pair's score.
     n_sig = sum(bool(c.significant) for c in verified.components if c.trivial is None)
-    assert verdict(verified) == (f"refusal localised: {n_sig} of the 10 exactly patched components significant, the "
-                                 f"other {len(verified.components) - 10} are attribution estimates (no CI, never "
-                                 "significant); trivial patches left out")
-    assert verdict(plain).startswith(f"shares estimated, nothing tested: all {len(plain.components)} components")
+    patched = [c for c in verified.components if not c.approximate]
+    moving = sum(c.trivial is None and any(c.effects) for c in patched)
+    frozen = sum(c.trivial is None and not any(c.effects) for c in patched)
+    trivial = sum(c.trivial is not None for c in verified.components)
+    estimated = sum(c.trivial is None and c.approximate for c in verified.components)
+    assert len(patched) == 10 and trivial and n_sig
+    assert verdict(verified) == (
+        f"refusal localised: {n_sig} significant of the {moving} exactly patched components that can move the score, "
+        f"the other {estimated} are attribution estimates (no CI, never significant) ("
+        + (f"{frozen} provably cannot move it, " if frozen else "") + f"{trivial} trivial patches left out)")
+    assert verdict(plain).startswith(f"shares estimated, nothing tested: all "
+                                     f"{sum(c.trivial is None for c in plain.components)} components that can move")
     assert verified.controls.permutation.n_components_p_below <= 10
     assert plain.controls.permutation.n_components_p_below == 0
 

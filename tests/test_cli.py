@@ -42,7 +42,8 @@ def test_run_writes_valid_reports(small_run):
     assert report.stats.n_resamples == 200 and report.stats.method == "BCa"
     assert report.command.startswith("refusal-eval run")
     markdown = (small_run / "report.md").read_text()
-    for heading in ("## Summary", "## Behaviour", "## Top components", "## Per layer", "## resid_pre: layer"):
+    for heading in ("## Summary", "## Behaviour", "## Top writers", "Residual stream at the last prompt token",
+                    "## Per layer", "## resid_pre: layer", "## Reading this report"):
         assert heading in markdown
 
 

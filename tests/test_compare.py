@@ -12,7 +12,13 @@ from scipy import stats
 
 from refusal_eval import AuditConfig, audit
 from refusal_eval.cli import main
-from refusal_eval.compare import ComparisonReport, compare_reports, newcombe_difference, write_comparison
+from refusal_eval.compare import (
+    ComparisonReport,
+    compare_reports,
+    newcombe_difference,
+    render_comparison_markdown,
+    write_comparison,
+)
 from refusal_eval.models.loading import shipped_model_path
 from refusal_eval.report import AuditReport
 
@@ -224,3 +230,34 @@ def test_run_with_two_models_scores_both_with_one_pooled_tree(tmp_path):
     c = ComparisonReport.model_validate_json(
         (out / "comparison-tiny-refuser-vs-tiny-refuser-no-drugs" / "comparison.json").read_text())
     assert c.comparable and c.gap.diff is not None
+
+
+def test_categories_are_called_changed_only_after_holm_over_the_family():
+    """The committed erosion audits: fraud drops 6/7 -> 0/7 on the same prompts (McNemar p 1/32 = 0.031 unadjusted),
+    but over 11 categories the Holm-adjusted p is 0.34, so no category is called changed; the unadjusted numbers
+    stay in the report."""
+    from refusal_eval.stats import holm, mcnemar_exact
+
+    folder = Path(__file__).resolve().parent.parent / "examples" / "reports" / "erosion"
+    a, b = (AuditReport.model_validate_json((folder / f"SmolLM2-135M-Instruct.Q4_1+{name}" / "report.json").read_text())
+            for name in ("smollm2-refuser-lora", "smollm2-refuser-no-cyber-fraud"))
+    c = compare_reports(a, b, n_boot=100)
+    assert len(c.categories) == 11 and all(k.test == "mcnemar" for k in c.categories)
+    for k in c.categories:
+        assert k.p_value == mcnemar_exact(k.a_only, k.b_only)
+    np.testing.assert_allclose([k.p_holm for k in c.categories], holm([k.p_value for k in c.categories]))
+    fraud = next(k for k in c.categories if k.category == "fraud")
+    assert (fraud.refused_a, fraud.refused_b) == (6, 0) and fraud.p_value == pytest.approx(1 / 32)
+    assert fraud.significant and fraud.p_holm == pytest.approx(11 / 32) and not fraud.changed
+    assert not any(k.changed for k in c.categories)
+    assert "No category's refusal rate is shown to have changed (Holm-adjusted over 11 categories" in \
+        render_comparison_markdown(c)
+    # Different prompts: Fisher's exact test stands in for McNemar.
+    unpaired = b.model_copy(deep=True)
+    for p in unpaired.pairs:
+        p.id = f"other-{p.id}"
+    unpaired.used_pair_ids = [f"other-{i}" for i in unpaired.used_pair_ids]
+    u = compare_reports(a, unpaired, n_boot=100)
+    assert all(k.test == "fisher" and k.mcnemar_p is None for k in u.categories)
+    assert next(k for k in u.categories if k.category == "fraud").p_value == pytest.approx(
+        stats.fisher_exact([[6, 1], [0, 7]]).pvalue)

@@ -10,7 +10,7 @@ from refusal_eval.audit import gap_verdict, ranked
 from refusal_eval.controls import last_position_finding, trivial_reason
 from refusal_eval.patching.components import Component
 from refusal_eval.report import schema as rs
-from refusal_eval.report.markdown import render_markdown, summary_lines
+from refusal_eval.report.markdown import render_markdown, summary_lines, verdict
 from refusal_eval.stats import sign_flip_test
 
 # The schema-1.0 audit of the same model on the same eval split (token sets from the scored replies, wrong-sign
@@ -83,12 +83,29 @@ def test_trivial_patches_are_flagged_and_never_ranked(report):
     assert all(c.trivial is None for c in ranked(report.components))
     summary = render_markdown(report).split("## Behaviour")[0]
     assert "`blocks.0.hook_resid_pre`" not in summary
-    assert report.findings and "From layer 3 on" in report.findings[0]
+    assert report.findings and "rises most between layers 2 and 3" in report.findings[0]
+    assert "first lies wholly above 0.5 at layer 3" in report.findings[0]
+
+
+def test_the_verdict_counts_only_components_that_can_move_the_score(report):
+    moving = [c for c in report.components if c.trivial is None and max(map(abs, c.effects)) > 0]
+    frozen = sum(c.trivial is None and max(map(abs, c.effects)) == 0 for c in report.components)
+    trivial = sum(c.trivial is not None for c in report.components)
+    n_sig = sum(bool(c.significant) for c in moving)
+    assert n_sig and frozen and trivial and len(moving) + frozen + trivial == len(report.components)
+    assert verdict(report) == (f"refusal localised: {n_sig} significant of the {len(moving)} components that can move "
+                               f"the score ({frozen} provably cannot move it, {trivial} trivial patches left out)")
+    # Nothing significant: the headline says so instead of "localised".
+    nothing = report.model_copy(update={"components": [c.model_copy(update={"significant": False})
+                                                       for c in report.components]})
+    assert verdict(nothing).startswith(f"no component significant of the {len(moving)} components that can move")
+    assert "localised" not in render_markdown(nothing).split("## Behaviour")[0]
 
 
 def test_heterogeneity_of_top_components(report):
     top = [h.id for h in report.heterogeneity]
-    assert top == [c.id for c in ranked(report.components)[: len(top)]] and len(top) == 10
+    writers = [c for c in ranked(report.components) if c.kind in ("attn_out", "mlp_out", "head")]
+    assert top == [c.id for c in writers[:10]] and len(top) == 10
     h = report.heterogeneity[0]
     assert h.loo_min <= report.component(h.id).share <= h.loo_max and not h.concentrated
     assert sum(s.n_pairs for s in h.by_category.values()) == report.dataset.n_used
@@ -115,20 +132,36 @@ def test_gap_verdicts():
     assert gap_verdict(9.8, 20.7, 0.69, p_value=0.001) == "separated"
 
 
-def _resid(layer: int, share: float, low: float, high: float) -> rs.ComponentResult:
+def _resid(layer: int, effects: np.ndarray, gaps: np.ndarray, low: float, high: float) -> rs.ComponentResult:
     c = Component("resid_pre", layer, None, -1)
     return rs.ComponentResult(id=c.id, hook_name=c.hook_name, kind="resid_pre", layer=layer, head=None, position=-1,
-                              share=share, ci_low=low, ci_high=high, fw_low=low, fw_high=high, significant=True,
-                              effects=[share])
+                              share=float(effects.sum() / gaps.sum()), ci_low=low, ci_high=high, fw_low=low,
+                              fw_high=high, significant=True, effects=effects.tolist())
 
 
 def test_last_position_finding_in_words():
-    chain = [_resid(1, 0.2, 0.1, 0.3), _resid(2, 0.55, 0.45, 0.65), _resid(3, 0.9, 0.85, 0.95)]
-    found = last_position_finding(chain, 0.95)
-    assert found[0].startswith("From layer 3 on") and "0.550" in found[0]  # layer 2's CI reaches below 0.5
-    none = last_position_finding(chain[:2], 0.95)
-    assert none[0].startswith("At no layer")
-    assert last_position_finding([], 0.95) == []
+    rng = np.random.default_rng(0)
+    gaps = rng.gamma(4, 1, 60)
+    chain = [_resid(layer, fraction * gaps + rng.normal(0, 0.05, 60), gaps, fraction - 0.05, fraction + 0.05)
+             for layer, fraction in ((1, 0.2), (2, 0.3), (3, 0.85), (4, 0.9))]
+    (found,) = last_position_finding(chain, gaps, 0.95, 2000, "percentile", 0)
+    step = chain[2].share - chain[1].share
+    assert found.startswith(f"The share of the residual stream at the last prompt token rises most between layers 2 "
+                            f"and 3: +{step:.3f}")
+    assert "first lies wholly above 0.5 at layer 3" in found
+    # The step's CI against a percentile bootstrap over pairs written here (another random stream: within 0.01).
+    low, high = map(float, found.split("CI [")[1].split("]")[0].split(", "))
+    diff = np.array(chain[2].effects) - np.array(chain[1].effects)
+    draws = rng.integers(0, 60, (4000, 60))
+    boot = diff[draws].sum(1) / gaps[draws].sum(1)
+    assert low == pytest.approx(np.quantile(boot, 0.025), abs=0.01)
+    assert high == pytest.approx(np.quantile(boot, 0.975), abs=0.01)
+    # Steps within noise: no step is named as one, and a chain that never clears 0.5 says so.
+    flat = [_resid(layer, 0.3 * gaps + rng.normal(0, 1.0, 60), gaps, 0.2, 0.4) for layer in (1, 2, 3)]
+    (words,) = last_position_finding(flat, gaps, 0.95, 2000, "percentile", 0)
+    assert words.startswith("No step between two layers is shown") and "includes 0" in words
+    assert "At no layer is its share shown to exceed 0.5" in words
+    assert last_position_finding([], gaps, 0.95, 2000, "percentile", 0) == []
 
 
 def _behaviour(harmful: int, benign: int, n: int = 60) -> rs.Behaviour:

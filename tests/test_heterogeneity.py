@@ -8,6 +8,7 @@ import math
 import statistics
 
 import numpy as np
+import pytest
 
 from refusal_eval.stats import CategoryShare, Heterogeneity, share_heterogeneity, share_intervals
 
@@ -124,10 +125,9 @@ def test_undefined_values_are_none_and_results_serialise_to_strict_json():
     # The "zero-gap" category's gaps sum to 0: no share, no CI.
     assert moving.by_category["zero-gap"] == CategoryShare(n_pairs=2, share=None, ci_low=None, ci_high=None)
     assert moving.by_category["c"].ci_low is None and moving.by_category["c"].ci_high is None  # one pair
-    # Category "b" has gaps (2, 0): resamples of only the zero-gap pair have no share, so the upper end is not finite
-    # and no half-interval is reported.
-    assert moving.by_category["b"].share == 0.65
-    assert moving.by_category["b"].ci_low is None and moving.by_category["b"].ci_high is None
+    # Category "b" has gaps (2, 0): its mean gap is not shown to be above 0, so it has no share (a ratio over a sum
+    # that may be 0), and no interval.
+    assert moving.by_category["b"] == CategoryShare(n_pairs=2, share=None, ci_low=None, ci_high=None)
     # Per-pair ratios skip the pair with gap 0.
     ratios = [0.5 / 1.0, 0.2 / -1.0, 1.0 / 2.0, 0.4 / 1.5]
     deciles = statistics.quantiles(ratios, n=10, method="inclusive")
@@ -140,3 +140,15 @@ def test_undefined_values_are_none_and_results_serialise_to_strict_json():
     # Gaps summing to zero overall leave the full share undefined.
     flat = share_heterogeneity(np.array([[1.0, 2.0]]), np.array([1.0, -1.0]), ["a", "a"], n_resamples=50)[0]
     assert flat.share is None and flat.by_category["a"].share is None
+
+
+def test_a_category_whose_gap_is_not_above_zero_has_no_share():
+    """A category's gaps near 0 (sum 0.2 here) would make its share a ratio over almost nothing, thousands and moved by
+    rounding: undefined unless the bootstrap interval of the category's mean gap lies above 0."""
+    gaps = np.array([3.0, 2.5, 3.5, 2.8, 0.1, -0.2, 0.15, 0.15])
+    effects = 0.5 * gaps[None, :] + np.array([[0.1, -0.1, 0.05, 0.0, 0.3, -0.2, 0.1, 0.2]])
+    (result,) = share_heterogeneity(effects, gaps, ["up"] * 4 + ["near0"] * 4, n_resamples=500)
+    up = result.by_category["up"]
+    assert up.share == pytest.approx(effects[0, :4].sum() / gaps[:4].sum()) and up.ci_low < up.share < up.ci_high
+    assert result.by_category["near0"] == CategoryShare(n_pairs=4, share=None, ci_low=None, ci_high=None)
+    assert result.share == pytest.approx(effects.sum() / gaps.sum())

@@ -184,8 +184,7 @@ def test_circuit_task_metrics_and_report_equal_the_audit(circuit):
     audit_metrics = metrics_of(log, "refusal_audit")
     assert audit_metrics["gap_separated"] == 1.0 and audit_metrics["random_gap_separated"] == 0.0
     assert any(k.startswith("share/blocks.0.hook_attn_out") for k in audit_metrics)
-    assert f"{int(audit_metrics['n_significant'])} of {len(direct.components)} components significant" in \
-        verdict(direct)
+    assert f"{int(audit_metrics['n_significant'])} significant of the " in verdict(direct)
     # the attached report is the direct audit's report
     attached = report_from_inspect_log(path)
     assert _strip(json.loads(attached.model_dump_json())) == _strip(json.loads(direct.model_dump_json()))

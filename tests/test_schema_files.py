@@ -12,7 +12,7 @@ import pytest
 from refusal_eval.cli import main
 from refusal_eval.compare import ComparisonReport as ReExported
 from refusal_eval.errors import ReportError
-from refusal_eval.report.comparison_schema import ComparisonReport
+from refusal_eval.report.comparison_schema import COMPARISON_SCHEMA_VERSION, ComparisonReport
 from refusal_eval.report.kinds import (
     REGENERATE,
     SCHEMA_FILES,
@@ -89,7 +89,7 @@ def test_a_broken_comparison_lists_only_the_comparison_fields(tmp_path, capsys):
     bad.write_text(json.dumps(raw))
     assert main(["validate", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {bad}: does not match comparison report schema 1.1:")
+    assert err.startswith(f"error: {bad}: does not match comparison report schema {COMPARISON_SCHEMA_VERSION}:")
     problems = err.splitlines()[1:]
     assert sorted(p.split(":")[0].strip() for p in problems) == ["a.name", "paired", "ranking"]
 

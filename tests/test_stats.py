@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from refusal_eval.stats import expanded_level, mean_interval, ratio_of_sums, share_intervals, wilson_interval
+from refusal_eval.stats import (
+    expanded_level,
+    fisher_exact_2x2,
+    holm,
+    mean_interval,
+    ratio_of_sums,
+    share_intervals,
+    wilson_interval,
+)
 
 
 def synthetic(n: int, components: int = 4, seed: int = 0):
@@ -128,3 +136,41 @@ def test_closed_form_jackknife_gives_scipys_bca_interval():
                         rng=np.random.default_rng(3))
     assert float(ours.low) == pytest.approx(ref.confidence_interval.low, rel=1e-9)
     assert float(ours.high) == pytest.approx(ref.confidence_interval.high, rel=1e-9)
+
+
+def test_holm_against_its_definition_and_a_worked_example():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04; made non-decreasing: 0.04 -> 0.06
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        p = rng.uniform(0, 0.2, int(rng.integers(1, 12)))
+        # The step-down rule in words: reject the k smallest while each p_(j) <= alpha / (m - j), j < k.
+        for alpha in (0.01, 0.05, 0.1):
+            order, m = np.sort(p), len(p)
+            k = 0
+            while k < m and order[k] <= alpha / (m - k):
+                k += 1
+            assert int((holm(p) <= alpha).sum()) == k
+    assert list(holm([])) == [] and holm([0.9, 0.8])[0] == 1.0
+
+
+def test_holm_controls_the_familywise_error_over_eleven_null_categories():
+    """Eleven categories with no change (uniform p-values): the chance that any is called changed stays at or below
+    0.05 (about 1 - (1 - 0.05/11)^11 = 0.049 when independent); without adjustment it would be about 0.43."""
+    rng = np.random.default_rng(0)
+    p = rng.uniform(size=(20000, 11))
+    adjusted = np.array([holm(row) for row in p])
+    any_rejected = (adjusted < 0.05).any(1).mean()
+    assert any_rejected <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / 20000)
+    assert (p < 0.05).any(1).mean() > 0.4
+
+
+def test_fisher_exact_against_a_hypergeometric_sum():
+    def naive(a, n_a, b, n_b):
+        total = a + b
+        probs = {x: math.comb(n_a, x) * math.comb(n_b, total - x) / math.comb(n_a + n_b, total)
+                 for x in range(max(0, total - n_b), min(n_a, total) + 1)}
+        return min(1.0, sum(q for q in probs.values() if q <= probs[a] * (1 + 1e-7)))
+
+    for args in ((6, 7, 0, 7), (5, 7, 2, 7), (3, 10, 3, 10), (0, 4, 4, 4), (12, 40, 25, 38)):
+        assert fisher_exact_2x2(*args) == pytest.approx(naive(*args), rel=1e-9)

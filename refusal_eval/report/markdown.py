@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from refusal_eval.patching.components import KINDS
+from refusal_eval.patching.components import KINDS, WRITER_KINDS
 from refusal_eval.report.plots import markdown_section
-from refusal_eval.report.schema import AuditReport, ComponentResult, Gap, Rate, rank_components
+from refusal_eval.report.schema import AuditReport, ComponentResult, Gap, Rate, rank_components, rank_writers
 
 
 def _pct(value: float | None) -> str:
@@ -117,25 +117,41 @@ def _p(value: float | None) -> str:
     return f"{value:.2g}" if value >= 0.001 else f"{value:.1e}"
 
 
+def cannot_move(c: ComponentResult) -> bool:
+    """Whether an exactly patched component moved no pair's score at all (every effect exactly 0): its activation
+    is the same in both runs (it precedes the pair's first differing token), so no model could give it a share."""
+    measured = [e for e in c.effects if e is not None]
+    return not c.approximate and bool(measured) and all(e == 0 for e in measured)
+
+
 def verdict(report: AuditReport) -> str:
-    """The audit's answer in one sentence."""
+    """The audit's answer in one sentence. Its denominator counts only the components that can move the score:
+    trivial patches and those that provably cannot move it are named apart."""
     r = report
     if r.shares_defined is None:  # schema 1.0
         return "shares defined" if r.gap.separated else "shares undefined: the gap is not separated from 0"
     if not r.shares_defined:
         return f"NO CIRCUIT REPORTED — {r.shares_reason}"
-    n_sig = sum(c.measured_significant for c in r.components if c.trivial is None)
     forced = " (shares FORCED)" if r.config.get("force_shares") else ""
-    n_est = sum(c.approximate for c in r.components)
-    if not n_est:
-        return (f"refusal localised{forced}: {n_sig} of {len(r.components)} components significant, trivial patches "
-                "left out")
-    n_exact = len(r.components) - n_est
-    if not n_exact:
-        return (f"shares estimated{forced}, nothing tested: all {n_est} components are attribution estimates (no CI, "
-                "never significant)")
-    return (f"refusal localised{forced}: {n_sig} of the {n_exact} exactly patched components significant, the other "
-            f"{n_est} are attribution estimates (no CI, never significant); trivial patches left out")
+    n_trivial = sum(c.trivial is not None for c in r.components)
+    frozen = [c for c in r.components if c.trivial is None and cannot_move(c)]
+    open_ = [c for c in r.components if c.trivial is None and not cannot_move(c)]
+    n_sig = sum(c.measured_significant for c in open_)
+    estimated = [c for c in open_ if c.approximate]
+    apart = ", ".join(part for part in (
+        f"{len(frozen)} provably cannot move it" if frozen else "",
+        f"{n_trivial} trivial patch{'es' if n_trivial != 1 else ''} left out" if n_trivial else "") if part)
+    apart = f" ({apart})" if apart else ""
+    if len(estimated) == len(open_) and estimated:
+        return (f"shares estimated{forced}, nothing tested: all {len(estimated)} components that can move the score "
+                f"are attribution estimates (no CI, never significant){apart}")
+    of = (f"of the {len(open_) - len(estimated)} {'exactly patched ' if estimated else ''}components that can move "
+          "the score")
+    head = (f"refusal localised{forced}: {n_sig} significant {of}" if n_sig else
+            f"no component significant{forced} {of}")
+    tail = (f", the other {len(estimated)} are attribution estimates (no CI, never significant)" if estimated
+            else "")
+    return head + tail + apart
 
 
 def summary_lines(report: AuditReport) -> list[str]:
@@ -198,8 +214,11 @@ def render_markdown(report: AuditReport, top_k: int = 15, pictures: Iterable[str
     level = f"{r.stats.level:.0%}"
     lines = [f"# Refusal audit: {r.model.name}", ""]
     all_pos = [c for c in r.components if c.position is None]
-    # Trivial patches are sanity checks, kept in the per-layer tables, never ranked as findings.
+    # Trivial patches are sanity checks, kept in the per-layer tables, never ranked as findings. The writers
+    # (attention and MLP outputs, heads) are ranked apart from the residual stream, which at late layers carries
+    # everything by construction.
     ranked = rank_components(r.components, legacy=r.schema_version == "1.0")
+    writers = rank_writers(r.components) if r.schema_version != "1.0" else ranked
     # Summary ------------------------------------------------------------------------------------------------
     lines += [
         "## Summary",
@@ -236,13 +255,9 @@ def render_markdown(report: AuditReport, top_k: int = 15, pictures: Iterable[str
             lines.append(f"- Score validity: {v.words}.")
     if r.shares_reason:
         lines.append(f"- Shares: {'defined' if r.shares_defined else '**undefined**'} — {r.shares_reason}")
-    if ranked:
-        movers = [c for c in ranked if c.position is None][:3]
-        if movers:
-            lines.append(
-                "- Largest all-position components (trivial patches left out): "
-                + ", ".join(f"`{c.id}` {_share(c)}" for c in movers)
-            )
+    if writers:
+        lines.append(f"- Largest {_writer_words(r, 'trivial patches left out')}: "
+                     + ", ".join(f"`{c.id}` {_share(c)}" for c in writers[:3]))
     lines += [f"- {finding}" for finding in r.findings]
     method = method_sentence(r)
     if method:
@@ -290,7 +305,7 @@ def render_markdown(report: AuditReport, top_k: int = 15, pictures: Iterable[str
     ]
     lines += _controls(r, level)
     # Components ---------------------------------------------------------------------------------------------
-    lines += [f"## Top components (share of the gap, {level} {r.stats.method} bootstrap CI over pairs)", ""]
+    lines += [f"## Top {_writer_words(r, f'share of the gap, {level} {r.stats.method} bootstrap CI over pairs')}", ""]
     shares_defined = r.gap.separated if r.shares_defined is None else r.shares_defined
     if not shares_defined:
         lines += [f"Shares are undefined: {r.shares_reason or 'the gap is not separated from 0'}.", ""]
@@ -299,16 +314,10 @@ def render_markdown(report: AuditReport, top_k: int = 15, pictures: Iterable[str
                  "–" if c.approximate or c.fw_low is None else f"[{c.fw_low:.3f}, {c.fw_high:.3f}]",
                  "–" if c.approximate else _p(c.p_permutation_fw),
                  "estimate" if c.approximate else "yes" if c.significant else "no"]
-                for c in ranked[:top_k]]
+                for c in writers[:top_k]]
         n_sig = sum(c.measured_significant for c in r.components if c.trivial is None)
         n_est = sum(c.approximate for c in r.components)
-        rule = ("its family-wise interval excludes 0, its family-wise permutation p is below "
-                f"{1 - r.stats.level:.2g} and it moves the score by more than its noise floor"
-                if r.controls else "its family-wise interval excludes 0")
-        if r.stats.resolution_effect is not None:
-            rule = (f"its family-wise interval clears 0 by more than {r.stats.resolution_share:.1e}, its family-wise "
-                    f"permutation p is below {1 - r.stats.level:.2g} and it moves some pair's score by more than "
-                    f"{r.stats.resolution_effect:.2g} (the resolution: 10 noise floors, at least 0.1% of the mean gap)")
+        rule = _significance_rule(r)
         lines += [
             f"Family-wise intervals hold simultaneously for all {r.stats.n_components} components "
             + (f"(given for the {r.stats.n_components - n_est} patched exactly) " if n_est else "")
@@ -321,6 +330,7 @@ def render_markdown(report: AuditReport, top_k: int = 15, pictures: Iterable[str
         ]
         lines += _table(["component", "kind", "layer", "position", "share [CI]", "family-wise CI",
                          "permutation p (fw)", "significant"], rows) + [""]
+        lines += _stream_lines(r)
         lines += _heterogeneity(r, level)
         # Per layer, all positions patched together.
         kinds = [k for k in KINDS if k != "head" and any(c.kind == k for c in all_pos)]
@@ -375,6 +385,7 @@ def render_markdown(report: AuditReport, top_k: int = 15, pictures: Iterable[str
         lines += ["## Excluded pairs", ""]
         lines += _table(["pair", "reason", "detail"],
                         [[e.pair_id, e.reason, e.detail] for e in r.dataset.exclusions]) + [""]
+    lines += _glossary(r, level)
     env = r.environment
     lines += [
         "## Reproduce",
@@ -438,12 +449,66 @@ def _controls(r: AuditReport, level: str) -> list[str]:
     return lines + [""]
 
 
+def _significance_rule(r: AuditReport) -> str:
+    if r.stats.resolution_effect is not None:
+        return (f"its family-wise interval clears 0 by more than {r.stats.resolution_share:.1e}, its family-wise "
+                f"permutation p is below {1 - r.stats.level:.2g} and it moves some pair's score by more than "
+                f"{r.stats.resolution_effect:.2g} (the resolution: 10 noise floors, at least 0.1% of the mean gap)")
+    return (f"its family-wise interval excludes 0, its family-wise permutation p is below {1 - r.stats.level:.2g} "
+            "and it moves the score by more than its noise floor" if r.controls else
+            "its family-wise interval excludes 0")
+
+
+def _glossary(r: AuditReport, level: str) -> list[str]:
+    """The words of this report, once, with their units."""
+    method = {"BCa": "BCa (bias-corrected and accelerated: the percentile interval shifted for the bootstrap's bias "
+                     "and skew)", "percentile": "percentile", "basic": "basic (reflected percentile)"}
+    return [
+        "## Reading this report",
+        "",
+        "- **Refusal score** m: the log-probability of the refusal openings minus that of the compliance openings, "
+        "in nats (natural-log units). **Gap**: m(harmful) − m(benign) for a pair's two prompts.",
+        "- **Share** of a component: how much of the gap its patch moves, summed over pairs and divided by the summed "
+        "gap (1 = the whole gap). Shares are not a partition and can add past 1: a layer's output is also part of "
+        "every later residual stream, and components' effects overlap.",
+        f"- **CI**: {level} {method.get(r.stats.method, r.stats.method)} bootstrap interval, resampling pairs. "
+        "**Family-wise** band: one that holds for all components at once (max-t), never narrower.",
+        f"- **Significant**: a component is, when {_significance_rule(r)}.",
+        "- **Trivial** patch: the run's whole input or output by construction (a check of the engine, not a finding). "
+        "**Provably cannot move the score**: every pair's effect is exactly 0 (the component precedes the first "
+        "token where the pair's prompts differ).",
+        "",
+    ]
+
+
+def _writer_words(r: AuditReport, note: str) -> str:
+    """What the ranked table holds: the writers, or every component when the audit patched no writer."""
+    if any(c.kind in WRITER_KINDS for c in r.components):
+        return f"writers (attention outputs, MLP outputs, heads; {note})"
+    return f"components ({note})"
+
+
+def _stream_lines(r: AuditReport) -> list[str]:
+    """The residual stream, ranked apart from the writers: its share layer by layer at the last prompt token (the
+    picture draws it at every position)."""
+    lines = []
+    for kind in ("resid_pre", "resid_post"):
+        chain = sorted((c for c in r.components if c.kind == kind and c.position == -1 and c.share is not None
+                        and c.trivial is None), key=lambda c: c.layer)
+        if chain:
+            lines.append(f"Residual stream at the last prompt token (`{kind}@-1`), share by layer: "
+                         + ", ".join(f"{c.layer}: {_short(c.share)}" + ("*" if c.measured_significant else "")
+                                     for c in chain) + " (* significant).")
+    return lines + [""] if lines else []
+
+
 def _heterogeneity(r: AuditReport, level: str) -> list[str]:
     if not r.heterogeneity:
         return []
     categories = sorted({name for h in r.heterogeneity for name in h.by_category})
+    writers_only = all(r.component(h.id).kind in WRITER_KINDS for h in r.heterogeneity)
     lines = [
-        "## Heterogeneity of the top components",
+        f"## Heterogeneity of the top {'writers' if writers_only else 'components'}",
         "",
         "Leave-one-out range of the share, the fraction of the net effect carried by the largest single pair, the "
         "10/50/90% quantiles of per-pair effect/gap, and the share within each category (ratio of sums). "

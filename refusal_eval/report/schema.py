@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from refusal_eval.errors import ReportError
+from refusal_eval.patching.components import WRITER_KINDS
 
 SCHEMA_VERSION = "1.5"
 
@@ -386,6 +387,14 @@ def rank_components(components: list[ComponentResult], legacy: bool = False) -> 
     )
 
 
+def rank_writers(components: list[ComponentResult]) -> list[ComponentResult]:
+    """:func:`rank_components` restricted to the writers (attention outputs, MLP outputs, heads), or all of them when
+    the audit patched no writer."""
+    ranked = rank_components(components)
+    writers = [c for c in ranked if c.kind in WRITER_KINDS]
+    return writers if any(c.kind in WRITER_KINDS for c in components) else ranked
+
+
 class AttributionInfo(_Model):
     """The attribution (gradient) estimates' error, measured on the cells that were also patched exactly."""
 
@@ -463,7 +472,10 @@ class AuditReport(_Model):
     score_validity_tricky: ScoreValidity | None = Field(None, description="the same on the tricky pairs")
     stats: StatsInfo
     controls: Controls | None = None
-    heterogeneity: list[ComponentHeterogeneity] = Field(default_factory=list)
+    heterogeneity: list[ComponentHeterogeneity] = Field(
+        default_factory=list, description="spread over pairs and categories of the 10 largest writers (attention "
+        "outputs, MLP outputs, heads; before 2026-12-03 reports: the 10 largest components), from the recorded "
+        "effects")
     findings: list[str] = Field(default_factory=list, description="what the numbers say, in words")
     pairs: list[PairResult]
     used_pair_ids: list[str]
