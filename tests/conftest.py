@@ -25,6 +25,19 @@ REFUSAL_IDS = torch.tensor([1, 2])
 COMPLIANCE_IDS = torch.tensor([3, 4])
 
 
+@pytest.fixture(autouse=True)
+def one_thread_after_each_test():
+    """Back to one thread, and to torch's default (non-deterministic) algorithms, after every test: the in-process
+    trainers (scripts/plant_refusal.py, train_tiny_refuser.py) set 2 threads and deterministic algorithms globally,
+    and a later test in the same xdist worker would otherwise run on 2 threads beside the other worker (slow, and a
+    multi-threaded backward sums in a varying order)."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    if torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(False)
+
+
 def default_signals() -> None:
     """``preexec_fn`` for a child that a test signals: SIGINT and SIGTERM at their default dispositions, whatever
     the shell that started pytest set (a background job or ``nohup`` ignores SIGINT, and children inherit that)."""

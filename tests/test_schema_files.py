@@ -49,8 +49,9 @@ def test_validate_prints_what_a_comparison_compares(capsys):
     raw = json.loads(TINY_COMPARISON.read_text())
     assert main(["validate", str(TINY_COMPARISON)]) == 0
     assert capsys.readouterr().out == (
-        f"{TINY_COMPARISON}: valid comparison report (schema 1.1, tiny-refuser -> tiny-refuser-no-drugs, "
-        f"{len(raw['components'])} components compared, {len(raw['ranking'])} significant changes)\n")
+        f"{TINY_COMPARISON}: valid comparison report (schema {COMPARISON_SCHEMA_VERSION}, tiny-refuser -> "
+        f"tiny-refuser-no-drugs, {len(raw['components'])} components compared, {len(raw['ranking'])} significant "
+        "changes)\n")
 
 
 def test_a_file_of_neither_kind_gets_one_error_naming_missing_keys(tmp_path, capsys):
