@@ -134,8 +134,10 @@ def verdict(report: AuditReport) -> str:
         return f"NO CIRCUIT REPORTED — {r.shares_reason}"
     forced = " (shares FORCED)" if r.config.get("force_shares") else ""
     n_trivial = sum(c.trivial is not None for c in r.components)
-    frozen = [c for c in r.components if c.trivial is None and cannot_move(c)]
-    open_ = [c for c in r.components if c.trivial is None and not cannot_move(c)]
+    frozen, open_ = [], []
+    for c in r.components:
+        if c.trivial is None:
+            (frozen if cannot_move(c) else open_).append(c)
     n_sig = sum(c.measured_significant for c in open_)
     estimated = [c for c in open_ if c.approximate]
     apart = ", ".join(part for part in (
