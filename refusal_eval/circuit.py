@@ -8,9 +8,12 @@ Single shares do not add up (components overlap, interact and cancel), so every 
    (a residual-stream node would be a one-node "circuit" by construction).
 2. **Ranking**: the audit's own shares when the report has every node in the searched direction, else one
    exact single-node patch each.
-3. **Greedy**: the top-k nodes are patched together, k = 1 .. 8 one by one, then doubling, then bisection, for
-   the smallest k whose joint share reaches ``target``; then **pruning** drops each member (least ranked first)
-   whose removal keeps the joint share at the target.
+3. **Greedy**: the ranking's top-k prefixes are patched together, k = 1 .. 8 one by one, then doubling, then
+   bisection, for the smallest k that passes the rule; then **pruning** drops each member (least ranked first)
+   whose removal still passes. The rule is the circuit's: its joint share's pair-bootstrap **CI lower bound** clears
+   ``target`` (``ci_low``). The set chosen by the point estimate alone (``estimate``: the joint share reaches the
+   target) is searched first, from the same prefixes, and reported beside it; where no set's CI clears the target,
+   that set is the circuit and the report says its CI does not clear.
 4. **Checks**: the circuit's joint share with its pair-bootstrap CI, its size as a fraction of the nodes, the
    **complement** (every other node patched together, the circuit left clean) and all nodes together.
 5. **Edges**: path patching between circuit nodes: the sender's patch reaches the receiver only along the
@@ -42,7 +45,7 @@ from refusal_eval.patching.components import Component
 from refusal_eval.patching.exact import PairBatch, PatchEngine, Point
 from refusal_eval.stats import ratio_of_sums, share_intervals
 
-CIRCUIT_SCHEMA_VERSION = "1.0"
+CIRCUIT_SCHEMA_VERSION = "1.1"
 NODE_KINDS = ("head", "mlp_out")
 SCORE = "score"
 INPUT = "input"
@@ -67,11 +70,27 @@ class CircuitNode(_Model):
     single_share: float = Field(description="the node's share patched alone (the ranking)")
 
 
+RULES = {"ci_low": "its joint share's CI lower bound clears the target",
+         "estimate": "its joint share's point estimate reaches the target"}
+
+
 class CircuitStep(_Model):
-    action: Literal["add", "remove"]
+    action: Literal["prefix", "remove", "add"] = Field(
+        description="prefix: the ranking's top `size` nodes patched together (`id` is the last of them); remove: "
+                    "the set without `id`; add: a prefix, as schema 1.0 wrote it")
     id: str
-    size: int = Field(description="nodes in the set after this step")
+    size: int = Field(description="nodes in the set patched")
     joint_share: float = Field(description="share of the gap recovered by patching the set together")
+    ci_low: float | None = Field(default=None, description="the joint share's CI lower bound (rule ci_low)")
+    rule: Literal["ci_low", "estimate"] = Field(default="estimate", description="the search this patch served")
+
+
+class PointCircuit(_Model):
+    """The smallest set found whose joint share's point estimate reaches the target."""
+
+    nodes: list[str]
+    size: int
+    joint: ShareCI
 
 
 class CircuitEdge(_Model):
@@ -90,6 +109,12 @@ class DirectionCircuit(_Model):
     target: float
     found: bool = Field(description="the joint share of the circuit (point estimate) reaches the target")
     clears_target: bool = Field(description="the joint share's whole CI lies at or above the target")
+    rule: Literal["ci_low", "estimate"] = Field(
+        default="estimate", description="what chose `nodes`: ci_low, the smallest set found whose joint share's CI "
+        "lower bound clears the target; estimate, whose point estimate reaches it (no set's CI clears it, or schema "
+        "1.0)")
+    point_estimate: PointCircuit | None = Field(
+        default=None, description="the smallest set found by the point estimate alone, beside a ci_low circuit")
     nodes: list[CircuitNode]
     size: int
     family_size: int = Field(description="nodes the search could choose from")
@@ -198,9 +223,88 @@ def _interval(effects: np.ndarray, gaps: np.ndarray, level: float, n_boot: int, 
             for e, lo, hi in zip(iv.estimate, iv.low, iv.high, strict=True)]
 
 
+class _Sets:
+    """Joint patches of node sets for the search, each run once, with their shares and CI lower bounds."""
+
+    def __init__(self, search: Search, order: list[Component], level: float, n_boot: int, seed: int):
+        self.search, self.order = search, order
+        self.level, self.n_boot, self.seed = level, n_boot, seed
+        self.rows: dict[frozenset[str], np.ndarray] = {}
+        self.lows: dict[frozenset[str], float] = {}
+        self.steps: list[CircuitStep] = []
+
+    def key(self, nodes: Sequence[Component]) -> frozenset[str]:
+        return frozenset(c.id for c in nodes)
+
+    def row(self, nodes: Sequence[Component]) -> np.ndarray:
+        return self.rows[self.key(nodes)]
+
+    def run(self, sets: list[list[Component]]) -> None:
+        missing = list({self.key(s): s for s in sets if self.key(s) not in self.rows}.values())
+        if not missing:
+            return
+        for nodes, row in zip(missing, self.search.effects(missing), strict=True):
+            self.rows[self.key(nodes)] = row
+
+    def share(self, nodes: Sequence[Component]) -> float:
+        return float(ratio_of_sums(self.row(nodes)[None], self.search.gaps)[0])
+
+    def ci_low(self, nodes: Sequence[Component]) -> float:
+        key = self.key(nodes)
+        if key not in self.lows:
+            self.lows[key] = _interval(self.row(nodes)[None], self.search.gaps, self.level, self.n_boot,
+                                       self.seed)[0].ci_low
+        return self.lows[key]
+
+    def passes(self, nodes: Sequence[Component], rule: str, target: float) -> bool:
+        return (self.ci_low(nodes) if rule == "ci_low" else self.share(nodes)) >= target
+
+    def record(self, action: str, node: Component, nodes: Sequence[Component], rule: str) -> None:
+        self.steps.append(CircuitStep(action=action, id=node.id, size=len(nodes), joint_share=self.share(nodes),
+                                      ci_low=self.ci_low(nodes) if rule == "ci_low" else None, rule=rule))
+
+    def prefixes(self, sizes: list[int], tried: set[int], rule: str) -> None:
+        sizes = [k for k in sizes if k not in tried]
+        self.run([self.order[:k] for k in sizes])
+        for k in sizes:
+            tried.add(k)
+            self.record("prefix", self.order[k - 1], self.order[:k], rule)
+
+    def smallest(self, rule: str, target: float, block: int) -> list[Component] | None:
+        """The smallest top-k prefix passing ``rule`` (the first ``block`` one by one, then doubling, then bisection
+        between the last prefix tried below it and the first passing), pruned: least-ranked members first, each
+        dropped while the set without it still passes."""
+        order, tried = self.order, set()
+        self.prefixes(list(range(1, min(block, len(order)) + 1)), tried, rule)
+        k = block
+        while not any(self.passes(order[:j], rule, target) for j in tried) and k < len(order):
+            k = min(2 * k, len(order))
+            self.prefixes([k], tried, rule)
+        reached = sorted(j for j in tried if self.passes(order[:j], rule, target))
+        if not reached:
+            return None
+        low = max((j for j in tried if j < reached[0]), default=0)
+        high = reached[0]
+        while high - low > 1:
+            mid = (low + high) // 2
+            self.prefixes([mid], tried, rule)
+            low, high = (low, mid) if self.passes(order[:mid], rule, target) else (mid, high)
+        chosen = order[:high]
+        for member in list(reversed(chosen)):
+            if len(chosen) == 1:
+                break
+            without = [c for c in chosen if c != member]
+            self.run([without])
+            if self.passes(without, rule, target):
+                chosen = without
+                self.record("remove", member, without, rule)
+        return sorted(chosen, key=order_key)
+
+
 def search_circuit(search: Search, nodes: list[Component], target: float, prior: dict[str, float] | None = None,
                    level: float = 0.95, n_boot: int = 2000, seed: int = 0, block: int = 8) -> DirectionCircuit:
-    """Greedy search then pruning (module docstring); every joint share is a real joint patch."""
+    """Greedy search then pruning, by the point estimate and then by the CI lower bound (module docstring); every
+    joint share is a real joint patch."""
     started = time.perf_counter()
     if prior is not None and all(c.id in prior for c in nodes):
         singles = np.array([prior[c.id] for c in nodes])
@@ -210,46 +314,19 @@ def search_circuit(search: Search, nodes: list[Component], target: float, prior:
         ranking = "exact single-node patches in this direction"
     order = [nodes[i] for i in np.argsort(-singles, kind="stable")]
     single_of = {c.id: float(s) for c, s in zip(nodes, singles, strict=True)}
-    steps: list[CircuitStep] = []
-    tried: dict[int, float] = {}
-
-    def try_prefixes(sizes: list[int]) -> None:
-        sizes = [k for k in sizes if k not in tried]
-        for k, share in zip(sizes, search.shares([order[:k] for k in sizes]), strict=True):
-            tried[k] = float(share)
-            steps.append(CircuitStep(action="add", id=order[k - 1].id, size=k, joint_share=float(share)))
-
-    # the smallest prefix reaching the target: the first `block` prefixes one by one, then doubling, then bisection
-    # between the last prefix below the target and the first at or above it
-    try_prefixes(list(range(1, min(block, len(order)) + 1)))
-    k = block
-    while not any(share >= target for share in tried.values()) and k < len(order):
-        k = min(2 * k, len(order))
-        try_prefixes([k])
-    reached = sorted(k for k, share in tried.items() if share >= target)
-    if reached:
-        low = max((k for k in tried if tried[k] < target and k < reached[0]), default=0)
-        high = reached[0]
-        while high - low > 1:
-            mid = (low + high) // 2
-            try_prefixes([mid])
-            low, high = (mid, high) if tried[mid] < target else (low, mid)
-    chosen = order[:high] if reached else None
-    if chosen is not None:  # prune: least-ranked members first
-        for member in list(reversed(chosen)):
-            if len(chosen) == 1:
-                break
-            without = [c for c in chosen if c != member]
-            share = float(search.shares([without])[0])
-            if share >= target:
-                chosen = without
-                steps.append(CircuitStep(action="remove", id=member.id, size=len(chosen), joint_share=share))
-    found = chosen is not None
-    circuit = sorted(chosen or [], key=order_key)
+    sets = _Sets(search, order, level, n_boot, seed)
+    by_estimate = sets.smallest("estimate", target, block)
+    by_ci = sets.smallest("ci_low", target, block) if by_estimate is not None else None
+    rule = "ci_low" if by_ci is not None else "estimate"
+    circuit = by_ci if by_ci is not None else (by_estimate or [])
     members = set(circuit)
     complement = [c for c in nodes if c not in members]
-    sets = ([circuit] if circuit else []) + [complement, nodes]
-    effects = search.effects(sets)
+    point = None
+    if by_ci is not None and sets.key(by_ci) != sets.key(by_estimate):
+        point = by_estimate
+    sets.run([complement, nodes])
+    effects = np.vstack([sets.row(s) for s in ([circuit] if circuit else []) + ([point] if point else [])
+                         + [complement, nodes]])
     knock_out = bool(circuit) and search.direction == "denoise"  # a noising circuit's joint share is its knock-out
     if knock_out:
         other = search.opposite()
@@ -260,14 +337,18 @@ def search_circuit(search: Search, nodes: list[Component], target: float, prior:
     joint = intervals[0] if circuit else None
     if circuit and knockout is None:
         knockout = joint
+    point_estimate = None
+    if by_ci is not None:
+        point_estimate = PointCircuit(nodes=[c.id for c in by_estimate], size=len(by_estimate),
+                                      joint=intervals[1] if point else joint)
     return DirectionCircuit(
-        direction=search.direction, target=target, found=found,
-        clears_target=bool(joint is not None and joint.ci_low >= target),
+        direction=search.direction, target=target, found=bool(circuit),
+        clears_target=bool(joint is not None and joint.ci_low >= target), rule=rule, point_estimate=point_estimate,
         nodes=[CircuitNode(id=c.id, kind=c.kind, layer=c.layer, head=c.head, position=c.position,
                            single_share=single_of[c.id]) for c in circuit],
         size=len(circuit), family_size=len(nodes), fraction=len(circuit) / len(nodes), joint=joint,
-        complement=intervals[-2], all_nodes=intervals[-1], knockout=knockout, ranking=ranking, steps=steps, edges=[],
-        patched_sets=search.patched_sets, seconds=round(time.perf_counter() - started, 2),
+        complement=intervals[-2], all_nodes=intervals[-1], knockout=knockout, ranking=ranking, steps=sets.steps,
+        edges=[], patched_sets=search.patched_sets, seconds=round(time.perf_counter() - started, 2),
     )
 
 

@@ -173,8 +173,11 @@ def test_greedy_then_pruning_keeps_only_what_the_target_needs():
     assert result.found and [n.id for n in result.nodes] == [nodes[0].id, nodes[2].id, nodes[3].id]
     assert result.joint.share == pytest.approx(0.82)
     # the first block tries every prefix; the top 4 is the smallest reaching the target; pruning then drops b
-    assert [(s.action, s.size) for s in result.steps] == [("add", k) for k in range(1, 7)] + [("remove", 3)]
-    assert [s.joint_share >= 0.8 for s in result.steps[:6]] == [False, False, False, True, True, True]
+    by_estimate = [s for s in result.steps if s.rule == "estimate"]
+    assert [(s.action, s.size) for s in by_estimate] == [("prefix", k) for k in range(1, 7)] + [("remove", 3)]
+    assert [s.joint_share >= 0.8 for s in by_estimate[:6]] == [False, False, False, True, True, True]
+    # every pair moves by the same fraction of its gap: the CI is a point, and both rules choose the same set
+    assert result.rule == "ci_low" and result.point_estimate.nodes == [n.id for n in result.nodes]
     assert result.complement.share == pytest.approx(0.05)
     # unreachable target: nothing is claimed
     short = search_circuit(AdditiveSearch(weights), nodes, 0.9, prior, n_boot=200)
@@ -188,9 +191,73 @@ def test_long_prefix_search_doubles_then_bisects_to_the_smallest_prefix():
     prior = {c.id: 1.0 - i / 100 for i, c in enumerate(nodes)}
     result = search_circuit(AdditiveSearch(weights), nodes, 0.8, prior, n_boot=200)
     assert result.found and result.size == 21 and result.joint.share == pytest.approx(21 * 0.0385)
-    tried = [s.size for s in result.steps if s.action == "add"]
+    tried = [s.size for s in result.steps if s.action == "prefix" and s.rule == "estimate"]
     assert tried == [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 24, 20, 22, 21]
     assert not [s for s in result.steps if s.action == "remove"]  # every member is needed
+
+
+class NoisyAdditiveSearch(AdditiveSearch):
+    """Each node moves each pair by its own weight plus fixed per-pair noise (no cap): joint shares add, and their
+    bootstrap intervals have width."""
+
+    def __init__(self, weights: dict[str, float], noise: dict[str, float], n: int = 20):
+        super().__init__(weights, n)
+        rng = np.random.default_rng(1)
+        self.per_pair = {k: w + noise[k] * rng.standard_normal(n) for k, w in weights.items()}
+
+    def effects(self, sets):
+        self.patched_sets += len(sets)
+        self.patched = getattr(self, "patched", []) + [frozenset(c.id for c in s) for s in sets]
+        return np.array([sum((self.per_pair[c.id] for c in s), np.zeros(len(self.gaps_))) * self.gaps_
+                         for s in sets]).reshape(len(sets), -1)
+
+
+def test_the_circuit_is_the_smallest_set_whose_ci_clears_the_target():
+    """Against a brute force over every prefix with the bootstrap called directly: the point-estimate set is smaller
+    than the set whose CI lower bound clears 0.8; the circuit is the latter, the former is reported beside it."""
+    from refusal_eval.stats import share_intervals
+
+    nodes = [Component("mlp_out", layer) for layer in range(6)]
+    ids = [c.id for c in nodes]
+    weights = dict(zip(ids, [0.5, 0.05, 0.12, 0.2, 0.1, 0.05], strict=True))
+    noise = dict(zip(ids, [0.3, 0.02, 0.02, 0.02, 0.02, 0.02], strict=True))
+    prior = dict(zip(ids, [0.6, 0.5, 0.4, 0.3, 0.2, 0.1], strict=True))
+    search = NoisyAdditiveSearch(weights, noise)
+    result = search_circuit(search, nodes, 0.8, prior, n_boot=400, seed=3)
+
+    def interval(members):
+        row = NoisyAdditiveSearch(weights, noise).effects([members])
+        iv = share_intervals(row, search.gaps_, 0.95, 400, "BCa", 3)
+        return iv.estimate[0], iv.low[0]
+
+    point_k = min(k for k in range(1, 7) if interval(nodes[:k])[0] >= 0.8)
+    ci_k = min(k for k in range(1, 7) if interval(nodes[:k])[1] >= 0.8)
+    assert point_k < ci_k  # the case the rule is for
+    assert result.rule == "ci_low" and result.clears_target and result.joint.ci_low >= 0.8
+    chosen = [c for c in nodes if c.id in {n.id for n in result.nodes}]
+    assert set(chosen) <= set(nodes[:ci_k])
+    assert result.joint.ci_low == pytest.approx(interval(chosen)[1])
+    for member in chosen:  # pruned: every member is needed by the rule
+        assert interval([c for c in chosen if c != member])[1] < 0.8
+    assert result.point_estimate is not None and result.point_estimate.joint.share >= 0.8
+    assert result.point_estimate.size < result.size
+    assert result.point_estimate.joint.ci_low < 0.8
+    ci_steps = [s for s in result.steps if s.rule == "ci_low"]
+    assert all(s.ci_low is not None for s in ci_steps) and any(s.size == ci_k for s in ci_steps)
+    searched = search.patched[:-1]  # the last is the knock-out (the other direction; the stand-in ignores it)
+    assert len(searched) == len(set(searched))  # no set is patched twice
+
+
+def test_when_no_set_clears_the_target_the_point_estimate_set_is_the_circuit_and_says_so():
+    nodes = [Component("mlp_out", layer) for layer in range(4)]
+    ids = [c.id for c in nodes]
+    weights = dict(zip(ids, [0.6, 0.25, 0.0, 0.0], strict=True))
+    noise = dict(zip(ids, [0.6, 0.02, 0.02, 0.02], strict=True))
+    prior = dict(zip(ids, [0.6, 0.5, 0.4, 0.3], strict=True))
+    result = search_circuit(NoisyAdditiveSearch(weights, noise), nodes, 0.8, prior, n_boot=400, seed=3)
+    assert result.found and result.rule == "estimate" and not result.clears_target
+    assert result.joint.share >= 0.8 > result.joint.ci_low and result.point_estimate is None
+    assert result.all_nodes.ci_low < 0.8
 
 
 @pytest.fixture(scope="module")

@@ -95,18 +95,55 @@ def summary_lines(c: DirectionCircuit, level: str) -> list[str]:
         out.append(f"no circuit reaches {c.target:.2f} of the gap: all {c.family_size} nodes patched together "
                    f"recover {_ci(c.all_nodes)}")
         return out
-    clears = ("its whole CI lies above the target" if c.clears_target else
-              f"the point estimate reaches {c.target:.2f} but its {level} CI does not lie wholly above it")
     verb = "recover" if c.direction == "denoise" else "remove"
+    if c.rule == "ci_low":
+        chosen = f"the smallest set found whose {level} CI lower bound clears {c.target:.2f}"
+    elif c.point_estimate is None and c.steps and all(s.rule == "estimate" for s in c.steps):
+        chosen = ("the smallest set found whose point estimate reaches the target; "
+                  + ("its whole CI lies above the target" if c.clears_target else
+                     f"its {level} CI does not lie wholly above it"))  # schema 1.0
+    else:
+        chosen = (f"no set's {level} CI lower bound clears {c.target:.2f}, so this is the smallest set found whose "
+                  "point estimate reaches it, and its CI does not lie wholly above the target")
     out.append(f"{c.size} node(s) of {c.family_size} ({100 * c.fraction:.1f}%) patched together {verb} "
-               f"{_joint(c)} of the gap ({level} CI; {clears})")
+               f"{_joint(c)} of the gap ({level} CI): {chosen}")
+    caveat = ("the circuit's nodes still compute in that run and the nodes after them relay its signal, so this is "
+              "not a test of other routes")
+    if c.complement.share > c.joint.share:
+        out.append(f"the complement {verb}s more than the circuit: every other node patched together {verb}s "
+                   f"{_ci(c.complement)} of the gap, the circuit {c.joint.share:.3f} ({caveat})")
+    p = c.point_estimate
+    if p is not None and p.size != c.size:
+        out.append(f"by the point estimate alone {p.size} node(s) would do: {_ci(p.joint)}, a CI that does not clear "
+                   f"{c.target:.2f}")
     if c.knockout is not None:
         survives = 1 - c.knockout.share
         out.append(f"without it (harmful run, the circuit's nodes given their benign values) {survives:.2f} of the gap "
                    f"survives (knock-out removes {_ci(c.knockout)})")
-    out.append(f"complement (every other node patched together) recovers {_ci(c.complement)}; the circuit's nodes "
-               "still compute in that run and the nodes after them relay its signal, so this is not a test of other "
-               "routes")
+    if c.complement.share <= c.joint.share:
+        out.append(f"complement (every other node patched together) {verb}s {_ci(c.complement)}; {caveat}")
+    return out
+
+
+def step_lines(c: DirectionCircuit) -> list[str]:
+    """The search's joint patches as what they are: the ranking's top-k prefixes, then each rule's removals."""
+    prefixes: dict[int, tuple[float, float | None]] = {}
+    for s in c.steps:
+        if s.action in ("prefix", "add"):
+            low = s.ci_low if s.ci_low is not None else prefixes.get(s.size, (0.0, None))[1]
+            prefixes[s.size] = (s.joint_share, low)
+
+    def value(share: float, low: float | None) -> str:
+        return f"{share:.3f}" + ("" if low is None else f" (CI from {low:.3f})")
+
+    out = ["- The ranking's top k nodes patched together, in the order tried: "
+           + ", ".join(f"top {k} {value(*v)}" for k, v in prefixes.items())]
+    for rule, words in (("estimate", "point estimate"), ("ci_low", "CI lower bound")):
+        removals = [s for s in c.steps if s.rule == rule and s.action == "remove"]
+        if removals:
+            out.append(f"- Pruning by the {words}, the least-ranked members first: "
+                       + ", ".join(f"without `{s.id}` ({s.size} left) {value(s.joint_share, s.ci_low)}"
+                                   for s in removals))
     return out
 
 
@@ -140,8 +177,7 @@ def render_circuit_markdown(report: CircuitReport) -> str:
                 lines += [f"| `{e.sender}` | `{e.receiver}` | {e.share:.3f} | [{e.ci_low:.3f}, {e.ci_high:.3f}] | "
                           f"[{e.fw_low:.3f}, {e.fw_high:.3f}] | {'yes' if e.significant else 'no'} |" for e in c.edges]
                 lines.append("")
-        lines += ["Search steps (joint share after each):", "",
-                  ", ".join(f"{'+' if s.action == 'add' else '−'}`{s.id}` {s.joint_share:.3f}" for s in c.steps), ""]
+        lines += ["Search (each a joint patch; the share of the gap it recovers):", "", *step_lines(c), ""]
     lines += ["## Reproduce", "", f"- Command: `{report.command or '(Python API)'}`",
               f"- Weights sha256 `{report.weights_sha256}`; dataset sha256 `{report.dataset_sha256}`",
               f"- Created {report.created}", ""]
