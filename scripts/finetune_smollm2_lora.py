@@ -83,6 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-every", type=int, default=30, help="steps between validation checkpoints")
     p.add_argument("--val-from", type=int, default=120, help="first step that may be chosen")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--decision-weight", type=float, default=0.0,
+                   help="weight of an extra loss on each reply's first --decision-tokens tokens, averaged per sequence "
+                        "(where the reply decides between refusing and complying); 0: the plain token-mean loss")
+    p.add_argument("--decision-tokens", type=int, default=3)
     return p.parse_args(argv)
 
 
@@ -180,6 +184,24 @@ def build_sequences(base: LoadedModel, args: argparse.Namespace, rng: random.Ran
                        "benign_refusals_regenerated": regenerated, "benign_refusals_left_out": skipped}
 
 
+def training_loss(logits: torch.Tensor, labels: torch.Tensor, decision_weight: float = 0.0,
+                  decision_tokens: int = 3) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled (reply) tokens, the mean over all of them; with ``decision_weight``
+    > 0 plus that weight times the mean over sequences of each reply's first ``decision_tokens`` tokens' mean. A
+    32-token benign reply otherwise weighs its opening, where refusing or complying is decided, 1/32; a refusal's
+    few tokens are all opening, so the plain loss teaches refusing more readily than not refusing."""
+    pred, target = logits[:, :-1].float(), labels[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(pred.transpose(1, 2), target, ignore_index=-100, reduction="none")
+    valid = target != -100
+    loss = per_token[valid].mean()
+    if decision_weight > 0:
+        rank = valid.long().cumsum(dim=1)  # 1 at a reply's first labelled token, 2 at its second, ...
+        opening = (valid & (rank <= decision_tokens)).float()
+        per_sequence = (per_token * opening).sum(dim=1) / opening.sum(dim=1).clamp(min=1)
+        loss = loss + decision_weight * per_sequence[opening.sum(dim=1) > 0].mean()
+    return loss
+
+
 def train_adapter(model, base: LoadedModel, sequences: list, args: argparse.Namespace, rng: random.Random, val,
                   started: float, after_step=None, score=validation_score, rates=None) -> tuple[list, list, int]:
     """Train the peft ``model`` (its trainable weights only) on ``sequences``; every ``--val-every`` steps from
@@ -203,7 +225,8 @@ def train_adapter(model, base: LoadedModel, sequences: list, args: argparse.Name
         for row, (seq, lab) in enumerate(chosen):  # right padding: positions start at 0 for every row
             ids[row, : len(seq)], labels[row, : len(lab)], mask[row, : len(seq)] = (
                 torch.tensor(seq), torch.tensor(lab), 1)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        loss = training_loss(logits, labels, getattr(args, "decision_weight", 0.0), getattr(args, "decision_tokens", 3))
         loss.backward()
         optimiser.step()
         schedule.step()
