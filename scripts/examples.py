@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""Run the README's console examples and regenerate the committed example reports; check both for staleness.
+"""Run the console examples of README.md and the docs and regenerate the committed example reports; check both.
 
-Every fenced block of README.md whose lines start with ``$ `` is an example: its commands are run in order,
-in one bash shell, in a scratch folder whose ``reports/`` (the default output folder, git-ignored) starts as a copy
-of the committed example reports, ``examples/reports/`` (``datasets/``, ``examples/`` and ``refusal_eval/`` are
-linked there, so the README's relative paths work), and what they print (stdout and stderr together) must be
-what the README shows. In the README text:
+The pages are README.md first, then every page of ``mkdocs.yml``'s ``nav``, in nav order (``docs/...``). Every
+fenced block of a page whose first line starts with ``$ `` is an example: the examples of all pages are run in that
+order (a page's blocks top to bottom), each block's commands in one bash shell, all in ONE scratch folder, so a
+block may read what an earlier block or page wrote. That folder's ``reports/`` (the default output folder,
+git-ignored) starts as a copy of the committed example reports, ``examples/reports/`` (``datasets/``, ``examples/``,
+``refusal_eval/`` and ``scripts/`` are linked there, so the pages' relative paths work), and what the commands print
+(stdout and stderr together) must be what the page shows. A problem names the page and line
+(``docs/commands/gate.md:12: ...``). In a page's text:
 
 * a line ``…`` (or ``...``) stands for any number of printed lines, and a line ending in ``…`` for any line
   that starts with the text before it;
@@ -27,7 +30,7 @@ decimal, words and verdicts must be identical.
 
     python scripts/examples.py check           # the fast examples (tiny-refuser): about 2 minutes on 2 cores
     python scripts/examples.py check --all     # also the SmolLM2 ones (about 35 minutes on 2 cores)
-    python scripts/examples.py update [--all]  # rewrite README outputs and the committed reports from fresh runs
+    python scripts/examples.py update [--all]  # rewrite the pages' outputs and the committed reports from fresh runs
     python scripts/examples.py update --all --match reports/erosion   # only the examples whose commands say so
     python scripts/examples.py refresh         # re-derive the committed reports' derived sections (seconds)
 
@@ -36,8 +39,9 @@ without a model: portable paths, the findings, the heterogeneity table, the Mark
 from the refreshed reports. It is for a change of wording or of a derived section when rerunning the slow SmolLM2
 audits does not fit; the next ``update --all`` reruns them, and the check holds the two within its tolerance.
 
-``check`` exits 1 and prints a diff for every stale output or file. ``update`` rewrites a README block whose
-text has no ``…``; a block with an elision is printed for a hand edit. ``tests/test_readme.py`` runs ``check``.
+``check`` exits 1 and prints a diff for every stale output or file. ``update`` rewrites a block whose text has no
+``…`` in the page it came from; a block with an elision is printed for a hand edit. ``tests/test_readme.py`` runs
+``check`` (and ``mkdocs build --strict``).
 """
 
 from __future__ import annotations
@@ -58,11 +62,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
-# The committed example reports: what the README's commands write to reports/ (the git-ignored default output).
+# The docs site: its nav lists the docs pages, whose examples run after the README's, in nav order.
+MKDOCS = REPO / "mkdocs.yml"
+# The committed example reports: what the pages' commands write to reports/ (the git-ignored default output).
 COMMITTED = REPO / "examples" / "reports"
 LINKED = ("datasets", "examples", "refusal_eval", "scripts")
 ELLIPSIS = ("…", "...")
-# Commands that regenerate committed files the README shows only in excerpts (run with --all).
+# Commands that regenerate committed files the docs show only in excerpts or name (run with --all).
 EXTRA_SLOW = [
     "refusal-eval circuit 'reports/SmolLM2-135M-Instruct.Q4_1+smollm2-refuser-lora/report.json' "
     "--nodes last --max-edge-nodes 8 --quiet",
@@ -71,12 +77,17 @@ EXTRA_SLOW = [
 
 @dataclass
 class Example:
-    """One console block of the README."""
+    """One console block of a page."""
 
     line: int  # 1-based line of the opening fence
     commands: list[str]
     expected: list[list[str]]  # the lines shown after each command
     slow: str | None = None  # the reason it runs only with --all
+    source: str = "README.md"  # the page it is in, relative to the repository root
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
 
     @property
     def text(self) -> str:
@@ -87,8 +98,13 @@ class Example:
 @dataclass
 class Excerpt:
     line: int
-    path: str
+    path: str  # the committed file it quotes
     lines: list[str]
+    source: str = "README.md"  # the page it is in
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
 
 
 @dataclass
@@ -102,7 +118,50 @@ class Problems:
         return bool(self.items)
 
 
-# -- README parsing ---------------------------------------------------------------------------------------------
+# -- pages and parsing -------------------------------------------------------------------------------------------
+
+
+def nav_pages(config: Path | None = None) -> list[Path]:
+    """The Markdown pages of ``mkdocs.yml``'s ``nav``, in nav order (nested sections depth first)."""
+    import yaml
+
+    config = MKDOCS if config is None else config
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    # Material's config may hold tags such as !!python/name:...; the nav needs none of them
+    Loader.add_multi_constructor("", lambda loader, suffix, node: None)
+    data = yaml.load(config.read_text(), Loader=Loader) or {}
+    docs_dir = config.parent / data.get("docs_dir", "docs")
+    out: list[Path] = []
+
+    def walk(item) -> None:
+        if isinstance(item, str):
+            if item.endswith(".md") and "://" not in item:
+                out.append(docs_dir / item)
+        elif isinstance(item, dict):
+            for value in item.values():
+                walk(value)
+        elif isinstance(item, list):
+            for value in item:
+                walk(value)
+
+    walk(data.get("nav", []))
+    return out
+
+
+def pages() -> list[Path]:
+    """The pages whose examples run, in the order they run: README.md, then the docs nav in order."""
+    return [README, *(nav_pages() if MKDOCS.is_file() else [])]
+
+
+def page_name(path: Path) -> str:
+    """A page as problems name it: its path from the repository root."""
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def _blocks(text: str):
@@ -126,12 +185,13 @@ def _blocks(text: str):
         i = j + 1
 
 
-def parse_readme(text: str) -> tuple[list[Example], list[Excerpt]]:
+def parse_page(text: str, source: str = "README.md") -> tuple[list[Example], list[Excerpt]]:
+    """The console examples and excerpts of one page (``source``: its name in problems), top to bottom."""
     examples, excerpts = [], []
     for line_no, info, body, marker in _blocks(text):
         m = re.match(r"<!--\s*excerpt:\s*(\S+)\s*-->", marker)
         if m:
-            excerpts.append(Excerpt(line_no, m.group(1), body))
+            excerpts.append(Excerpt(line_no, m.group(1), body, source))
             continue
         if info or not body or not body[0].startswith("$ "):
             continue
@@ -148,7 +208,18 @@ def parse_readme(text: str) -> tuple[list[Example], list[Excerpt]]:
                 expected[-1].append(line)
             continued = line.endswith("\\")
         m = re.match(r"<!--\s*example:\s*slow\s*(.*?)\s*-->", marker)
-        examples.append(Example(line_no, commands, expected, slow=(m.group(1) or "slow") if m else None))
+        examples.append(Example(line_no, commands, expected, slow=(m.group(1) or "slow") if m else None,
+                                source=source))
+    return examples, excerpts
+
+
+def parse_pages(paths: list[Path] | None = None) -> tuple[list[Example], list[Excerpt]]:
+    """The examples and excerpts of every page (default: ``pages()``), in run order."""
+    examples, excerpts = [], []
+    for path in pages() if paths is None else paths:
+        e, x = parse_page(path.read_text(), page_name(path))
+        examples += e
+        excerpts += x
     return examples, excerpts
 
 
@@ -218,7 +289,7 @@ def _pattern(expected: list[str]) -> tuple[re.Pattern, list[str]]:
 
 
 def output_matches(expected: list[str], actual: list[str]) -> bool:
-    """Whether the printed lines are what the README shows (with its elisions; numbers within the tolerance)."""
+    """Whether the printed lines are what the page shows (with its elisions; numbers within the tolerance)."""
     pattern, numbers = _pattern(expected)
     m = pattern.fullmatch("".join(a + "\n" for a in actual))
     return m is not None and all(numbers_close(w, g) for w, g in zip(numbers, m.groups(), strict=True))
@@ -239,7 +310,7 @@ SEP = "\x1e@@example-command@@"
 
 
 def prepare_workdir(workdir: Path) -> None:
-    """A scratch folder that looks like the repository root to the README's commands."""
+    """A scratch folder that looks like the repository root to the pages' commands."""
     workdir.mkdir(parents=True, exist_ok=True)
     for name in LINKED:
         link = workdir / name
@@ -249,7 +320,7 @@ def prepare_workdir(workdir: Path) -> None:
 
 
 def committed_copy(rel: Path) -> Path:
-    """The committed example of a path the README's commands write under reports/."""
+    """The committed example of a path the pages' commands write under reports/."""
     return COMMITTED / rel.relative_to("reports")
 
 
@@ -270,7 +341,7 @@ def run_example(example: Example, workdir: Path, env: dict[str, str]) -> list[li
     stdout = done.stdout.decode("utf-8", "replace")  # not text=True: progress bars' \r must survive to be dropped
     chunks = stdout.split(SEP + "\n")[1:]
     if len(chunks) != len(example.commands):
-        raise RuntimeError(f"README.md:{example.line}: the example's shell did not run every command:\n"
+        raise RuntimeError(f"{example.where}: the example's shell did not run every command:\n"
                            f"{stdout}{done.stderr.decode('utf-8', 'replace')}")
     return [_clean(chunk) for chunk in chunks]
 
@@ -382,7 +453,7 @@ def check_committed(workdir: Path, since: float, problems: Problems) -> list[Pat
     stale_folders = []
     for folder in rewritten_folders(workdir, since):
         rel = folder.relative_to(workdir)
-        if not committed_copy(rel).is_dir():  # an output the README shows but the project does not commit
+        if not committed_copy(rel).is_dir():  # an output a page shows but the project does not commit
             continue
         before = len(problems.items)
         for fresh in sorted(folder.iterdir()):
@@ -390,7 +461,7 @@ def check_committed(workdir: Path, since: float, problems: Problems) -> list[Pat
                 continue
             committed = committed_copy(rel) / fresh.name
             if not committed.is_file():
-                problems.add(f"{rel / fresh.name}: written by a README example but not committed")
+                problems.add(f"{rel / fresh.name}: written by an example but not committed")
                 continue
             detail = compare_file(committed, fresh)
             if detail:
@@ -406,7 +477,7 @@ def check_excerpts(excerpts: list[Excerpt], workdir: Path | None, problems: Prob
     for ex in excerpts:
         path = REPO / ex.path if workdir is None else fresh_copy(ex.path, workdir)
         if not path.is_file():
-            problems.add(f"README.md:{ex.line}: excerpt of {ex.path}, which does not exist")
+            problems.add(f"{ex.where}: excerpt of {ex.path}, which does not exist")
             continue
         lines = path.read_text().split("\n")
         at = 0
@@ -416,7 +487,7 @@ def check_excerpts(excerpts: list[Excerpt], workdir: Path | None, problems: Prob
             found = next((i for i in range(at, len(lines)) if lines[i] == want
                           or text_matches(want, lines[i], lambda x, y: x == y or float_noise(x, y))), None)
             if found is None:
-                problems.add(f"README.md:{ex.line}: excerpt line not in {ex.path} (in this order)", "  " + want)
+                problems.add(f"{ex.where}: excerpt line not in {ex.path} (in this order)", "  " + want)
                 break
             at = found + 1
 
@@ -427,8 +498,7 @@ def check_excerpts(excerpts: list[Excerpt], workdir: Path | None, problems: Prob
 def run_all(include_slow: bool, workdir: Path, update: bool = False, match: str | None = None) -> Problems:
     import time
 
-    text = README.read_text()
-    examples, excerpts = parse_readme(text)
+    examples, excerpts = parse_pages()
     problems = Problems()
     prepare_workdir(workdir)
     env = example_env()
@@ -442,29 +512,35 @@ def run_all(include_slow: bool, workdir: Path, update: bool = False, match: str 
         for command, want, got in zip(example.commands, example.expected, actual, strict=True):
             if not output_matches(want, got):
                 stale = True
-                diff = difflib.unified_diff(want, got, "README", "printed", lineterm="", n=2)
-                problems.add(f"README.md:{example.line}: `$ {command.splitlines()[0]}` prints something else",
+                diff = difflib.unified_diff(want, got, example.source, "printed", lineterm="", n=2)
+                problems.add(f"{example.where}: `$ {command.splitlines()[0]}` prints something else",
                              "\n".join(diff))
         if stale:
-            replacements.append((example, Example(example.line, example.commands, actual, example.slow).text))
+            replacements.append((example, Example(example.line, example.commands, actual, example.slow,
+                                                  example.source).text))
     if include_slow:
         for command in EXTRA_SLOW if not match else [c for c in EXTRA_SLOW if match in c]:
             subprocess.run(["bash", "-c", command], cwd=workdir, env=env, check=True)
     folders = check_committed(workdir, since, problems)
     check_excerpts(excerpts, workdir if update else None, problems)
     if update:
-        _update(text, replacements, folders, workdir)
+        _update(replacements, folders, workdir)
     return problems
 
 
-def _update(text: str, replacements: list[tuple[Example, str]], folders: list[Path], workdir: Path) -> None:
+def _update(replacements: list[tuple[Example, str]], folders: list[Path], workdir: Path) -> None:
+    """Rewrite each stale block in the page it came from, and copy the rewritten report folders back."""
+    texts: dict[str, str] = {}
     for example, new in replacements:
         if any(line.strip() in ELLIPSIS or line.endswith("…") for out in example.expected for line in out):
-            print(f"README.md:{example.line}: has an elision; edit by hand. Printed:\n{new}\n")
+            print(f"{example.where}: has an elision; edit by hand. Printed:\n{new}\n")
             continue
-        text = text.replace(example.text, new, 1)
-        print(f"README.md:{example.line}: output rewritten")
-    README.write_text(text)
+        if example.source not in texts:
+            texts[example.source] = (REPO / example.source).read_text()
+        texts[example.source] = texts[example.source].replace(example.text, new, 1)
+        print(f"{example.where}: output rewritten")
+    for source, text in texts.items():
+        (REPO / source).write_text(text)
     for rel in folders:
         committed_copy(rel).mkdir(parents=True, exist_ok=True)
         for fresh in sorted((workdir / rel).iterdir()):
@@ -562,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in problems.items:
         print(item + "\n")
     if args.action == "check":
-        print("README examples and committed reports are up to date" if not problems
+        print("README and docs examples and committed reports are up to date" if not problems
               else f"{len(problems.items)} stale example(s) or file(s): run `python scripts/examples.py update`")
         return 1 if problems else 0
     return 0

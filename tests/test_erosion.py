@@ -1,5 +1,6 @@
 """The erosion organism (issue 25, part 3): the committed eroded adapter, its two audits, their comparison and the gate
-policy that tells them apart. Reads committed files only (the audits are the README's slow example)."""
+policy that tells them apart. Reads committed files only (the audits are the slow example of
+docs/case-studies/erosion.md)."""
 
 from __future__ import annotations
 

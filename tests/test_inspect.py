@@ -150,7 +150,7 @@ def circuit(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("circuit")
     cwd = os.getcwd()
-    os.chdir(ROOT)  # hf/<relative folder>, as the README runs it
+    os.chdir(ROOT)  # hf/<relative folder>, as docs/integrations.md runs it
     try:
         log = inspect_eval(refusal_circuit(**CIRCUIT), model=f"hf/{TINY}", display="none", log_dir=str(folder),
                            max_connections=64)[0]
