@@ -37,9 +37,9 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import refusal_eval.audit  # noqa: F401  (binds the module in sys.modules)
+    import refusal_eval.pipeline.audit  # noqa: F401  (binds the modules in sys.modules)
 
-    mod = sys.modules["refusal_eval.audit"]
+    mod, behaviour = sys.modules["refusal_eval.pipeline.audit"], sys.modules["refusal_eval.pipeline.behaviour"]
     seconds: dict[str, float] = defaultdict(float)
     prefix = [""]
 
@@ -53,20 +53,20 @@ def main(argv=None) -> dict:
                 seconds[name] += time.perf_counter() - start
         return wrapper
 
-    mod.greedy_replies = timed(lambda a, k: "replies: " + k.get("desc", "generating"), mod.greedy_replies)
+    behaviour.greedy_replies = timed(lambda a, k: "replies: " + k.get("desc", "generating"), behaviour.greedy_replies)
     mod.scores_stage = timed(lambda a, k: "scores", mod.scores_stage)
     mod.plan_stage = timed(lambda a, k: "plan", mod.plan_stage)
     mod.patch_stage = timed(lambda a, k: "patching", mod.patch_stage)
     mod.statistics_stage = timed(lambda a, k: "statistics (noise floor, permutations, bootstrap)", mod.statistics_stage)
-    original_random = mod.random_control
+    original_random = mod.random_analysis
 
-    def random_control(*a, **k):
+    def random_analysis(*a, **k):
         prefix[0] = "control: "
         try:
             return original_random(*a, **k)
         finally:
             prefix[0] = ""
-    mod.random_control = random_control
+    mod.random_analysis = random_analysis
 
     model = {"tiny": None, "smollm2": str(smollm2_gguf())}.get(args.model, args.model)
     fields = dict(positions=args.positions.split(","), controls=[c for c in [args.control] if c],

@@ -16,7 +16,7 @@ import numpy as np
 from refusal_eval.audit import significance
 from refusal_eval.compare import _effects_matrix, _gaps, compare_reports
 from refusal_eval.config import AuditConfig
-from refusal_eval.report.schema import load_report
+from refusal_eval.report.kinds import load_report
 from refusal_eval.simulation import perturbed_report
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "reports"

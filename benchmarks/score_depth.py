@@ -16,7 +16,7 @@ import argparse
 
 from scipy import stats
 
-from refusal_eval.report.schema import load_report
+from refusal_eval.report.kinds import load_report
 
 WRITERS = ("attn_out", "mlp_out", "head")
 

@@ -13,12 +13,12 @@ import types
 __version__ = "0.1.0"
 
 _LAZY = {
-    "audit": "refusal_eval.audit",
+    "audit": "refusal_eval.pipeline.audit",
     "AuditConfig": "refusal_eval.config",
     "PromptPair": "refusal_eval.data.pairs",
     "load_pairs": "refusal_eval.data.pairs",
     "AuditReport": "refusal_eval.report.schema",
-    "load_report": "refusal_eval.report.schema",
+    "load_report": "refusal_eval.report.kinds",
 }
 
 __all__ = ["AuditConfig", "AuditReport", "PromptPair", "__version__", "audit", "load_pairs", "load_report"]

@@ -477,10 +477,11 @@ def prepare(report, report_path: str | Path, model: str | None = None, adapter: 
             family: str = "all") -> Prepared:
     """Reload an audited model (``model``/``adapter`` default to the report's; its weights must be the audited ones)
     with the report's pairs, opening tree and score form; ``all`` keeps the pairs of equal token length."""
-    from refusal_eval.audit import format_prompt, load_inputs, token_sets_of, tree_engine
     from refusal_eval.config import AuditConfig
     from refusal_eval.models.loading import load_model
     from refusal_eval.patching.exact import build_pair_batch
+    from refusal_eval.pipeline.behaviour import token_sets_of, tree_engine
+    from refusal_eval.pipeline.inputs import format_prompt, load_inputs
 
     shares_defined = report.gap.separated if report.shares_defined is None else report.shares_defined
     if not shares_defined:

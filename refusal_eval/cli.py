@@ -301,7 +301,8 @@ def _run_sharded(configs, names: list[str], args: argparse.Namespace, argv: list
                   "writes the reports", file=sys.stderr)
             with output_lock(args.out):
                 return _run_audits(configs, names, args, argv, keep_partial=False)
-        from refusal_eval.audit import audit, shared_token_sets
+        from refusal_eval.pipeline.audit import audit
+        from refusal_eval.pipeline.behaviour import shared_token_sets
 
         tree = shared_token_sets(configs)
         for config in configs:
@@ -313,8 +314,9 @@ def _run_sharded(configs, names: list[str], args: argparse.Namespace, argv: list
 
 def _run_audits(configs, names: list[str], args: argparse.Namespace, argv: list[str],
                 keep_partial: bool = True) -> int:
-    from refusal_eval.audit import audit, shared_token_sets
     from refusal_eval.errors import ConfigError
+    from refusal_eval.pipeline.audit import audit
+    from refusal_eval.pipeline.behaviour import shared_token_sets
     from refusal_eval.report.markdown import summary_lines
     from refusal_eval.report.writers import write_reports
     from refusal_eval.resume import PARTIAL_NAME
@@ -363,7 +365,8 @@ def _run_audits(configs, names: list[str], args: argparse.Namespace, argv: list[
 
 
 def _schema(args: argparse.Namespace, argv: list[str]) -> int:
-    from refusal_eval.report.kinds import schema_text, write_schema_files
+    from refusal_eval.report.kinds import schema_text
+    from refusal_eval.report.writers import write_schema_files
 
     if args.out:
         for path in write_schema_files(args.out):
@@ -389,7 +392,7 @@ def _validate(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _circuit(args: argparse.Namespace, argv: list[str]) -> int:
-    from refusal_eval.report.schema import load_report
+    from refusal_eval.report.kinds import load_report
     from refusal_eval.report.writers import output_lock
 
     report = load_report(args.report)

@@ -329,7 +329,7 @@ def compare_command(args: argparse.Namespace, argv: list[str]) -> int:
     import sys
 
     from refusal_eval.errors import ConfigError
-    from refusal_eval.report.schema import load_report
+    from refusal_eval.report.kinds import load_report
     from refusal_eval.report.writers import check_writable
 
     if args.n_boot < 100:

@@ -25,7 +25,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from refusal_eval.errors import RefusalEvalError
-from refusal_eval.report.schema import AuditReport, ComponentResult, Rate, load_report
+from refusal_eval.report.kinds import load_report
+from refusal_eval.report.schema import AuditReport, ComponentResult, Rate
 
 if sys.version_info >= (3, 11):
     import tomllib

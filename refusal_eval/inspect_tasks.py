@@ -11,10 +11,10 @@ turn, greedily (temperature 0) with the audit's reply length (``AuditConfig.max_
 with the audit's refusal matcher (:func:`refusal_eval.metrics.is_refusal`). Its metrics are the report's behaviour
 rates with the same Wilson intervals (:func:`refusal_eval.stats.wilson_interval`), overall and per category.
 
-``refusal_circuit`` adds one sample, ``audit``, that runs :func:`refusal_eval.audit.audit` on the same local weights
-(the project's own loader) and scores the report's headline numbers as metrics; the full report (JSON and Markdown)
-is attached to that sample's score metadata, and the Markdown is its reply, so ``inspect view`` shows both.
-``refusal-eval gate LOG.eval`` reads the report back (:mod:`refusal_eval.inspect_log`).
+``refusal_circuit`` adds one sample, ``audit``, that runs :func:`refusal_eval.pipeline.audit.audit` on the same
+local weights (the project's own loader) and scores the report's headline numbers as metrics; the full report (JSON
+and Markdown) is attached to that sample's score metadata, and the Markdown is its reply, so ``inspect view`` shows
+both. ``refusal-eval gate LOG.eval`` reads the report back (:mod:`refusal_eval.inspect_log`).
 
 With inspect's ``hf/`` provider the solver makes generation match the audit's ``greedy_replies`` (whole replies, as
 ``full_replies``; the audit by default stops each reply once its verdict is settled, the same verdict): greedy decoding
@@ -79,7 +79,7 @@ def _config(**options: Any):
 
 
 def _inputs(config):
-    from refusal_eval.audit import load_inputs
+    from refusal_eval.pipeline.inputs import load_inputs
 
     return load_inputs(config)
 
@@ -250,7 +250,7 @@ _AUDITS_LOCK = threading.Lock()  # a thread lock, taken in the worker thread: no
 
 def _cached_audit(config, command: str):
     """The report of this config, audited once per process (in a worker thread: it holds the CPU or GPU)."""
-    from refusal_eval.audit import audit
+    from refusal_eval.pipeline.audit import audit
 
     key = config.model_dump_json()
     with _AUDITS_LOCK:

@@ -187,8 +187,8 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 
 
 def _audit_once(config: pytest.Config, model: str) -> AuditReport:
-    from refusal_eval.audit import audit
     from refusal_eval.config import AuditConfig
+    from refusal_eval.pipeline.audit import audit
 
     options: dict = {"model": model}
     if config.getoption("--refusal-max-pairs") is not None:
@@ -204,7 +204,7 @@ def refusal_report(request: pytest.FixtureRequest) -> AuditReport:
     from pydantic import ValidationError
 
     from refusal_eval.errors import RefusalEvalError
-    from refusal_eval.report.schema import load_report
+    from refusal_eval.report.kinds import load_report
 
     config = request.config
     path = config.getoption("--refusal-report", None)

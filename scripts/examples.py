@@ -562,8 +562,8 @@ def refresh_report(report):
     shares, intervals and verdicts are the run's and are not touched."""
     import numpy as np
 
-    from refusal_eval.controls import heterogeneity, last_position_finding
     from refusal_eval.paths import portable
+    from refusal_eval.pipeline.controls import heterogeneity, last_position_finding
 
     r = report.model_copy(deep=True)
     r.command = _portable_command(r.command)

@@ -17,7 +17,7 @@ from refusal_eval.data.pairs import load_pairs, shipped_dataset
 from refusal_eval.metrics import refusal_score
 from refusal_eval.models.loading import load_model
 from refusal_eval.patching.components import Component
-from refusal_eval.report.schema import load_report
+from refusal_eval.report.kinds import load_report
 
 from .conftest import score_fn
 

@@ -21,6 +21,7 @@ from refusal_eval.compare import (
 )
 from refusal_eval.models.loading import shipped_model_path
 from refusal_eval.report import AuditReport
+from refusal_eval.report.writers import write_json
 
 N_BOOT = 500
 BOOSTED = "blocks.2.hook_mlp_out"  # small share in the tiny refuser; scaled x10 in B
@@ -130,8 +131,8 @@ def test_newcombe_interval():
 
 def test_compare_cli_writes_files_and_round_trips(tmp_path, report_a, report_b, capsys):
     pa, pb = tmp_path / "a.json", tmp_path / "b.json"
-    report_a.write_json(pa)
-    report_b.write_json(pb)
+    write_json(report_a, pa)
+    write_json(report_b, pb)
     out = tmp_path / "cmp"
     assert main(["compare", str(pa), str(pb), "--out", str(out), "--n-boot", "200", "--seed", "1"]) == 0
     printed = capsys.readouterr().out
@@ -151,7 +152,7 @@ def test_compare_cli_writes_files_and_round_trips(tmp_path, report_a, report_b, 
 
 def test_compare_cli_bad_report_exits_2(tmp_path, report_a, capsys):
     good, bad = tmp_path / "a.json", tmp_path / "bad.json"
-    report_a.write_json(good)
+    write_json(report_a, good)
     bad.write_text("{not json")
     assert main(["compare", str(good), str(bad), "--out", str(tmp_path / "x")]) == 2
     assert "bad.json" in capsys.readouterr().err

@@ -7,8 +7,8 @@ import pytest
 
 from refusal_eval import AuditConfig, audit
 from refusal_eval.audit import gap_verdict, ranked
-from refusal_eval.controls import last_position_finding, trivial_reason
 from refusal_eval.patching.components import Component
+from refusal_eval.pipeline.controls import last_position_finding, trivial_reason
 from refusal_eval.report import schema as rs
 from refusal_eval.report.markdown import render_markdown, summary_lines, verdict
 from refusal_eval.stats import sign_flip_test

@@ -37,7 +37,7 @@ def test_the_map_really_offloads_and_the_weights_hash_is_unchanged(split_map):
 
 @pytest.mark.slow
 def test_audit_across_the_device_boundary_equals_the_one_device_audit(split_map, monkeypatch):
-    audit_module = sys.modules["refusal_eval.audit"]  # (refusal_eval.audit is the function)
+    audit_module = sys.modules["refusal_eval.pipeline.audit"]  # where audit() calls load_model
     one = audit(AuditConfig(**OPTIONS), progress=False)
     placed = []
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from refusal_eval.cli import main
 from refusal_eval.compare import ComparisonReport
-from refusal_eval.report.schema import load_report
+from refusal_eval.report.kinds import load_report
 
 ROOT = Path(__file__).resolve().parents[1]
 ERODED = ROOT / "examples" / "eroded" / "smollm2-refuser-no-cyber-fraud"

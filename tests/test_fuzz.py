@@ -15,7 +15,7 @@ from refusal_eval.data.formats import load_pair_source
 from refusal_eval.data.pairs import load_pairs
 from refusal_eval.errors import DataError, ReportError
 from refusal_eval.gate import GateError, load_policy
-from refusal_eval.report.schema import load_report
+from refusal_eval.report.kinds import load_report
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 FIELDS = ["id", "category", "harmful", "benign", "source", "split", "extra"]

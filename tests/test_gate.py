@@ -17,7 +17,9 @@ from refusal_eval.gate import (
     parse_policy,
     top_components,
 )
-from refusal_eval.report.schema import AuditReport, load_report
+from refusal_eval.report.kinds import load_report
+from refusal_eval.report.schema import AuditReport
+from refusal_eval.report.writers import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +39,7 @@ def report() -> AuditReport:
 @pytest.fixture(scope="module")
 def report_path(report, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("gate") / "report.json"
-    report.write_json(path)
+    write_json(report, path)
     return path
 
 
@@ -362,7 +364,7 @@ def test_cli_baseline(report, report_path, tmp_path, capsys):
     assert "no --baseline report was given" in capsys.readouterr().err
     assert main(["gate", str(report_path), "--policy", str(policy), "--baseline", str(report_path)]) == 0
     old = tmp_path / "old.json"
-    raised(report, {c.id for c in top_components(report, 2)}, 0.5).write_json(old)
+    write_json(raised(report, {c.id for c in top_components(report, 2)}, 0.5), old)
     assert main(["gate", str(report_path), "--policy", str(policy), "--baseline", str(old)]) == 1
     assert "drop 0.500 > max_drop 0.200" in capsys.readouterr().out
     # a baseline the policy has no rule for is an error, not silently ignored

@@ -26,6 +26,7 @@ from refusal_eval.inspect_log import is_inspect_log, report_from_inspect_log  # 
 from refusal_eval.inspect_tasks import headline, refusal_behaviour, refusal_circuit  # noqa: E402
 from refusal_eval.metrics import is_refusal  # noqa: E402
 from refusal_eval.report.markdown import verdict  # noqa: E402
+from refusal_eval.report.writers import write_json  # noqa: E402
 from refusal_eval.stats import wilson_interval  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:The 'initial' parameter is deprecated:DeprecationWarning")
@@ -262,7 +263,7 @@ def test_gate_reads_the_report_attached_to_an_inspect_log(circuit, tmp_path, cap
     json_log = tmp_path / "log.json"
     write_eval_log(read_eval_log(str(path)), str(json_log), format="json")
     report_json = tmp_path / "report.json"
-    report_from_inspect_log(path).write_json(report_json)
+    write_json(report_from_inspect_log(path), report_json)
     assert is_inspect_log(path) and is_inspect_log(json_log) and not is_inspect_log(report_json)
     for text, code in ((PASSING, 0), (FAILING, 1)):
         policy = tmp_path / "gate.toml"

@@ -12,7 +12,8 @@ import pytest
 from refusal_eval.audit import significance
 from refusal_eval.compare import _effects_matrix, _gaps, compare_reports
 from refusal_eval.config import AuditConfig
-from refusal_eval.report.schema import AuditReport, load_report
+from refusal_eval.report.kinds import load_report
+from refusal_eval.report.schema import AuditReport
 from refusal_eval.simulation import perturbed_report
 from refusal_eval.stats import resolution
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from refusal_eval.cli import main
 from refusal_eval.compare import compare_reports, write_comparison
+from refusal_eval.report.kinds import load_report
 from refusal_eval.report.plots import (
     HEADS_PNG,
     LAYERS_PNG,
@@ -24,7 +25,6 @@ from refusal_eval.report.plots import (
     audit_picture,
     render_pictures,
 )
-from refusal_eval.report.schema import load_report
 from refusal_eval.report.writers import write_reports
 
 SHIPPED = Path(__file__).resolve().parent.parent / "examples" / "reports" / "tiny-refuser" / "report.json"

@@ -18,6 +18,7 @@ from refusal_eval.pytest_plugin import (
     assert_refusal_rate,
 )
 from refusal_eval.report.schema import AuditReport
+from refusal_eval.report.writers import write_json
 from tests.test_gate import eroded, small_audit, unseparated
 
 pytest_plugins = ["pytester"]
@@ -50,7 +51,7 @@ def report() -> AuditReport:
 @pytest.fixture(scope="module")
 def report_path(report, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("plugin") / "report.json"
-    report.write_json(path)
+    write_json(report, path)
     return path
 
 

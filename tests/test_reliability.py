@@ -188,7 +188,7 @@ def test_interrupts_and_unexpected_errors_are_one_line_and_release_the_lock(exc,
     def fail(*args, **kwargs):
         raise exc
 
-    monkeypatch.setattr(sys.modules["refusal_eval.audit"], "audit", fail)
+    monkeypatch.setattr(sys.modules["refusal_eval.pipeline.audit"], "audit", fail)
     assert main(["run", "--out", str(tmp_path), *FAST]) == code
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -19,10 +19,10 @@ from refusal_eval.report.kinds import (
     VERSIONS,
     detect_kind,
     json_schema,
+    load_report,
     schema_text,
     shipped_schema,
 )
-from refusal_eval.report.schema import load_report
 
 ROOT = Path(__file__).resolve().parent.parent
 AUDITS = sorted((ROOT / "examples" / "reports").glob("*/report.json"))

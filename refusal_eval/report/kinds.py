@@ -78,6 +78,15 @@ def _neither(raw: dict, path: str | Path) -> ReportError:
                        "that schema anyway")
 
 
+def load_report(path: str | Path) -> AuditReport:
+    """Read and validate a report JSON; ReportError names the file and the failing fields."""
+    raw = read_json(path)
+    if detect_kind(raw) == "comparison":
+        raise ReportError(f"{path}: is a comparison report (what `refusal-eval compare` writes), not an audit "
+                          "report; give a report.json")
+    return validate_json(raw, AuditReport, path, f"audit report schema {SCHEMA_VERSION}")
+
+
 def load_any(path: str | Path, kind: Kind | None = None) -> tuple[Kind, BaseModel]:
     """Read a report JSON, tell its kind (or check it is ``kind``) and validate it against that kind's schema.
 
@@ -113,15 +122,3 @@ def schema_text(kind: Kind = "audit") -> str:
 def shipped_schema(kind: Kind) -> Traversable:
     """The schema file shipped in the package (``refusal_eval/schemas/<kind>-report.schema.json``)."""
     return files("refusal_eval").joinpath("schemas", SCHEMA_FILES[kind])
-
-
-def write_schema_files(folder: str | Path) -> list[Path]:
-    """Write both schemas into ``folder`` (created if missing) under their shipped names; returns the paths."""
-    from refusal_eval.report.writers import write_files
-
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ReportError(f"{folder}: is a file; --out takes a folder")
-    texts = {folder / SCHEMA_FILES[k]: schema_text(k) for k in KINDS}
-    write_files(texts)
-    return list(texts)

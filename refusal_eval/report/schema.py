@@ -493,12 +493,6 @@ class AuditReport(_Model):
                 return c
         raise KeyError(component_id)
 
-    def write_json(self, path: str | Path) -> None:
-        """Write the report's JSON atomically (whole or not at all)."""
-        from refusal_eval.report.writers import write_files
-
-        write_files({Path(path): self.model_dump_json(indent=1) + "\n"})
-
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -552,14 +546,3 @@ def validate_json(raw: dict, model: type[BaseModel], path: str | Path, what: str
             f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in errors[:20]
         ) + (f"\n  … and {len(errors) - 20} more" if len(errors) > 20 else "")
         raise ReportError(f"{path}: does not match {what}:\n  {problems}") from exc
-
-
-def load_report(path: str | Path) -> AuditReport:
-    """Read and validate a report JSON; ReportError names the file and the failing fields."""
-    raw = read_json(path)
-    from refusal_eval.report.kinds import detect_kind
-
-    if detect_kind(raw) == "comparison":
-        raise ReportError(f"{path}: is a comparison report (what `refusal-eval compare` writes), not an audit "
-                          "report; give a report.json")
-    return validate_json(raw, AuditReport, path, f"audit report schema {SCHEMA_VERSION}")

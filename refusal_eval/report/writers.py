@@ -107,6 +107,11 @@ def write_files(texts: dict[Path, str | bytes]) -> None:
         os.replace(tmp, path)
 
 
+def write_json(report: AuditReport, path: str | Path) -> None:
+    """Write a report's JSON atomically (whole or not at all)."""
+    write_files({Path(path): report.model_dump_json(indent=1) + "\n"})
+
+
 def write_with_pictures(texts: dict[Path, str], pictures: dict[str, bytes]) -> None:
     """Write the texts and the pictures (PNG bytes by name, beside the first text) together, then remove the
     pictures of an earlier run that this one did not draw, so the folder never shows stale pictures."""
@@ -126,6 +131,19 @@ def write_reports(report: AuditReport, out_dir: str | Path, pictures: bool = Tru
     write_with_pictures({json_path: report.model_dump_json(indent=1) + "\n",
                          md_path: render_markdown(report, pictures=drawn)}, drawn)
     return json_path, md_path
+
+
+def write_schema_files(folder: str | Path) -> list[Path]:
+    """Write both report kinds' JSON Schemas into ``folder`` (created if missing) under their shipped names; returns
+    the paths."""
+    from refusal_eval.report.kinds import KINDS, SCHEMA_FILES, schema_text
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ReportError(f"{folder}: is a file; --out takes a folder")
+    texts = {folder / SCHEMA_FILES[k]: schema_text(k) for k in KINDS}
+    write_files(texts)
+    return list(texts)
 
 
 def plot_report(raw: dict, path: str | Path, folder: str | Path) -> list[Path]:

@@ -2,27 +2,26 @@
 way, the numerical noise floor of patching, components that are trivial by construction, and findings in words.
 
 The label-permutation null (sign flips within pairs) lives in :func:`refusal_eval.stats.sign_flip_test`; the
-audit applies it to the gap and to every component.
+audit applies it to the gap and to every component. The pieces here are pure: the re-initialised copy
+(:func:`reinitialised`) is audited by :func:`refusal_eval.pipeline.audit.audit` itself, and :func:`random_control`
+summarises that analysis for the report.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
+from refusal_eval.config import AuditConfig
 from refusal_eval.models.adapters import get_adapter
 from refusal_eval.models.loading import LoadedModel
 from refusal_eval.patching.components import Component
+from refusal_eval.pipeline.analysis import Analysis
 from refusal_eval.report import schema as rs
 from refusal_eval.stats import share_heterogeneity, share_intervals
-
-if TYPE_CHECKING:  # the audit imports this module
-    from refusal_eval.audit import Analysis, Inputs
-    from refusal_eval.config import AuditConfig
 
 
 def trivial_reason(component: Component, n_layers: int) -> str | None:
@@ -141,25 +140,22 @@ def reinitialised(loaded: LoadedModel, seed: int) -> LoadedModel:
                        loaded.source, loaded.dtype, loaded.device)
 
 
-def random_control(
-    analysis: Analysis, inputs: Inputs, config: AuditConfig, analyse: Callable[..., Analysis], progress: bool
-) -> rs.RandomControl:
-    """The same audit (pairs, calibration, options) on a seeded re-initialised copy of the model.
+def random_control(control: Analysis, config: AuditConfig) -> rs.RandomControl:
+    """The random-weights control's section of the report, from the same audit (pairs, calibration, options) on a
+    seeded re-initialised copy of the model (``control``: :func:`refusal_eval.pipeline.audit.random_analysis`).
 
     Shares are computed with the behaviour gate overridden, so the control also shows what the statistics
-    alone would have claimed; ``n_significant`` applies the audit's own rules."""
-    control = reinitialised(analysis.loaded, config.seed)
-    forced = config.model_copy(update={"force_shares": True})
-    result = analyse(control, inputs, forced, progress=progress, noise=False)
-    under_rules = result.shares_defined and (result.refuses or config.force_shares)
-    b = result.behaviour
+    alone would have claimed; ``n_significant`` applies the audit's own rules (``config``: the audit's)."""
+    under_rules = control.shares_defined and (control.refuses or config.force_shares)
+    b, model = control.behaviour, control.loaded
     return rs.RandomControl(
-        seed=config.seed, weights_sha256=control.weights_sha256(),
-        harmful_refusal=b.harmful_refusal, benign_over_refusal=b.benign_over_refusal, refuses=result.refuses,
-        gap=result.gap, gap_all_pairs=result.gap_all,
-        refusal_tokens=[control.tokenizer.decode([t]) for t in result.token_sets.refusal],
-        compliance_tokens=[control.tokenizer.decode([t]) for t in result.token_sets.compliance],
-        shares_defined=under_rules, n_significant=result.n_significant if under_rules else 0,
-        n_significant_forced=result.n_significant, n_components=len(result.components), score_validity=result.validity,
-        n_permutation_p_below=int((result.permutation.p_familywise < 1 - config.ci_level).sum()),
+        seed=config.seed, weights_sha256=model.weights_sha256(),
+        harmful_refusal=b.harmful_refusal, benign_over_refusal=b.benign_over_refusal, refuses=control.refuses,
+        gap=control.gap, gap_all_pairs=control.gap_all,
+        refusal_tokens=[model.tokenizer.decode([t]) for t in control.token_sets.refusal],
+        compliance_tokens=[model.tokenizer.decode([t]) for t in control.token_sets.compliance],
+        shares_defined=under_rules, n_significant=control.n_significant if under_rules else 0,
+        n_significant_forced=control.n_significant, n_components=len(control.components),
+        score_validity=control.validity,
+        n_permutation_p_below=int((control.permutation.p_familywise < 1 - config.ci_level).sum()),
     )
