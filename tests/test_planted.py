@@ -38,8 +38,8 @@ def _script():
 
 @pytest.fixture(scope="module")
 def organisms(tmp_path_factory) -> dict[str, Path]:
-    """The tiny base and the four plants of scripts/plant_refusal.py (about 40 s on 2 cores)."""
-    return _script().build_tiny(tmp_path_factory.mktemp("planted"))
+    """The tiny base and the four plants of scripts/plant_refusal.py, on one thread beside the other worker."""
+    return _script().build_tiny(tmp_path_factory.mktemp("planted"), threads=1)
 
 
 def _noising(model: Path, **extra):
