@@ -25,6 +25,21 @@ REFUSAL_IDS = torch.tensor([1, 2])
 COMPLIANCE_IDS = torch.tensor([3, 4])
 
 
+# The files that take minutes (measured with --durations on 2 cores), run first: with `--dist loadfile` a worker takes
+# whole files in collection order, and a long file collected last (test_real_model.py) kept one worker busy for
+# minutes after the other had finished. Only the order changes; every test still runs.
+LONG_FILES = ("test_readme.py", "test_real_model.py", "test_reliability.py", "test_planted.py", "test_distributed.py",
+              "test_controls.py", "test_false_positives.py", "test_resume.py", "test_organisms.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: the order inside each file, and among the other files, is kept
+
+
 @pytest.fixture(autouse=True)
 def one_thread_after_each_test():
     """Back to one thread, and to torch's default (non-deterministic) algorithms, after every test: the in-process
