@@ -1,0 +1,340 @@
+"""The refusal direction (issue 27) on the shipped tiny refuser, against independent computations: plain torch hooks
+on the HF modules (ablation, addition, greedy replies), a plain ``output_hidden_states`` forward (the difference in
+means), and cases whose answer is known (a direction the model never writes, a component the direction was taken
+from, a late-layer candidate that must not be chosen)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from refusal_eval import AuditConfig
+from refusal_eval import direction as D
+from refusal_eval.errors import ConfigError, DataError
+from refusal_eval.metrics import Branch, TokenSets, is_refusal, tree_score
+from refusal_eval.models.loading import load_model
+from refusal_eval.pipeline.behaviour import token_set_stage, tree_engine
+from refusal_eval.pipeline.inputs import format_prompt, load_inputs
+from refusal_eval.pipeline.scores import _side_scores
+from refusal_eval.replies import greedy_replies, left_pad
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny refuser, the audit's tree and engine, and its scored and calibration prompts (token ids, formatted
+    as the audit formats them)."""
+    config = AuditConfig()
+    loaded, inputs = load_model(), load_inputs(config)
+    sets = token_set_stage(loaded, inputs, config, progress=False)
+    tok = loaded.tokenizer
+
+    def ids(pairs, side):
+        return [format_prompt(tok, getattr(p, side)) for p in pairs]
+
+    return dict(loaded=loaded, sets=sets, engine=tree_engine(loaded, sets, config),
+                h=ids(inputs.pairs, "harmful"), b=ids(inputs.pairs, "benign"),
+                ch=ids(inputs.calibration, "harmful"), cb=ids(inputs.calibration, "benign"))
+
+
+@pytest.fixture(scope="module")
+def selection(tiny):
+    return D.select_direction(tiny["engine"], tiny["ch"], tiny["cb"], seed=0)
+
+
+def two_branch_tree() -> TokenSets:
+    """A depth-2 tree made by hand (two branch tokens after every prompt: the engine's 4D-mask path)."""
+    return TokenSets(refusal=[43], compliance=[], derivation="test", depth=2,
+                     branches=[Branch(1360, refusal=[48], compliance=[19, 37]), Branch(1361, [55], [40])])
+
+
+# -- the independent computation: plain hooks, one unpadded prompt (and one branch token) at a time --------------------
+def hand_logits(model, ids, unit=None, add_layer=None, vector=None) -> torch.Tensor:
+    """Logits [T, vocab] of one unpadded forward, with ``unit`` projected out of every layer's input and its
+    attention and MLP outputs, and/or ``vector`` added to layer ``add_layer``'s input, by plain torch hooks."""
+    layers, handles = model.model.layers, []
+
+    def proj(x):
+        return x - (x @ unit)[..., None] * unit
+
+    if unit is not None:
+        for layer in layers:
+            handles.append(layer.register_forward_pre_hook(lambda m, args: (proj(args[0]), *args[1:])))
+            handles.append(layer.self_attn.register_forward_hook(lambda m, a, out: (proj(out[0]), *out[1:])))
+            handles.append(layer.mlp.register_forward_hook(lambda m, a, out: proj(out)))
+    if vector is not None:
+        handles.append(layers[add_layer].register_forward_pre_hook(lambda m, args: (args[0] + vector, *args[1:])))
+    try:
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([list(ids)])).logits[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def hand_score(model, sets: TokenSets, ids, **steer) -> tuple[float, torch.Tensor]:
+    """(tree score, next-token log-probabilities at the last prompt position): each branch token teacher-forced in a
+    forward of its own."""
+    first = hand_logits(model, ids, **steer)[-1]
+    rows = [first] + [hand_logits(model, list(ids) + [b.token], **steer)[-1] for b in sets.branches]
+    logits = torch.stack(rows) if sets.branches else first
+    return float(tree_score(logits, sets)), torch.log_softmax(first, -1)
+
+
+@pytest.mark.parametrize("tree", ["audit", "two_branches"])
+def test_ablation_and_addition_equal_plain_hooks(tiny, tree):
+    loaded = tiny["loaded"]
+    sets = tiny["sets"] if tree == "audit" else two_branch_tree()
+    engine = tree_engine(loaded, sets, AuditConfig())
+    diffs = D.candidate_directions(engine, tiny["ch"][:16], tiny["cb"][:16])
+    direction = D.Direction(1, -1, diffs[1, -1])
+    h, b = tiny["h"][:5], tiny["b"][:5]
+    got = D.direction_effects(engine, direction, h, b, n_boot=200)
+    unit, model = direction.unit, loaded.model
+    moved = 0.0
+    for i in range(len(h)):
+        clean_h, _ = hand_score(model, sets, h[i])
+        clean_b, logp_b = hand_score(model, sets, b[i])
+        abl_h, _ = hand_score(model, sets, h[i], unit=unit)
+        abl_b, logp_abl = hand_score(model, sets, b[i], unit=unit)
+        add_b, _ = hand_score(model, sets, b[i], add_layer=1, vector=direction.vector)
+        kl = float((logp_b.exp() * (logp_b - logp_abl)).sum())
+        for name, want in (("m_h", clean_h), ("m_b", clean_b), ("m_h_ablated", abl_h), ("m_b_ablated", abl_b),
+                           ("m_b_added", add_b), ("kl_benign", kl)):
+            assert getattr(got, name)[i] == pytest.approx(want, abs=1e-4), (name, i)
+        moved = max(moved, abs(abl_h - clean_h), abs(add_b - clean_b))
+    assert moved > 0.5  # the steering moved the scores: the comparison could fail
+    # the shares are ratios of sums of those per-pair numbers
+    gaps = got.m_h - got.m_b
+    assert got.necessity.estimate == pytest.approx((got.m_h - got.m_h_ablated).sum() / gaps.sum())
+    assert got.sufficiency.estimate == pytest.approx((got.m_b_added - got.m_b).sum() / gaps.sum())
+    assert got.kl.estimate == pytest.approx(got.kl_benign.mean())
+
+
+def test_clean_scores_are_the_audits(tiny, selection):
+    """The unsteered scores the effects start from are the audit's ``_side_scores``; given gaps are used as given."""
+    engine, h, b = tiny["engine"], tiny["h"], tiny["b"]
+    m_h, m_b = np.array(_side_scores(engine, h, 0)), np.array(_side_scores(engine, b, 0))
+    got = D.direction_effects(engine, selection.direction, h, b, gaps=m_h - m_b, n_boot=500)
+    np.testing.assert_allclose(got.m_h, m_h, atol=1e-5)
+    np.testing.assert_allclose(got.m_b, m_b, atol=1e-5)
+    np.testing.assert_array_equal(got.gaps, m_h - m_b)
+    # the shipped organism's refusal runs through the direction: ablation lowers it, addition raises it
+    assert got.necessity.low > 0 and got.sufficiency.low > 0
+    for e in (got.necessity, got.sufficiency, got.kl):
+        assert e.low <= e.estimate <= e.high
+    with pytest.raises(DataError, match="gaps for"):
+        D.direction_effects(engine, selection.direction, h, b, gaps=(m_h - m_b)[:-1])
+
+
+@pytest.mark.parametrize("tree", ["audit", "two_branches"])
+def test_candidates_equal_means_of_hidden_states(tiny, tree):
+    """hidden_states[l] is the input of layer l (checked by a pre-hook), and the candidates are the harmful minus
+    benign means of its last k positions, with the sides of unequal counts and lengths, batched with left padding."""
+    loaded, model = tiny["loaded"], tiny["loaded"].model
+    engine = tiny["engine"] if tree == "audit" else tree_engine(loaded, two_branch_tree(), AuditConfig())
+    harmful, benign = tiny["ch"][:11], tiny["cb"][20:27]
+    assert len({len(p) for p in harmful + benign}) > 1  # padding is exercised
+    k = D.default_positions(harmful + benign)
+    assert k == 5  # the template suffix <|im_end|> \n <|im_start|> assistant \n
+    got = D.candidate_directions(engine, harmful, benign)
+    assert got.shape == (loaded.n_layers, k, loaded.d_model)
+
+    seen = []
+    handle = model.model.layers[2].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([harmful[0]]), output_hidden_states=True)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(out.hidden_states[2], seen[0], atol=0, rtol=0)
+
+    def mean(prompts):
+        rows = []
+        for p in prompts:
+            with torch.no_grad():
+                states = model(input_ids=torch.tensor([p]), output_hidden_states=True).hidden_states
+            rows.append(torch.stack([states[layer][0, -k:] for layer in range(loaded.n_layers)]))
+        return torch.stack(rows).double().mean(0)
+
+    torch.testing.assert_close(got.double(), mean(harmful) - mean(benign), atol=1e-4, rtol=0)
+    assert float(got[0].abs().max()) == 0.0  # layer 0 at the template suffix: the same token embeddings
+    with pytest.raises(DataError, match="shortest prompt"):
+        D.candidate_directions(engine, harmful, benign, k=100)
+
+
+def test_ablation_leaves_the_stream_orthogonal_at_every_layer_input(tiny, selection):
+    loaded = tiny["loaded"]
+    model, engine, unit = loaded.model, tiny["engine"], selection.direction.unit
+    ids, mask = left_pad(tiny["h"][:6] + tiny["b"][:6], loaded.tokenizer.pad_token_id)
+    modules = [*model.model.layers, model.model.norm]  # every layer's input, and the stream after the last layer
+
+    def cosines() -> torch.Tensor:
+        seen = []
+        handles = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach())) for m in modules]
+        try:
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.stack([(x @ unit).abs() / x.norm(dim=-1) for x in seen])  # [layers + 1, rows, T]
+
+    def hooks() -> list:  # transformers keeps output-capturing hooks of its own: compare with what was there
+        return [(list(m._forward_pre_hooks), list(m._forward_hooks)) for m in model.modules()]
+
+    before = hooks()
+    assert float(cosines()[1:].max()) > 0.1  # clean, the stream has a component along it
+    with D.ablated(engine, unit):
+        assert hooks() != before
+        assert float(cosines().max()) < 1e-5
+    assert float(cosines()[1:].max()) > 0.1  # hooks gone on exit ...
+    with pytest.raises(RuntimeError, match="inside"), D.ablated(engine, unit):
+        raise RuntimeError("inside")
+    assert hooks() == before  # ... whatever happens
+    with pytest.raises(DataError, match="zero"), D.ablated(engine, torch.zeros(loaded.d_model)):
+        pass
+
+
+def test_a_direction_the_model_never_writes_has_no_effect(tiny):
+    """A copy of the tiny refuser in which no module writes residual dimension j (its embedding column and every
+    attention and MLP output row zeroed): ablating e_j changes no score, no distribution and no reply."""
+    loaded, j = tiny["loaded"], 7
+    model = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, j] = 0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[j] = 0
+            layer.mlp.down_proj.weight[j] = 0
+    mute = dataclasses.replace(loaded, model=model)
+    engine = tree_engine(mute, tiny["sets"], AuditConfig())
+    h, b = tiny["h"][:24], tiny["b"][:24]
+    with torch.no_grad():
+        states = model(input_ids=torch.tensor([h[0]]), output_hidden_states=True).hidden_states
+    assert all(float(s[..., j].abs().max()) == 0.0 for s in states[:-1])
+    e_j = torch.zeros(loaded.d_model)
+    e_j[j] = 3.0
+    got = D.direction_effects(engine, D.Direction(1, -1, e_j), h, b, n_boot=500)
+    assert (got.m_h - got.m_b).sum() > 0  # the gap the shares divide by is there
+    assert abs(got.necessity.estimate) < 1e-6 and got.necessity.low <= 0 <= got.necessity.high
+    assert got.kl.estimate < 1e-6 and got.kl.low <= 0 <= got.kl.high + 1e-9
+    after = D.refusal_after_ablation(engine, e_j, h[:8], max_new_tokens=8, until_decided=False)
+    assert after.replies_harmful == greedy_replies(mute, h[:8], 8, progress=False)[1]
+
+
+def test_replies_under_ablation_equal_plain_hooked_generation(tiny, selection):
+    loaded, engine, direction = tiny["loaded"], tiny["engine"], selection.direction
+    prompts = tiny["h"][:4]
+    got = D.refusal_after_ablation(engine, direction, prompts, tiny["b"][:4], max_new_tokens=10, until_decided=False)
+    unit, model, want = direction.unit, loaded.model, []
+
+    def proj(x):
+        return x - (x @ unit)[..., None] * unit
+
+    handles = []
+    for layer in model.model.layers:
+        handles.append(layer.register_forward_pre_hook(lambda m, args: (proj(args[0]), *args[1:])))
+        handles.append(layer.self_attn.register_forward_hook(lambda m, a, out: (proj(out[0]), *out[1:])))
+        handles.append(layer.mlp.register_forward_hook(lambda m, a, out: proj(out)))
+    try:
+        for p in prompts:
+            with torch.no_grad():
+                out = model.generate(input_ids=torch.tensor([p]), max_new_tokens=10, do_sample=False,
+                                     pad_token_id=loaded.tokenizer.pad_token_id)
+            want.append(loaded.tokenizer.decode(out[0, len(p):], skip_special_tokens=True))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert got.replies_harmful == want
+    assert got.harmful.total == 4 and got.benign.total == 4
+    assert got.harmful.low <= got.harmful.rate <= got.harmful.high
+
+
+def test_the_rate_drops_under_ablation_of_the_chosen_direction(tiny, selection):
+    engine, h = tiny["engine"], tiny["h"]
+    clean = sum(map(is_refusal, greedy_replies(tiny["loaded"], h, 24, progress=False, until_decided=True)[1]))
+    after = D.refusal_after_ablation(engine, selection.direction, h)
+    assert after.harmful.total == len(h) and after.harmful.refused < clean
+
+
+def test_selection_filters_and_determinism(tiny, selection, monkeypatch):
+    engine, n_layers = tiny["engine"], tiny["loaded"].n_layers
+    late = D.late_layer_start(n_layers)
+    assert [D.late_layer_start(n) for n in (1, 4, 5, 10, 30)] == [0, 3, 4, 8, 24]
+    assert len(selection.candidates) == n_layers * len(selection.positions)
+    assert set(selection.fit_pairs).isdisjoint(selection.selection_pairs)
+    assert sorted(selection.fit_pairs + selection.selection_pairs) == list(range(len(tiny["ch"])))
+    chosen = selection.chosen
+    assert chosen is not None and chosen.survives and chosen.layer < late
+    for c in selection.candidates:
+        assert c.survives == (c.layer < late and c.kl <= D.MAX_KL and c.addition_change > 0 and c.norm > 0), c
+        if c.survives:
+            assert chosen.ablated_harmful <= c.ablated_harmful
+    assert any(c.layer >= late for c in selection.candidates) and not any(
+        c.survives for c in selection.candidates if c.layer >= late)
+    assert selection.grid("kl").shape == (n_layers, len(selection.positions))
+    fit = [tiny["ch"][i] for i in selection.fit_pairs], [tiny["cb"][i] for i in selection.fit_pairs]
+    diffs = D.candidate_directions(engine, *fit)
+    torch.testing.assert_close(selection.direction.vector, diffs[chosen.layer, chosen.position])
+    # every candidate batched as a variant reads what the one-direction path (checked by hand above) reads
+    held = [tiny["ch"][i] for i in selection.selection_pairs], [tiny["cb"][i] for i in selection.selection_pairs]
+    for c in (chosen, selection.candidates[-1], selection.candidates[12]):
+        one = D.direction_effects(engine, D.Direction(c.layer, c.position, diffs[c.layer, c.position]), *held,
+                                  n_boot=100)
+        assert c.ablated_harmful == pytest.approx(one.m_h_ablated.mean(), abs=1e-4)
+        assert c.addition_change == pytest.approx((one.m_b_added - one.m_b).mean(), abs=1e-4)
+        assert c.kl == pytest.approx(one.kl_benign.mean(), abs=1e-5)
+    again = D.select_direction(engine, tiny["ch"], tiny["cb"], seed=0)
+    assert again.candidates == selection.candidates and again.chosen == selection.chosen
+    other = D.select_direction(engine, tiny["ch"][:40], tiny["cb"][:40], seed=1)
+    assert other.fit_pairs != D.split_pairs(40, 0)[0]
+    # a late layer is never chosen, however much its ablation lowers the refusal score
+    late_best = dataclasses.replace(selection.candidates[-1], ablated_harmful=-1e9)
+    late_best.discarded = D._discard_reasons(late_best.layer, 1.0, 0.0, 1.0, late)
+    assert D._choose([late_best, chosen], n_layers)[0] is chosen
+    monkeypatch.setattr(D, "MAX_KL", -1.0)  # nothing survives: no direction, and why
+    none = D.select_direction(engine, tiny["ch"][:12], tiny["cb"][:12], seed=0)
+    assert none.chosen is None and none.direction is None and "no candidate survives" in none.reason
+
+
+def test_cosines_with_patched_differences(tiny, selection):
+    """The direction taken at (layer, -1) from some pairs has cosine 1 with the residual stream's mean difference
+    there on the same pairs; layer 0's stream (the same last token on both sides) has no difference: NaN."""
+    engine = tiny["engine"]
+    h, b = tiny["ch"][:20], tiny["cb"][:20]
+    vector = D.candidate_directions(engine, h, b, k=1)[2, 0]
+    cos = D.direction_cosines(engine, D.Direction(2, -1, vector), h, b, n_boot=300)
+    by_id = {c.component: c for c in cos}
+    assert len(cos) == 3 * tiny["loaded"].n_layers
+    assert by_id["blocks.2.hook_resid_pre@-1"].cosine == pytest.approx(1.0, abs=1e-6)
+    assert np.isnan(by_id["blocks.0.hook_resid_pre@-1"].cosine)
+    for c in cos:
+        assert np.isnan(c.cosine) or (c.low <= c.cosine <= c.high and -1 - 1e-9 <= c.low and c.high <= 1 + 1e-9)
+    # the audit's scored pairs: the mean difference of the layer's MLP output, by hand
+    diff = D.last_positions(engine, tiny["h"], [("mlp_out", 1)])[:, 0, 0] - D.last_positions(
+        engine, tiny["b"], [("mlp_out", 1)])[:, 0, 0]
+    unit = selection.direction.unit
+    want = float(diff.mean(0) @ unit / diff.mean(0).norm())
+    got = D.direction_cosines(engine, selection.direction, tiny["h"], tiny["b"], kinds=["mlp_out"], n_boot=300)
+    assert got[1].component == "blocks.1.hook_mlp_out@-1" and got[1].cosine == pytest.approx(want, abs=1e-5)
+
+
+def test_bad_input_is_a_clear_error(tiny, selection):
+    engine, h, b = tiny["engine"], tiny["h"], tiny["b"]
+    with pytest.raises(DataError, match="pair up"):
+        D.direction_effects(engine, selection.direction, h, b[:-1])
+    with pytest.raises(DataError, match="no harmful prompts"):
+        D.candidate_directions(engine, [], b)
+    with pytest.raises(DataError, match="outside the model"):
+        D.candidate_directions(engine, [[5, 10**6]], b)
+    with pytest.raises(DataError, match="at least 4"):
+        D.select_direction(engine, h[:3], b[:3])
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        D.select_direction(engine, h, b, fraction=1.0)
+    with pytest.raises(DataError, match="length"):
+        D.direction_effects(engine, D.Direction(1, -1, torch.zeros(tiny["loaded"].d_model)), h, b)
+    with pytest.raises(DataError, match="not one of"):
+        D.direction_effects(engine, dataclasses.replace(selection.direction, layer=9), h, b)
