@@ -28,11 +28,11 @@ def audit_row(name: str, seeds: int, floors: float) -> str:
     r = load_report(EXAMPLES / name / "report.json")
     config = AuditConfig(**{k: v for k, v in r.config.items() if k in AuditConfig.model_fields})
     effects, gaps = _effects_matrix(r.components), _gaps(r, r.used_pair_ids)
-    floor = r.controls.noise_floor.max_abs
+    floor, measured = r.controls.noise_floor.rule_bound, r.controls.noise_floor.max_abs
     res, _, base, sig = significance(effects, gaps, floor, True, config)
     rng, flips, moved = np.random.default_rng(0), 0, 0.0
     for _ in range(seeds):
-        noisy = effects + rng.uniform(-floors * floor, floors * floor, effects.shape)
+        noisy = effects + rng.uniform(-floors * measured, floors * measured, effects.shape)
         _, _, iv, s = significance(noisy, gaps, floor, True, config)
         flips += int((s != sig).sum())
         moved = max(moved, *(float(np.nanmax(np.abs(getattr(iv, k) - getattr(base, k))))

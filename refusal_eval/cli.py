@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--positions", type=_csv, default=None,
                      help="comma-separated: 'all' (every position at once), 'each' (one at a time), 'suffix' (each "
                      "position of the shared chat-template suffix), 'last' (default: all,each)")
+    run.add_argument("--search", choices=["adaptive", "exhaustive"], default="adaptive",
+                     help="adaptive (default): patch coarse to fine, only where the score moves, with a sampled "
+                     "bound on what was pruned; exhaustive: every component at every position asked for")
     run.add_argument("--direction", choices=["denoise", "noise"], default="denoise",
                      help="denoise (default): the harmful activation patched into the benign run (what suffices to "
                      "make it refuse); noise: the benign activation into the harmful run (what refusal needs)")
@@ -112,7 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--n-permutations", type=int, default=10_000,
                      help="sign-flip permutations for the permutation p-values (default 10000)")
     run.add_argument("--no-noise-floor", action="store_true",
-                     help="skip the identity-patch noise floor (saves one patching pass)")
+                     help="skip the identity-patch noise floor")
+    run.add_argument("--noise-floor-cells", type=int, default=2, metavar="N",
+                     help="identity-patch N components per stratum (kind, layer, position class) for the noise "
+                     "floor; the rules use 4 times the largest sampled floor (default 2; 0: every component, "
+                     "one more full patching pass)")
     run.add_argument("--max-pairs", type=int, help="use only the first N pairs of the split")
     run.add_argument("--full-replies", action="store_true",
                      help="generate whole replies (max 24 tokens) instead of stopping each once the refusal "
@@ -259,11 +266,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         "dataset": args.dataset, "tricky": args.tricky, "split": args.split, "preset": args.preset,
         "harmful_column": args.harmful_column, "benign_column": args.benign_column, "id_column": args.id_column,
         "category_column": args.category_column, "split_column": args.split_column,
-        "direction": args.direction, "metric": args.metric, "token_sets": args.token_sets,
+        "search": args.search, "direction": args.direction, "metric": args.metric, "token_sets": args.token_sets,
         "score_depth": args.score_depth if args.score_depth == "auto" else int(args.score_depth),
         "calibration": args.calibration, "max_calibration_pairs": args.max_calibration_pairs,
         "force_shares": args.force_shares, "controls": args.control or [], "n_permutations": args.n_permutations,
-        "noise_floor": not args.no_noise_floor, "min_gap": args.min_gap,
+        "noise_floor": not args.no_noise_floor,
+        "noise_floor_cells": args.noise_floor_cells, "min_gap": args.min_gap,
         "method": args.method, "verify_top": args.verify_top, "verify_random": args.verify_random,
         "max_pairs": args.max_pairs, "seed": args.seed, "n_boot": args.n_boot, "ci_level": args.ci_level,
         "ci_method": args.ci_method, "batch_rows": args.batch_rows, "dtype": args.dtype,

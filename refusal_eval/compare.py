@@ -84,7 +84,7 @@ def _effects_matrix(components) -> np.ndarray:
 def _resolution(r: AuditReport, gaps: np.ndarray) -> Resolution:
     """What float rounding could move in this report (from its noise floor, where measured), on these pairs."""
     floor = r.controls.noise_floor
-    return resolution(gaps, None if floor is None else floor.max_abs)
+    return resolution(gaps, None if floor is None else floor.rule_bound)
 
 
 def _gaps(r: AuditReport, ids: list[str]) -> np.ndarray:

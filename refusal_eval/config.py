@@ -48,6 +48,13 @@ class AuditConfig(BaseModel):
             "suffix) use the equal-length pairs only"
         ),
     )
+    search: Literal["adaptive", "exhaustive"] = Field(
+        "adaptive",
+        description="'adaptive': exact patching coarse to fine (every kind at all positions, the last and the shared "
+        "suffix; single positions only for the kinds and layers that move the score; heads only inside attention "
+        "outputs that do) with a seeded sample of the pruned cells and a stated bound on what the pruning missed; "
+        "'exhaustive': every cell of the grid (components x positions)",
+    )
     direction: Literal["denoise", "noise"] = "denoise"
     method: Literal["exact", "attribution", "attribution+verify"] = Field(
         "exact",
@@ -85,7 +92,12 @@ class AuditConfig(BaseModel):
         "the default log 2 means harmful prompts at least double the odds of a refusal opening over a compliance",
     )
     n_permutations: int = Field(10_000, ge=100, description="sign-flip permutations for the permutation p-values")
-    noise_floor: bool = Field(True, description="measure each component's identity-patch noise floor (exact method)")
+    noise_floor: bool = Field(True, description="measure the identity-patch noise floor (exact method)")
+    noise_floor_cells: int = Field(
+        2, ge=0, description="identity-patched components per stratum (kind, layer, position class: all positions, "
+        "the last, any other) for the noise floor, whose rule bound is 4 times the largest sampled floor; 0 patches "
+        "every component and uses the largest floor itself",
+    )
     max_pairs: int | None = Field(None, ge=1, description="use only the first N pairs of the split")
     n_boot: int = Field(2000, ge=100)
     ci_level: float = Field(0.95, gt=0.5, lt=1.0)

@@ -45,7 +45,7 @@ def test_significance_needs_both_families_and_the_noise_floor(report):
     assert significant
     for c in report.components:
         wanted = ((c.fw_low > 0 or c.fw_high < 0) and c.p_permutation_fw < alpha
-                  and max(abs(e) for e in c.effects) > c.noise_floor)
+                  and max(abs(e) for e in c.effects) > report.stats.resolution_effect)
         assert c.significant == wanted, c.id
     # the permutation p-values are those of the effects in the report (stored rounded to 1e-6: compare where
     # the rounding cannot matter)
@@ -59,7 +59,12 @@ def test_significance_needs_both_families_and_the_noise_floor(report):
 def test_noise_floor_is_tiny_in_float32(report):
     floor = report.controls.noise_floor
     assert floor.dtype == "float32" and 0 <= floor.max_abs < 1e-5
-    assert all(c.noise_floor is not None and c.noise_floor < 1e-5 for c in report.components)
+    # sampled: 2 components per stratum (kind, layer, position class) with an effect; the rules use 4 times the largest
+    measured = [c for c in report.components if c.noise_floor is not None]
+    assert len(measured) == floor.n_measured and floor.cells_per_stratum == 2
+    assert floor.n_strata < floor.n_measured <= 2 * floor.n_strata < len(report.components) / 5
+    assert all(c.noise_floor < 1e-5 for c in measured) and floor.bound == pytest.approx(4 * floor.max_abs)
+    assert report.stats.resolution_effect >= 10 * floor.bound
     assert floor.n_exact_zero == sum(max(map(abs, c.effects)) == 0 for c in report.components)
 
 
@@ -200,3 +205,14 @@ def test_behaviour_gate_and_force_shares():
     # the gap over all scored pairs is reported when it disagrees with the patched pairs' gap
     warnings = _shares_rule(strong, True, _gap(-0.2, 0.3, 77), _gap(1.0, 2.0, 30), config)[2]
     assert any("over all 77 scored pairs includes 0" in w for w in warnings)
+
+
+def test_the_default_search_is_adaptive_and_patches_the_whole_small_grid(report):
+    """The tiny refuser's grid is small: the adaptive search's rules and its sample of 400 cover all of it, so the
+    default audit patches every cell, as an exhaustive one would, and says so."""
+    search = report.search
+    assert search.mode == "adaptive" and search.n_patched == search.n_grid == len(report.components) == 784
+    assert search.bound_holds and search.bound_fraction is None and "nothing pruned" in search.summary
+    assert [s.step for s in search.steps][0] == "coarse" and sum(s.patched for s in search.steps) == 784
+    assert f"- Search: **adaptive**, 784 of 784 cells patched exactly (coarse {search.steps[0].patched}" \
+        in render_markdown(report)

@@ -4,9 +4,11 @@ visible in bfloat16."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from refusal_eval import AuditConfig
 from refusal_eval.patching import Component, PatchEngine, build_pair_batch, enumerate_components
 from refusal_eval.patching.components import components_at
 from refusal_eval.patching.exact import noise_floor
@@ -219,3 +221,40 @@ def test_identity_cells_keep_the_patched_forward_value(llama, late_pairs, monkey
     patched = engine.patch(batch, comps)
     assert torch.equal(patched[unwritten], clean[None, :].expand_as(patched)[unwritten])
     assert (identity[unwritten] != patched[unwritten]).all()
+
+
+def test_sampled_floor_bounds_the_full_floor_on_the_tiny_refuser():
+    """Issue 26: the noise floor is measured on 2 components per stratum (kind, layer, position class) and the
+    rules use 4 times the largest. On the tiny refuser's default audit grid, every seed's sampled bound is at least
+    the full floor's largest value (every component identity-patched), and the sample covers every stratum that
+    has a component that moves the score. (In bfloat16 this model's identity patches are exact: floor 0.)"""
+    from refusal_eval.audit import analyse, load_inputs
+    from refusal_eval.models.loading import load_model
+    from refusal_eval.pipeline.plan import PatchPlan
+    from refusal_eval.pipeline.statistics import FLOOR_FACTOR, floor_sample, measure_floor, position_class
+
+    config = AuditConfig(max_pairs=12, n_boot=200, n_permutations=200, noise_floor_cells=0, tricky="")
+    full = analyse(load_model(), load_inputs(config), config, progress=False)
+    assert full.alignment == "full" and not np.isnan(full.floor).any()
+    assert full.floor_bound == full.floor.max()  # the full floor: the rules use its largest value, no factor
+    plan = PatchPlan(full.batch, full.suffix, full.components, [(np.arange(len(full.components)),
+                     list(range(len(full.used))), full.batch)], None, None, None, [])
+    target = np.array(full.m_b)[full.used]
+    largest = full.largest_effect
+    strata = {(c.kind, c.layer, position_class(c.position)) for c, x in zip(full.components, largest, strict=True)
+              if x > 0}
+    bounds = []
+    for seed in range(4):
+        sampled = config.model_copy(update={"noise_floor_cells": 2, "seed": seed})
+        floor, bound = measure_floor(full.engine, plan, full.effects, target, sampled)
+        measured = ~np.isnan(floor)
+        assert bound == pytest.approx(FLOOR_FACTOR * floor[measured].max())
+        assert bound >= full.floor.max(), (seed, bound, full.floor.max())
+        rows = floor_sample(full.components, plan.families[0][0], largest, 2, seed)
+        assert np.flatnonzero(measured).tolist() == rows.tolist()
+        covered = {(full.components[k].kind, full.components[k].layer, position_class(full.components[k].position))
+                   for k in rows}
+        assert covered == strata and len(rows) <= 2 * len(strata) < len(full.components)
+        bounds.append(bound)
+    print(f"\nfull floor {full.floor.max():.2e} over {len(full.components)} components; sampled bounds "
+          f"{min(bounds):.2e}..{max(bounds):.2e} from {len(rows)} components in {len(strata)} strata")

@@ -37,7 +37,7 @@ def test_an_audits_significance_does_not_move_with_float_noise(reports):
     report = reports[0]
     config = AuditConfig(**{k: v for k, v in report.config.items() if k in AuditConfig.model_fields})
     effects, gaps = _effects_matrix(report.components), _gaps(report, report.used_pair_ids)
-    floor = report.controls.noise_floor.max_abs
+    floor = report.controls.noise_floor.rule_bound
     _, _, base, significant = significance(effects, gaps, floor, True, config)
     # the recomputation from the report's rounded effects is the report's own verdict
     assert significant.tolist() == [bool(c.significant) for c in report.components]

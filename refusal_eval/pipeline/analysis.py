@@ -48,7 +48,7 @@ class Analysis:
     attribution_info: rs.AttributionInfo | None
     permutation: PermutationResult
     intervals: Interval | None
-    floor: np.ndarray | None
+    floor: np.ndarray | None  # [C] NaN where not sampled
     resolution: Resolution
     significant: np.ndarray | None
     warnings: list[str] = field(default_factory=list)
@@ -56,6 +56,8 @@ class Analysis:
     on_full: np.ndarray | None = None  # [C] mixed alignment: the component was patched on equal-length pairs only
     full_cols: list[int] | None = None  # mixed alignment: columns of ``used`` whose sides have equal token length
     gap_full: rs.Gap | None = None  # mixed alignment: the gap over those pairs
+    floor_bound: float | None = None  # the noise floor the rules use (sampled: FLOOR_FACTOR x the largest)
+    search: rs.SearchInfo | None = None  # how the cells were chosen (None: given by another analysis)
 
     @property
     def gaps(self) -> np.ndarray:

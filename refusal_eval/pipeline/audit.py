@@ -1,5 +1,5 @@
-"""The audit pipeline, as stages: inputs -> behaviour -> token sets -> scores and gap -> effects -> statistics
--> controls -> report.
+"""The audit pipeline, as stages: inputs -> behaviour -> token sets -> scores and gap -> plan -> effects (the
+adaptive search, or every cell) -> statistics -> controls -> report.
 
 Each stage is a function of what the earlier ones produced, in its own module of :mod:`refusal_eval.pipeline`.
 :func:`analyse` runs the model-touching stages on one loaded model, so that the random-weights control
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,14 +20,16 @@ from refusal_eval import __version__
 from refusal_eval.config import AuditConfig
 from refusal_eval.metrics import TokenSets
 from refusal_eval.models.loading import LoadedModel, check_device, load_model
+from refusal_eval.patching.exact import PatchEngine
 from refusal_eval.pipeline.analysis import Analysis
 from refusal_eval.pipeline.behaviour import behaviour_stage, token_set_stage, tree_engine
 from refusal_eval.pipeline.build import build_report
 from refusal_eval.pipeline.controls import reinitialised
 from refusal_eval.pipeline.effects import attribution_summary, patch_stage
 from refusal_eval.pipeline.inputs import Inputs, check_prompt_lengths, load_inputs
-from refusal_eval.pipeline.plan import plan_stage
-from refusal_eval.pipeline.scores import scores_stage
+from refusal_eval.pipeline.plan import PatchPlan, plan_stage
+from refusal_eval.pipeline.scores import Scores, scores_stage
+from refusal_eval.pipeline.search import exhaustive_info, search_stage
 from refusal_eval.pipeline.statistics import statistics_stage
 from refusal_eval.report import schema as rs
 from refusal_eval.resume import ResultsLog
@@ -74,12 +77,12 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
 
 def analyse(
     loaded: LoadedModel, inputs: Inputs, config: AuditConfig, progress: bool = True, noise: bool | None = None,
-    checkpoint: ResultsLog | None = None, token_sets: TokenSets | None = None,
+    checkpoint: ResultsLog | None = None, token_sets: TokenSets | None = None, cells: Sequence[str] | None = None,
 ) -> Analysis:
     """Run the model-touching stages on one model: token sets -> behaviour -> scores and gap -> plan -> effects ->
     statistics. ``checkpoint`` keeps (and on resume supplies) the patching engine's finished chunks; ``token_sets``
     (one tree for several models, :func:`~refusal_eval.pipeline.behaviour.shared_token_sets`) replaces the model's
-    own."""
+    own. ``cells``: patch these component ids (another analysis's) instead of searching the grid."""
     torch.manual_seed(config.seed)
     check_prompt_lengths(loaded, inputs, config)
     # the opening tree first: a tree that cannot be built stops the audit before the scored replies are generated
@@ -90,7 +93,7 @@ def analyse(
     engine.checkpoint = checkpoint
     scores = scores_stage(engine, inputs, harmful_ids, benign_ids, behaviour, config, progress, refused, tricky)
     plan = plan_stage(loaded, inputs, harmful_ids, benign_ids, scores, config, engine.tail)
-    effects, approximate, checks = patch_stage(engine, plan, scores, config)
+    plan, effects, approximate, checks, search = _effects(engine, plan, scores, config, cells)
     stats = statistics_stage(engine, plan, scores, effects, approximate, config, noise, progress)
     attribution_info = None
     if config.method != "exact":
@@ -104,10 +107,26 @@ def analyse(
         validity=scores.validity, validity_tricky=scores.validity_tricky, engine=engine,
         batch=plan.batch, suffix=plan.suffix, components=plan.components, effects=effects, approximate=approximate,
         attribution_info=attribution_info, permutation=stats.permutation, intervals=stats.intervals,
-        floor=stats.floor, resolution=stats.resolution, significant=stats.significant,
+        floor=stats.floor, floor_bound=stats.floor_bound, resolution=stats.resolution, significant=stats.significant,
         warnings=list(token_sets.warnings) + scores.warnings + plan.warnings + stats.warnings,
         alignment=scores.alignment, on_full=plan.on_full, full_cols=plan.full_cols, gap_full=plan.gap_full,
+        search=search,
     )
+
+
+def _effects(engine: PatchEngine, plan: PatchPlan, scores: Scores, config: AuditConfig, cells: Sequence[str] | None):
+    """The effects stage as the options ask: the given ``cells`` only, the adaptive search (exact patching), or
+    every cell of the grid. Returns the plan of the cells patched, effects, approximate mask, attribution checks
+    and the report's search section (None for given cells and attribution methods)."""
+    if cells is not None:
+        plan = plan.cells(cells)
+        return (plan, *patch_stage(engine, plan, scores, config), None)
+    if config.method == "exact" and config.search == "adaptive":
+        plan, effects, approximate, search = search_stage(engine, plan, scores, config)
+        return plan, effects, approximate, [], search
+    effects, approximate, checks = patch_stage(engine, plan, scores, config)
+    search = exhaustive_info(len(plan.components)) if config.method == "exact" else None
+    return plan, effects, approximate, checks, search
 
 
 def random_analysis(analysis: Analysis, inputs: Inputs, config: AuditConfig, progress: bool = True) -> Analysis:
@@ -115,10 +134,11 @@ def random_analysis(analysis: Analysis, inputs: Inputs, config: AuditConfig, pro
     control, summarised for the report by :func:`refusal_eval.pipeline.controls.random_control`.
 
     Shares are computed with the behaviour gate overridden (``force_shares``), so the control also shows what the
-    statistics alone would have claimed; no noise floor is measured."""
+    statistics alone would have claimed; no noise floor is measured. It patches the audit's own cells (those the
+    adaptive search chose, or the whole grid): the same family as the audit's."""
     control = reinitialised(analysis.loaded, config.seed)
     forced = config.model_copy(update={"force_shares": True})
-    return analyse(control, inputs, forced, progress=progress, noise=False)
+    return analyse(control, inputs, forced, progress=progress, noise=False, cells=[c.id for c in analysis.components])
 
 
 __all__ = ["Analysis", "Inputs", "analyse", "audit", "build_report", "load_inputs", "random_analysis"]

@@ -20,6 +20,7 @@ from refusal_eval.models.adapters import get_adapter
 from refusal_eval.models.loading import LoadedModel
 from refusal_eval.patching.components import Component
 from refusal_eval.pipeline.analysis import Analysis
+from refusal_eval.pipeline.statistics import position_class
 from refusal_eval.report import schema as rs
 from refusal_eval.stats import share_heterogeneity, share_intervals
 
@@ -118,15 +119,21 @@ def heterogeneity(results: Sequence[rs.ComponentResult], gaps: np.ndarray, categ
 
 
 def noise_floor_info(analysis: Analysis, config: AuditConfig) -> rs.NoiseFloor | None:
-    """Summary of the identity-patch noise floor: the largest score change from patching each component with
-    its own activation, in the audit's dtype and with the engine's shortcuts."""
-    floor = analysis.floor
-    if floor is None:
+    """Summary of the identity-patch noise floor: the largest score change from patching a component with its own
+    activation, in the audit's dtype and with the engine's shortcuts, over the components sampled
+    (:func:`refusal_eval.pipeline.statistics.floor_sample`), and the bound the rules use."""
+    if analysis.floor is None:
         return None
+    measured = analysis.floor[~np.isnan(analysis.floor)]
     largest = analysis.largest_effect
+    cells = config.noise_floor_cells
+    strata = {(c.kind, c.layer, position_class(c.position)) for c, x in zip(analysis.components, largest, strict=True)
+              if x > 0}
     return rs.NoiseFloor(
-        dtype=config.dtype, max_abs=float(floor.max(initial=0.0)), median_abs=float(np.median(floor)) if floor.size
-        else 0.0, n_within=int(((largest > 0) & (largest <= analysis.resolution.effect)).sum()),
+        dtype=config.dtype, max_abs=float(measured.max(initial=0.0)),
+        median_abs=float(np.median(measured)) if measured.size else 0.0, n_measured=int(measured.size),
+        cells_per_stratum=cells, n_strata=len(strata), bound=analysis.floor_bound,
+        n_within=int(((largest > 0) & (largest <= analysis.resolution.effect)).sum()),
         n_exact_zero=int((largest == 0).sum()),
     )
 

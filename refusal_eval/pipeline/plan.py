@@ -4,7 +4,7 @@ under mixed alignment)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -46,6 +46,24 @@ class PatchPlan:
     full_cols: list[int] | None
     gap_full: rs.Gap | None
     warnings: list[str]
+
+    def subset(self, rows: Sequence[int]) -> PatchPlan:
+        """The plan for the components ``rows`` (indices into ``components``, in that order) only: the same pairs
+        and batches, each family keeping its own components."""
+        index = {int(k): i for i, k in enumerate(rows)}
+        families = [(np.array([index[int(k)] for k in fam_rows if int(k) in index], dtype=int), cols, batch)
+                    for fam_rows, cols, batch in self.families]
+        return replace(self, components=[self.components[int(k)] for k in rows], families=families,
+                       on_full=None if self.on_full is None else self.on_full[np.asarray(rows, dtype=int)])
+
+    def cells(self, ids: Sequence[str]) -> PatchPlan:
+        """The plan for the components with these ids (another analysis's cells, e.g. the random-weights control
+        patches the audit's); DataError naming an id the grid does not have."""
+        index = {c.id: k for k, c in enumerate(self.components)}
+        missing = [i for i in ids if i not in index]
+        if missing:
+            raise DataError(f"component {missing[0]} is not in this audit's grid ({len(missing)} missing)")
+        return self.subset([index[i] for i in ids])
 
 
 def plan_stage(loaded: LoadedModel, inputs: Inputs, harmful_ids, benign_ids, scores: Scores,

@@ -247,6 +247,11 @@ def render_markdown(report: AuditReport, top_k: int = 15, pictures: Iterable[str
             else " — **the intervals overlap: no measurable refusal behaviour**")),
         f"- Gap m(harmful) − m(benign) over the patched pairs: {_gap_words(r.gap, level)}",
     ]
+    if r.search is not None and r.search.mode == "adaptive":
+        x = r.search
+        steps = ", ".join(f"{st.step} {st.patched}" for st in x.steps)
+        lines.append(f"- Search: **adaptive**, {x.n_patched} of {x.n_grid} cells patched exactly ({steps}); "
+                     f"{x.summary}. A cell shown – in the tables below was not patched.")
     if r.gap_all_pairs is not None and r.gap_all_pairs.n_pairs != r.gap.n_pairs:
         lines.append(f"- Gap over all {r.gap_all_pairs.n_pairs} scored pairs: {_gap_words(r.gap_all_pairs, level)}")
     if r.gap_equal_length is not None:
@@ -435,8 +440,12 @@ def _controls(r: AuditReport, level: str) -> list[str]:
         lines.append("- **Random weights**: not run (`--control random` audits a re-initialised copy beside).")
     if c.noise_floor is not None:
         f = c.noise_floor
-        lines.append(f"- **Noise floor** ({f.dtype}, identity patches through the engine's shortcuts): largest "
-                     f"{f.max_abs:.1e}, median {f.median_abs:.1e}; "
+        sampled = ("" if not f.cells_per_stratum else
+                   f" on {f.n_measured} components, {f.cells_per_stratum} per stratum of {f.n_strata} (kind, layer, "
+                   f"position class)")
+        bound = "" if f.bound is None or f.bound == f.max_abs else f"; the rules use {f.bound:.1e}, 4 times the largest"
+        lines.append(f"- **Noise floor** ({f.dtype}, identity patches through the engine's shortcuts{sampled}): "
+                     f"largest {f.max_abs:.1e}, median {f.median_abs:.1e}{bound}; "
                      + (f"{f.n_within} component(s) move no pair's score by more than the resolution "
                         f"{r.stats.resolution_effect:.2g} (negligible, never significant); "
                         if r.stats.resolution_effect is not None else

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from refusal_eval.errors import ReportError
 from refusal_eval.patching.components import WRITER_KINDS
 
-SCHEMA_VERSION = "1.5"
+SCHEMA_VERSION = "1.6"
 
 
 class _Model(BaseModel):
@@ -272,7 +272,8 @@ class ComponentResult(_Model):
     p_permutation: float | None = Field(None, description="sign-flip permutation p-value of the summed effect; null "
                                         "for an approximate component (schema 1.3)")
     p_permutation_fw: float | None = Field(None, description="family-wise (max-T over all components) permutation p")
-    noise_floor: float | None = Field(None, description="largest |score change| of an identity patch")
+    noise_floor: float | None = Field(None, description="largest |score change| of an identity patch; null where "
+                                      "not measured (from schema 1.6 the floor is measured on a sample of components)")
     within_noise: bool | None = Field(None, description="it moves the score, but no pair by more than the resolution "
                                       "(stats.resolution_effect; before schema 1.4: its own noise floor)")
     trivial: str | None = Field(None, description="why the patch is the run's whole input or output by construction")
@@ -353,11 +354,54 @@ class NoiseFloor(_Model):
         "shortcuts and batching; the largest |score change| over pairs"
     )
     dtype: str
-    max_abs: float
-    median_abs: float
+    max_abs: float = Field(description="the largest floor measured")
+    median_abs: float = Field(description="the median floor of the components measured")
+    n_measured: int | None = Field(None, description="components identity-patched (schema < 1.6: every component)")
+    cells_per_stratum: int | None = Field(
+        None, description="components sampled per stratum (kind, layer, position class: all positions, the last, any "
+        "other); 0 or null: every component")
+    n_strata: int | None = Field(None, description="strata sampled (those with a component that moves the score)")
+    bound: float | None = Field(
+        None, description="the floor the rules use: max_abs, times the sampling factor when sampled (schema < 1.6: "
+        "max_abs)")
     n_within: int = Field(description="components that move the score, but no pair by more than the resolution "
                           "(stats.resolution_effect; before schema 1.4: their own noise floor)")
     n_exact_zero: int = Field(0, description="components that provably cannot move the score (exact zeros)")
+
+    @property
+    def rule_bound(self) -> float:
+        """The floor the significance rules use: ``bound``, or ``max_abs`` in reports before schema 1.6."""
+        return self.max_abs if self.bound is None else self.bound
+
+
+class SearchStep(_Model):
+    step: str = Field(description="coarse, attribution, refine, or sample N")
+    patched: int = Field(description="cells patched exactly in this step")
+    large: int = Field(description="of them, at |share| >= the search's keep_share")
+
+
+class SearchInfo(_Model):
+    """How the audit chose the cells it patched (schema 1.6): every cell of the grid (exhaustive), or coarse to fine
+    (adaptive) with a sampled bound on the pruned cells. Shares here are the search's: mean effect over the mean
+    gap, the gap taken as at least min_gap."""
+
+    mode: Literal["adaptive", "exhaustive"]
+    n_grid: int = Field(description="cells of the grid (components x positions asked for)")
+    n_patched: int = Field(description="cells patched exactly: the report's components")
+    keep_share: float | None = Field(description="a patched cell at least this large opens its kind and layer")
+    bound_share: float | None = Field(description="the bound is on pruned cells at least this large")
+    steps: list[SearchStep]
+    n_attribution_flagged: int | None = Field(description="cells the gradient estimate flagged (patched exactly)")
+    rounds: int = Field(description="random samples of the pruned cells drawn")
+    n_pruned: int = Field(description="cells pruned when the last sample was drawn")
+    n_sampled: int = Field(description="cells in the last sample")
+    n_sampled_exceeding: int = Field(description="of them, at |share| >= bound_share")
+    level: float | None
+    bound_fraction: float | None = Field(
+        description="one-sided Clopper-Pearson upper bound, at level, on the fraction of pruned cells at |share| >= "
+        "bound_share; null when nothing was pruned")
+    bound_holds: bool = Field(description="nothing pruned, or the last sample had no cell at |share| >= bound_share")
+    summary: str
 
 
 class Controls(_Model):
@@ -450,7 +494,7 @@ class Environment(_Model):
 class AuditReport(_Model):
     """One model's refusal audit."""
 
-    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5"] = SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6"] = SCHEMA_VERSION
     created: str
     command: str
     config: dict
@@ -468,6 +512,8 @@ class AuditReport(_Model):
         "shares are undefined unless it is separated")
     shares_defined: bool | None = None
     shares_reason: str | None = Field(None, description="why shares are (un)defined, in words")
+    search: SearchInfo | None = Field(None, description="which cells were patched and what the pruning may have "
+                                      "missed (schema < 1.6, and attribution methods: null, every cell)")
     score_validity: ScoreValidity | None = Field(None, description="from schema 1.4: does the score track refusals")
     score_validity_tricky: ScoreValidity | None = Field(None, description="the same on the tricky pairs")
     stats: StatsInfo
