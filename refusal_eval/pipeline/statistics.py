@@ -46,13 +46,13 @@ def significance(effects: np.ndarray, gaps: np.ndarray, floor_max: float | None,
     return res, permutation, intervals, significant
 
 
-# The sampled noise floor (issue 26): identity patches on FLOOR_CELLS components of every stratum (kind, layer,
-# position class: all positions, the last, any other single one), the batch layouts the engine's shortcuts use (layer
-# skip starts at the component's layer; prefix reuse at the first differing column for all positions, at the
-# component's own column for one). The rules use FLOOR_FACTOR times the largest sampled floor. Fixed in advance: on the
-# committed reports, the full floor's largest value was at most 1.24 times a 2-per-stratum sample's over 2000 seeds
-# (BENCHMARKS.md), and tests/test_noise_floor.py checks the bound against the full floor on the tiny refuser.
-FLOOR_CELLS = 2
+# The sampled noise floor (issue 26): identity patches on config.noise_floor_cells (2) components of every stratum
+# (kind, layer, position class: all positions, the last, any other single one), the batch layouts the engine's
+# shortcuts use (layer skip starts at the component's layer; prefix reuse at the first differing column for all
+# positions, at the component's own column for one). The rules use FLOOR_FACTOR times the largest sampled floor.
+# Fixed in advance: on the committed reports, the full floor's largest value was at most 1.24 times a 2-per-stratum
+# sample's over 2000 seeds (BENCHMARKS.md), and tests/test_noise_floor.py checks the bound against the full floor on
+# the tiny refuser.
 FLOOR_FACTOR = 4.0
 
 

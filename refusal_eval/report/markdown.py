@@ -443,7 +443,8 @@ def _controls(r: AuditReport, level: str) -> list[str]:
         sampled = ("" if not f.cells_per_stratum else
                    f" on {f.n_measured} components, {f.cells_per_stratum} per stratum of {f.n_strata} (kind, layer, "
                    f"position class)")
-        bound = "" if f.bound is None or f.bound == f.max_abs else f"; the rules use {f.bound:.1e}, 4 times the largest"
+        bound = ("" if f.bound is None or f.bound == f.max_abs else
+                 f"; the rules use {f.bound:.1e}, {f.bound / f.max_abs:g} times the largest")
         lines.append(f"- **Noise floor** ({f.dtype}, identity patches through the engine's shortcuts{sampled}): "
                      f"largest {f.max_abs:.1e}, median {f.median_abs:.1e}{bound}; "
                      + (f"{f.n_within} component(s) move no pair's score by more than the resolution "
