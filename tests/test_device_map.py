@@ -52,9 +52,12 @@ def test_audit_across_the_device_boundary_equals_the_one_device_audit(split_map,
     assert split.model.weights_sha256 == one.model.weights_sha256
     assert split.engine.layer_skip and split.engine.prefix_reuse  # the shortcuts stayed on across the boundary
     assert len(split.components) == len(one.components) > 100
+    # the adaptive search runs without its attribution step across devices, so its cells are batched differently:
+    # the same cells, numbers equal within float rounding
+    assert split.search.n_attribution_flagged is None and one.search.n_attribution_flagged is not None
     for a, b in zip(one.components, split.components, strict=True):
-        assert (a.id, a.share, a.ci_low, a.ci_high, a.significant) == (b.id, b.share, b.ci_low, b.ci_high,
-                                                                         b.significant)
+        assert (a.id, a.significant) == (b.id, b.significant)
+        assert (a.share, a.ci_low, a.ci_high) == pytest.approx((b.share, b.ci_low, b.ci_high), abs=1e-6)
     assert split.gap == one.gap and split.behaviour == one.behaviour
 
 

@@ -154,7 +154,7 @@ def adaptive_search(grid: Grid, patch: Patch, estimate: Patch | None, gaps: np.n
     n = len(grid.components)
     state = _State(n, len(gaps), patch, gaps, config.min_gap)
     state.run("coarse", np.flatnonzero(grid.coarse))
-    flagged = 0
+    flagged = None  # no attribution step
     rest = np.flatnonzero(~state.done)
     if estimate is not None and rest.size:
         guessed = np.abs(planning_shares(estimate(rest), gaps, config.min_gap)) >= KEEP_SHARE
@@ -226,7 +226,11 @@ def search_stage(engine: PatchEngine, plan: PatchPlan, scores: Scores, config: A
                                                else base_h[cols] - patched)
         return out
 
-    result = adaptive_search(Grid(plan.components, plan.suffix), patch, estimate, scores.gaps, config)
+    # gradients do not run through accelerate's dispatch hooks (its weights are inference tensors): a model spread over
+    # devices (--device-map) is searched without the attribution step
+    dispatched = getattr(engine.loaded.model, "hf_device_map", None) is not None
+    result = adaptive_search(Grid(plan.components, plan.suffix), patch, None if dispatched else estimate,
+                             scores.gaps, config)
     return plan.subset(result.rows), result.effects, np.zeros(result.rows.size, dtype=bool), result.info
 
 
