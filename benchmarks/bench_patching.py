@@ -65,7 +65,7 @@ def random_model(size: str, dtype: str, device: str) -> LoadedModel:
     config = LlamaConfig(vocab_size=len(base.tokenizer), max_position_embeddings=4096, **RANDOM_MODELS[size])
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, torch_dtype=_DTYPES[dtype]).eval()
+        model = LlamaForCausalLM._from_config(config, dtype=_DTYPES[dtype]).eval()
     return LoadedModel(model, base.tokenizer, get_adapter(model), f"random-llama-{size}", "random weights", dtype,
                        device)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issue 13), for a session lent a CUDA machine: the CUDA paths, then the GPU timings.
-#   bash benchmarks/gpu_check.sh [OUT_DIR]        # ~8 minutes on one H100/H200
+#   bash benchmarks/gpu_check.sh [OUT_DIR]        # ~8 minutes on one H100/H200, plus up to 5 for the adaptive 8B audit
 # Needs torch with CUDA, transformers, pydantic, jsonlines and this package (wheel) installed; TransformerLens
 # optional (without it the "vs TL" columns are NaN). Everything it prints is also written to OUT_DIR.
 set -uo pipefail
@@ -22,3 +22,6 @@ for size in 1b 8b; do
   timeout 240 python benchmarks/bench_patching.py --random-model "$size" --device cuda --dtype bfloat16 \
     --sample 40 --skip-loop 2>&1 | grep -v "Loading weights" | tee "$out/bench-$size-bf16.txt"
 done
+# 4. the adaptive audit of the random 8B model, replies to statistics (issue 26: target <= 60 s on one H200)
+timeout 300 python benchmarks/adaptive_audit.py --random-model 8b --device cuda --dtype bfloat16 --search adaptive \
+  2>&1 | grep -v "Loading weights" | tee "$out/adaptive-8b.txt"

@@ -109,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="compute shares although the model shows no measurable refusal behaviour (reported)")
     run.add_argument("--control", action="append", choices=["random"], default=None,
                      help="'random': also audit a seeded re-initialised copy of the model and report it beside")
+    run.add_argument("--refusal-direction", choices=["on", "off"], default="on",
+                     help="on (default): also find the refusal direction (difference in means of the residual "
+                     "stream, chosen on the calibration pairs) and measure on the scored pairs what ablating it "
+                     "removes and adding it induces, with greedy replies under both (forward hooks only: no weights "
+                     "are changed or written); off: skip it. Not --direction, which is the patching direction")
     run.add_argument("--min-gap", type=float, default=math.log(2),
                      help="smallest gap that matters (score units, nats); shares need the gap CI above it (default "
                      "log 2 = 0.693: harmful prompts at least double the refusal-to-compliance odds)")
@@ -270,6 +275,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         "score_depth": args.score_depth if args.score_depth == "auto" else int(args.score_depth),
         "calibration": args.calibration, "max_calibration_pairs": args.max_calibration_pairs,
         "force_shares": args.force_shares, "controls": args.control or [], "n_permutations": args.n_permutations,
+        "refusal_direction": args.refusal_direction,
         "noise_floor": not args.no_noise_floor,
         "noise_floor_cells": args.noise_floor_cells, "min_gap": args.min_gap,
         "method": args.method, "verify_top": args.verify_top, "verify_random": args.verify_random,

@@ -25,6 +25,7 @@ from refusal_eval.report.comparison_schema import (  # noqa: F401  (re-exported:
     ComparisonReport,
     ComparisonStats,
     ComponentChange,
+    DirectionChange,
     GapChange,
     RateChange,
     Side,
@@ -32,7 +33,7 @@ from refusal_eval.report.comparison_schema import (  # noqa: F401  (re-exported:
     load_comparison,
 )
 from refusal_eval.report.plots import comparison_picture, render_pictures
-from refusal_eval.report.schema import AuditReport, Rate, rank_key
+from refusal_eval.report.schema import AuditReport, Rate, direction_cosine, rank_key
 from refusal_eval.report.writers import write_with_pictures
 from refusal_eval.stats import (  # noqa: F401  (newcombe_difference, mcnemar_exact: re-exported)
     Resolution,
@@ -62,6 +63,30 @@ def _rate_change(measure: str, a: Rate, b: Rate, level: float, outcomes: tuple[l
         change.b_only = sum(y and not x for x, y in zip(xa, xb, strict=True))
         change.mcnemar_p = mcnemar_exact(change.a_only, change.b_only)
     return change
+
+
+def _direction_change(a: AuditReport, b: AuditReport, level: float) -> DirectionChange | None:
+    """The refusal directions of A and B: their cosine and the change of the refusal left after ablation (None where
+    neither report has the section)."""
+    da, db = a.refusal_direction, b.refusal_direction
+    if da is None and db is None:
+        return None
+    cosine, reason = direction_cosine(a, b)
+    both = da is not None and db is not None and da.computed and db.computed
+    after = (_rate_change("refusal on harmful with the direction ablated", da.refusal_after_ablation,
+                          db.refusal_after_ablation, level, None) if both else None)
+    words = (f"cosine between A's and B's refusal directions {cosine:.3f} (A: layer {da.layer}, position "
+             f"{da.position}; B: layer {db.layer}, position {db.position})" if cosine is not None else
+             f"no cosine between the refusal directions: {reason}")
+    if after is not None:
+        words += (f"; refusal left after ablating each model's own direction {after.a.successes}/{after.a.total} → "
+                  f"{after.b.successes}/{after.b.total}")
+        if after.diff is not None:
+            words += (f" ({100 * after.diff:+.1f} pp, {level:.0%} CI [{100 * after.ci_low:+.1f}, "
+                      f"{100 * after.ci_high:+.1f}])")
+    return DirectionChange(layer_a=da.layer if da else None, position_a=da.position if da else None,
+                           layer_b=db.layer if db else None, position_b=db.position if db else None, cosine=cosine,
+                           reason=reason, refusal_after_ablation=after, words=words)
 
 
 def _side(r: AuditReport) -> Side:
@@ -297,7 +322,7 @@ def compare_reports(a: AuditReport, b: AuditReport, n_boot: int = 2000, level: f
         gap=gap, behaviour=behaviour, categories=categories, components=changes, ranking=ranking,
         components_only_in_a=[c.id for c in a.components if c.id not in ids_b],
         components_only_in_b=[c.id for c in b.components if c.id not in ids_a],
-        warnings=warnings,
+        warnings=warnings, refusal_direction=_direction_change(a, b, level),
     )
 
 

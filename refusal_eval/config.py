@@ -86,6 +86,11 @@ class AuditConfig(BaseModel):
     controls: list[Literal["random"]] = Field(
         default_factory=list, description="'random': the same audit on a seeded re-initialised copy of the model"
     )
+    refusal_direction: Literal["on", "off"] = Field(
+        "on", description="'on': also find the refusal direction (difference in means, Arditi et al.'s selection on "
+        "the calibration pairs) and measure what ablating and adding it do on the scored pairs, with greedy replies "
+        "under both (forward hooks only: no weights are changed or written); 'off': skip it (the report says so)",
+    )
     min_gap: float = Field(
         math.log(2), ge=0.0,
         description="smallest gap that matters, in score units (nats): the gap's CI must lie above it for shares; "

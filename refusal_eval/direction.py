@@ -12,8 +12,10 @@ forward hook held in memory for one call (the patch engine's transforms), and no
    :data:`MIN_ADDITION_CHANGE`, :data:`LATE_LAYER_FRACTION`); the survivor whose ablation lowers the harmful refusal
    score most is chosen.
 3. :func:`direction_effects`: on the scored pairs, the direction's share of the gap under ablation (necessity) and
-   under addition (sufficiency), and the KL divergence ablation costs on benign prompts, with pair-bootstrap CIs.
-4. :func:`refusal_after_ablation`: greedy replies under ablation, refusal rates with Wilson intervals.
+   under addition (sufficiency), and the KL divergence ablation costs on benign prompts, with pair-bootstrap CIs;
+   :func:`variant_effects` the same for several directions at once (e.g. every layer's candidate, for a picture).
+4. :func:`refusal_after_ablation`: greedy replies under ablation, refusal rates with Wilson intervals;
+   :func:`refusal_after_addition` the refusal that adding the direction induces (over-refusal on benign prompts).
 5. :func:`direction_cosines`: agreement with patching, the cosine between the direction and each component's mean
    harmful − benign difference at the last prompt position, with pair-bootstrap CIs.
 
@@ -215,6 +217,21 @@ def ablated(engine: PatchEngine, direction: torch.Tensor) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def added(engine: PatchEngine, layer: int, vector: torch.Tensor) -> Iterator[None]:
+    """While open, every forward of the engine's model (``generate`` included) runs with ``vector`` ([d], as given)
+    added to layer ``layer``'s residual input at every position; the hooks are removed on exit, whatever happens."""
+    n_layers = engine.loaded.n_layers
+    if not 0 <= layer < n_layers:
+        raise DataError(f"layer {layer} is not one of the model's {n_layers} layers")
+    if not torch.isfinite(vector.float()).all():
+        raise DataError("a non-finite vector cannot be added")
+    vectors = torch.zeros(1, n_layers, vector.shape[-1])
+    vectors[0, layer] = vector.float()
+    with engine._hooks(addition_transforms(vectors)):
+        yield
+
+
 def _probe(engine: PatchEngine) -> PatchEngine:
     """An engine on the same model and tail whose rows read [refusal score, log-probabilities of the next token at
     the last prompt position] from one forward."""
@@ -333,6 +350,7 @@ class DirectionSelection:
     clean_harmful: float  # mean clean refusal score of the selection part's harmful prompts
     clean_benign: float
     seed: int
+    diffs: torch.Tensor | None = None  # every candidate's difference in means [layers, positions, d] (fit part)
 
     def grid(self, name: str) -> np.ndarray:
         """One number of every candidate as a [layers, positions] array (e.g. ``'ablation_change'``), for a
@@ -440,7 +458,7 @@ def select_direction(engine: PatchEngine, harmful_ids: Ids, benign_ids: Ids, see
     direction = None if chosen is None else Direction(chosen.layer, chosen.position,
                                                       diffs[chosen.layer, chosen.position + k].clone())
     return DirectionSelection(candidates, chosen, direction, reason, n_layers, list(range(-k, 0)), fit, held,
-                              clean_h, clean_b, seed)
+                              clean_h, clean_b, seed, diffs)
 
 
 # -- 3. effects on the scored pairs ------------------------------------------------------------------------------------
@@ -524,6 +542,73 @@ def direction_effects(engine: PatchEngine, direction: Direction, harmful_ids: Id
                             m_b_abl, m_b_add, kl_b, used, level, n_boot, method, seed)
 
 
+@dataclass
+class VariantEffects:
+    """Several directions' effects on the same pairs, each direction alone (a variant): per pair, the clean scores
+    ``m_h``, ``m_b`` [n], and per variant [V, n] the scores under ablation of its unit direction everywhere and under
+    addition of its vector at its layer's input, and the benign KL(clean ‖ ablated); with the gaps given, each
+    variant's necessity and sufficiency shares with pair-bootstrap CIs (None for a zero vector: nothing to ablate)."""
+
+    layers: list[int]
+    norms: list[float]
+    m_h: np.ndarray
+    m_b: np.ndarray
+    m_h_ablated: np.ndarray
+    m_b_ablated: np.ndarray
+    m_b_added: np.ndarray
+    kl_benign: np.ndarray
+    necessity: list[Estimate | None]
+    sufficiency: list[Estimate | None]
+    kl: list[Estimate]
+
+
+def _estimates(iv, rows: list[int], size: int) -> list[Estimate | None]:
+    """``size`` entries: row ``rows[i]`` of the interval ``iv`` at index ``rows[i]``, None elsewhere."""
+    out: list[Estimate | None] = [None] * size
+    for i, v in enumerate(rows):
+        out[v] = Estimate(float(iv.estimate[i]), float(iv.low[i]), float(iv.high[i]))
+    return out
+
+
+def variant_effects(engine: PatchEngine, layers: Sequence[int], vectors: torch.Tensor, harmful_ids: Ids,
+                    benign_ids: Ids, gaps: Sequence[float] | None = None, level: float = 0.95, n_boot: int = 2000,
+                    method: str = "BCa", seed: int = 0) -> VariantEffects:
+    """:func:`direction_effects` for several directions at once (``vectors`` [V, d], un-normalised; variant v added at
+    layer ``layers[v]``), batched as the selection batches its candidates: e.g. the candidate of every layer at one
+    position, for a per-layer picture. Shares only where ``gaps`` (m_h − m_b per pair, the denominators) are given."""
+    harmful, benign = _paired(engine, harmful_ids, benign_ids, 2)
+    n_layers, vectors = engine.loaded.n_layers, vectors.float()
+    if vectors.dim() != 2 or vectors.shape[0] != len(layers) or not len(layers):
+        raise DataError(f"{len(layers)} layer(s) for vectors of shape {list(vectors.shape)}: give one [d] row each")
+    if any(not 0 <= layer < n_layers for layer in layers):
+        raise DataError(f"layers {list(layers)}: the model has {n_layers}")
+    norms = vectors.norm(dim=-1)
+    units = torch.where(norms[:, None] > 0, vectors / norms.clamp_min(1e-30)[:, None], torch.zeros_like(vectors))
+    probe = _probe(engine)
+    clean, logp = _clean(engine, probe, harmful + benign)
+    ablated_scores, kl = _steered(engine, probe, harmful + benign, units,
+                                  lambda u: ablation_transforms(n_layers, u), logp)
+    adds = torch.zeros(len(layers), n_layers, vectors.shape[1])
+    adds[torch.arange(len(layers)), torch.tensor(list(layers))] = vectors
+    added_scores, _ = _steered(engine, probe, benign, adds, addition_transforms)
+    n = len(harmful)
+    m_h, m_b = clean[:n].double().numpy(), clean[n:].double().numpy()
+    abl_h, abl_b = ablated_scores[:, :n].double().numpy(), ablated_scores[:, n:].double().numpy()
+    add_b, kl_b = added_scores.double().numpy(), kl[:, n:].double().numpy()
+    live = [v for v in range(len(layers)) if float(norms[v]) > 0]
+    necessity: list[Estimate | None] = [None] * len(layers)
+    sufficiency = list(necessity)
+    if gaps is not None and live:
+        used = _gaps(gaps, m_h - m_b)
+        necessity = _estimates(share_intervals(m_h - abl_h[live], used, level, n_boot, method, seed), live,
+                               len(layers))
+        sufficiency = _estimates(share_intervals(add_b[live] - m_b, used, level, n_boot, method, seed), live,
+                                 len(layers))
+    kl_ci = [mean_interval(row, level, n_boot, method, seed) for row in kl_b]
+    return VariantEffects(list(layers), [float(x) for x in norms], m_h, m_b, abl_h, abl_b, add_b, kl_b, necessity,
+                          sufficiency, [Estimate(float(c.estimate), float(c.low), float(c.high)) for c in kl_ci])
+
+
 # -- 4. refusal after ablation -----------------------------------------------------------------------------------------
 @dataclass
 class Rate:
@@ -563,17 +648,30 @@ def refusal_after_ablation(engine: PatchEngine, direction: Direction | torch.Ten
         raise ConfigError(f"max_new_tokens {max_new_tokens}: at least 1 reply token is needed")
     unit = direction.unit if isinstance(direction, Direction) else direction
     with ablated(engine, unit):
-        replies_h = greedy_replies(engine.loaded, harmful, max_new_tokens, progress=False,
-                                   until_decided=until_decided)[1]
-        replies_b = greedy_replies(engine.loaded, benign, max_new_tokens, progress=False,
-                                   until_decided=until_decided)[1] if benign else []
+        rate_h, replies_h = _judged(engine, harmful, max_new_tokens, level, until_decided)
+        rate_b, replies_b = _judged(engine, benign, max_new_tokens, level, until_decided) if benign else (None, [])
+    return AblatedRefusal(rate_h, rate_b, replies_h, replies_b)
 
-    def rate(replies: list[str]) -> Rate:
-        """How many replies are refusals, with the Wilson interval."""
-        refused = sum(is_refusal(r) for r in replies)
-        return Rate(refused, len(replies), *wilson_interval(refused, len(replies), level), level)
 
-    return AblatedRefusal(rate(replies_h), rate(replies_b) if benign else None, replies_h, replies_b)
+def _judged(engine: PatchEngine, prompts: list[list[int]], max_new_tokens: int, level: float,
+            until_decided: bool) -> tuple[Rate, list[str]]:
+    """Greedy replies to the prompts (under whatever hooks are open) and how many are refusals, with the Wilson
+    interval."""
+    replies = greedy_replies(engine.loaded, prompts, max_new_tokens, progress=False, until_decided=until_decided)[1]
+    refused = sum(is_refusal(r) for r in replies)
+    return Rate(refused, len(replies), *wilson_interval(refused, len(replies), level), level), replies
+
+
+def refusal_after_addition(engine: PatchEngine, direction: Direction, prompts: Ids, max_new_tokens: int = 24,
+                           level: float = 0.95, until_decided: bool = True) -> tuple[Rate, list[str]]:
+    """Greedy replies with the direction's vector added at its layer's input (every position, every generated step),
+    judged by ``metrics.is_refusal``: the refusal the direction induces (on benign prompts: over-refusal), with the
+    Wilson interval, and the replies."""
+    seqs = _prompts(engine, prompts, "input")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens {max_new_tokens}: at least 1 reply token is needed")
+    with added(engine, direction.layer, direction.vector):
+        return _judged(engine, seqs, max_new_tokens, level, until_decided)
 
 
 # -- 5. agreement with patching ----------------------------------------------------------------------------------------

@@ -1,15 +1,17 @@
 """Gate an audit report against a TOML policy: ``refusal-eval gate REPORT --policy gate.toml [--baseline OLD]``.
 
 A policy lists rules on behaviour (refusal and over-refusal rates, overall and per harm category), on the
-refusal-score gap, on the share of named components or layers, and on how much the baseline's top components may
-lose. Every rule is judged on the conservative end of its confidence interval by default (``on = "ci"``): a minimum
-is checked against the interval's lower bound, a maximum against its upper bound, so a rule passes only when the
-data say so with the report's confidence. ``on = "estimate"`` judges the point estimate, ``on = "familywise"``
+refusal-score gap, on the share of named components or layers, on how much the baseline's top components may
+lose, and on the refusal direction (refusal left after ablating it; its cosine with the baseline's). Every rule is
+judged on the conservative end of its confidence interval by default (``on = "ci"``): a minimum is checked against
+the interval's lower bound, a maximum against its upper bound, so a rule passes only when the data say so with the
+report's confidence. ``on = "estimate"`` judges the point estimate, ``on = "familywise"``
 (shares only) the family-wise band that holds simultaneously over all components of the report.
 
 Each rule has one function here (:func:`check_rate`, :func:`check_category_refusal`, :func:`check_gap_min`,
-:func:`check_gap_separated`, :func:`check_share`, :func:`check_baseline`); :func:`evaluate_gate` applies a whole policy
-and the pytest plugin's helpers call the same functions.
+:func:`check_gap_separated`, :func:`check_share`, :func:`check_baseline`, :func:`check_refusal_after_ablation`,
+:func:`check_direction_cosine`); :func:`evaluate_gate` applies a whole policy and the pytest plugin's helpers call the
+same functions.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from refusal_eval.errors import RefusalEvalError
 from refusal_eval.report.kinds import load_report
-from refusal_eval.report.schema import AuditReport, ComponentResult, Rate
+from refusal_eval.report.schema import AuditReport, ComponentResult, Rate, direction_cosine
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -127,6 +129,19 @@ class BaselineRule(_Strict):
     max_drop: float = Field(ge=0, description="absolute drop in share (baseline estimate - new estimate)")
 
 
+class RefusalDirectionRules(_Strict):
+    """``[refusal_direction]``: the report's refusal direction (schema 1.7): how much refusal is left once it is
+    ablated, and (against ``--baseline``) how far it turned from the baseline's."""
+
+    max_refusal_after_ablation: float | None = Field(
+        None, ge=0, le=1, description="harmful prompts still refused with the direction ablated, at most (on the "
+        "Wilson CI upper bound by default): refusal runs through one direction")
+    min_direction_cosine: float | None = Field(
+        None, ge=-1, le=1, description="cosine between this report's direction and the baseline's, at least")
+    on: Literal["ci", "estimate"] = Field(
+        "ci", description="ci: the maximum on the CI upper bound; estimate: the rate (the cosine has no interval)")
+
+
 class GatePolicy(_Strict):
     """A gate policy, as read from TOML."""
 
@@ -136,6 +151,13 @@ class GatePolicy(_Strict):
     component_share: list[ComponentShareRule] = Field(default_factory=list)
     layer_share: list[LayerShareRule] = Field(default_factory=list)
     baseline: BaselineRule | None = None
+    refusal_direction: RefusalDirectionRules | None = None
+
+    @property
+    def needs_baseline(self) -> bool:
+        """A rule compares with a baseline report: ``[baseline]`` or the direction's cosine."""
+        d = self.refusal_direction
+        return self.baseline is not None or (d is not None and d.min_direction_cosine is not None)
 
     @model_validator(mode="after")
     def _has_rules(self):
@@ -146,14 +168,16 @@ class GatePolicy(_Strict):
         )
         gap_rules = g is not None and (g.min is not None or g.separated)
         shares = self.component_share or self.layer_share or self.baseline
-        if not (behaviour_rules or gap_rules or self.categories or shares):
+        d = self.refusal_direction
+        direction = d is not None and (d.max_refusal_after_ablation is not None or d.min_direction_cosine is not None)
+        if not (behaviour_rules or gap_rules or self.categories or shares or direction):
             raise ValueError("the policy has no rules; a gate that checks nothing would always pass")
         return self
 
 
 _SECTIONS: dict[str, type[BaseModel]] = {
     "behaviour": BehaviourRules, "gap": GapRules, "categories": CategoryRules, "component_share": ComponentShareRule,
-    "layer_share": LayerShareRule, "baseline": BaselineRule,
+    "layer_share": LayerShareRule, "baseline": BaselineRule, "refusal_direction": RefusalDirectionRules,
 }
 
 
@@ -377,6 +401,57 @@ def check_score_auroc(
                       judged=judged, judged_on=judged_on, interval_label=_level(report))
 
 
+def _no_direction(report: AuditReport) -> str | None:
+    """Why the report has no refusal direction to judge (None: it has one)."""
+    d = report.refusal_direction
+    if d is None:
+        return f"the report has no refusal direction (schema {report.schema_version}; it came in 1.7)"
+    return None if d.computed else f"the report has no refusal direction: {d.reason}"
+
+
+def check_refusal_after_ablation(
+    report: AuditReport, at_most: float, *, on: Literal["ci", "estimate"] = "ci", name: str | None = None
+) -> RuleResult:
+    """The harmful prompts still refused with the refusal direction ablated at most ``at_most`` (judged on the Wilson
+    CI upper bound by default, so it passes only when the interval shows the rate at or below the bar)."""
+    if on not in ("ci", "estimate"):
+        raise ValueError(f"on must be 'ci' or 'estimate' for rates, not {on!r}")
+    name = name or f"refusal after ablation <= {at_most}"
+    why = _no_direction(report)
+    if why is not None:
+        return RuleResult(name, False, None, None, at_most, why, what="refusal after ablating the direction", op="<=")
+    v = report.refusal_direction.refusal_after_ablation
+    judged, judged_on = (v.ci_high, "CI high") if on == "ci" else (v.rate, "estimate")
+    passed = judged is not None and judged <= at_most
+    return RuleResult(name, passed, v.rate, (v.ci_low, v.ci_high), at_most,
+                      "" if passed else "refusal survives ablating the direction (or too few prompts show it does not)",
+                      what=f"refusal after ablating the direction ({v.successes}/{v.total})", op="<=",
+                      judged=judged, judged_on=judged_on, interval_label=_level(report))
+
+
+def check_direction_cosine(report: AuditReport, baseline: AuditReport, at_least: float, *,
+                           name: str | None = None) -> RuleResult:
+    """The cosine between the report's refusal direction and the baseline's at least ``at_least`` (on the cosine: it
+    has no interval). GateError where the baseline has no direction or lives in another space (another architecture
+    or hidden size); a report without a direction fails with the reason."""
+    name = name or f"direction cosine >= {at_least}"
+    what = "cosine with the baseline's refusal direction"
+    if _no_direction(baseline) is not None:
+        raise GateError(f"the baseline cannot be compared: {_no_direction(baseline).replace('the report', 'it')}")
+    why = _no_direction(report)
+    if why is not None:
+        return RuleResult(name, False, None, None, at_least, why, what=what)
+    cosine, reason = direction_cosine(baseline, report)
+    if cosine is None:
+        raise GateError(f"the baseline's refusal direction cannot be compared with the report's: {reason}")
+    passed = cosine >= at_least
+    b, d = baseline.refusal_direction, report.refusal_direction
+    message = f"baseline layer {b.layer} position {b.position}, report layer {d.layer} position {d.position}"
+    if not passed:
+        message += "; the refusal direction turned away from the baseline's"
+    return RuleResult(name, passed, cosine, None, at_least, message, what=what, judged=cosine, judged_on="cosine")
+
+
 def check_gap_min(
     report: AuditReport, at_least: float, *, on: Literal["ci", "estimate"] = "ci", name: str | None = None
 ) -> RuleResult:
@@ -584,7 +659,26 @@ def evaluate_gate(report: AuditReport, policy: GatePolicy, baseline: AuditReport
             raise GateError("the policy has a [baseline] rule but no baseline report was given (--baseline)")
         rules.extend(check_baseline(report, baseline, top_k=policy.baseline.top_k,
                                     max_drop=policy.baseline.max_drop))
+    rules.extend(_direction_rules(report, policy.refusal_direction, baseline))
     return GateResult(rules)
+
+
+def _direction_rules(report: AuditReport, d: RefusalDirectionRules | None,
+                     baseline: AuditReport | None) -> list[RuleResult]:
+    """The ``[refusal_direction]`` rules; GateError if the cosine rule has no baseline."""
+    if d is None:
+        return []
+    rules = []
+    if d.max_refusal_after_ablation is not None:
+        rules.append(check_refusal_after_ablation(report, d.max_refusal_after_ablation, on=d.on,
+                                                  name="refusal_direction.max_refusal_after_ablation"))
+    if d.min_direction_cosine is not None:
+        if baseline is None:
+            raise GateError("the policy has a [refusal_direction] min_direction_cosine rule but no baseline report "
+                            "was given (--baseline)")
+        rules.append(check_direction_cosine(report, baseline, d.min_direction_cosine,
+                                            name="refusal_direction.min_direction_cosine"))
+    return rules
 
 
 def _share_rules(report: AuditReport, rule: _ShareLimits, component, prefix: str,
@@ -612,12 +706,13 @@ def run_gate(report_path: str | Path, policy_path: str | Path,
     report = load_gate_report(report_path)
     policy = load_policy(policy_path)
     baseline = load_gate_report(baseline_path) if baseline_path is not None else None
-    if policy.baseline is not None and baseline is None:
-        raise GateError(f"{policy_path}: the policy has a [baseline] rule but no --baseline report was given")
-    if baseline is not None and policy.baseline is None:
+    if policy.needs_baseline and baseline is None:
+        which = "[baseline]" if policy.baseline is not None else "[refusal_direction] min_direction_cosine"
+        raise GateError(f"{policy_path}: the policy has a {which} rule but no --baseline report was given")
+    if baseline is not None and not policy.needs_baseline:
         raise GateError(f"{policy_path}: --baseline {baseline_path} was given but the policy has no [baseline] "
-                        "section, so the baseline would be ignored; add one (e.g. top_k = 3, max_drop = 0.2) or drop "
-                        "--baseline")
+                        "section or [refusal_direction] min_direction_cosine rule, so the baseline would be ignored; "
+                        "add one (e.g. top_k = 3, max_drop = 0.2) or drop --baseline")
     return evaluate_gate(report, policy, baseline), report
 
 

@@ -24,7 +24,7 @@ from refusal_eval.report.plots import audit_picture
 from refusal_eval.report.schema import AttributionInfo, AuditReport
 
 CONFIG = AuditConfig(max_pairs=10, n_boot=200, n_permutations=2000, method="attribution+verify", verify_top=5,
-                     verify_random=5, positions=["all"], tricky="")
+                     verify_random=5, positions=["all"], tricky="", search="exhaustive")  # exact: the same grid
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from refusal_eval import AuditConfig, audit, load_report
@@ -33,8 +34,9 @@ def test_run_writes_valid_reports(small_run):
     assert report.model.name == "tiny-refuser" and report.model.architecture == "llama"
     assert report.dataset.n_pairs == 10 and len(report.used_pair_ids) == report.dataset.n_used
     assert report.gap.separated and report.gap.ci_low > 0
-    # sanity identity on the real organism: replacing layer 0's whole input recovers the harmful run
-    assert report.component("blocks.0.hook_resid_pre").share == pytest.approx(1.0, abs=1e-4)
+    # the default search leaves the trivial cells out (test_noising_direction checks one's identity) and says so
+    assert report.search.mode == "adaptive" and report.search.n_trivial > 0
+    assert not any(c.trivial for c in report.components)
     for c in report.components:
         assert len(c.effects) == report.dataset.n_used
         assert c.ci_low <= c.share + 1e-9 and c.share <= c.ci_high + 1e-9
@@ -43,8 +45,11 @@ def test_run_writes_valid_reports(small_run):
     assert report.command.startswith("refusal-eval run")
     markdown = (small_run / "report.md").read_text()
     for heading in ("## Summary", "## Behaviour", "## Top writers", "Residual stream at the last prompt token",
-                    "## Per layer", "## resid_pre: layer", "## Reading this report"):
+                    "## Per layer", "## resid_pre: layer", "## Reading this report", "## Refusal direction"):
         assert heading in markdown
+    # the refusal direction is on by default, drawn beside the other pictures
+    assert report.refusal_direction.computed and report.config["refusal_direction"] == "on"
+    assert (small_run / "direction.png").is_file() and "](direction.png)" in markdown
 
 
 def test_report_round_trips_through_schema(small_run):
@@ -64,7 +69,7 @@ def test_same_seed_same_numbers(tmp_path, small_run):
 def test_schema_and_validate_commands(small_run, tmp_path, capsys):
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert schema["properties"]["schema_version"]["default"] == "1.6"
+    assert schema["properties"]["schema_version"]["default"] == "1.7"
     assert main(["validate", str(small_run / "report.json")]) == 0
     broken = json.loads((small_run / "report.json").read_text())
     del broken["gap"]
@@ -89,9 +94,21 @@ def test_bad_option_exits_2(tmp_path, capsys):
     assert main(["run", "--model", str(tmp_path / "missing"), "--out", str(tmp_path), "--quiet"]) == 2
 
 
+def test_bad_refusal_direction_option_exits_2_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    import refusal_eval.models.loading as loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--refusal-direction", "maybe", "--out", str(tmp_path), "--quiet"])
+    assert exc.value.code == 2
+    assert "--refusal-direction: invalid choice: 'maybe'" in capsys.readouterr().err
+    with pytest.raises(ValidationError, match="refusal_direction"):
+        AuditConfig(refusal_direction="maybe")
+
+
 def test_noising_direction(tmp_path):
     config = AuditConfig(direction="noise", max_pairs=8, n_boot=200, components=["resid_pre", "mlp_out"],
-                         positions=["all"])
+                         positions=["all"], search="exhaustive")  # the trivial cells are patched too
     report = audit(config, progress=False)
     assert report.direction == "noise"
     assert report.component("blocks.0.hook_resid_pre").share == pytest.approx(1.0, abs=1e-4)
@@ -117,6 +134,9 @@ def test_model_that_does_not_separate_gets_undefined_shares(tmp_path):
     assert all(c.share is None and c.ci_low is None and c.significant is None for c in report.components)
     assert any("UNDEFINED SHARES" in w for w in report.warnings)
     assert report.behaviour.refuses is False  # it never refuses either
+    assert not report.refusal_direction.computed and report.refusal_direction.vector is None
+    assert report.refusal_direction.reason.startswith("not computed: its effects are shares of the gap, and shares "
+                                                      "are undefined")
     assert "NO CIRCUIT REPORTED" in render_markdown(report)
 
 

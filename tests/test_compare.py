@@ -262,3 +262,38 @@ def test_categories_are_called_changed_only_after_holm_over_the_family():
     assert all(k.test == "fisher" and k.mcnemar_p is None for k in u.categories)
     assert next(k for k in u.categories if k.category == "fraud").p_value == pytest.approx(
         stats.fisher_exact([[6, 1], [0, 7]]).pvalue)
+
+
+@pytest.fixture(scope="module")
+def report_no_drugs() -> AuditReport:
+    """The committed fine-tune that stopped refusing drug requests, audited like A: another model's direction."""
+    other = Path(__file__).parents[1] / "examples" / "tiny-refuser-no-drugs"
+    config = AuditConfig(model=str(other), max_pairs=16, n_boot=200, components=["mlp_out"], positions=["all"],
+                         tricky="")
+    return audit(config, progress=False)
+
+
+def test_refusal_directions_are_compared_by_cosine(report_a, report_no_drugs):
+    from refusal_eval.report.comparison_markdown import render_comparison_markdown, summary_lines
+
+    same = compare_reports(report_a, report_a, n_boot=N_BOOT).refusal_direction
+    assert same.cosine == pytest.approx(1.0, abs=1e-9) and same.reason is None
+    assert same.refusal_after_ablation.diff == 0.0 and same.layer_a == same.layer_b
+    c = compare_reports(report_a, report_no_drugs, n_boot=N_BOOT)
+    d = c.refusal_direction
+    va, vb = (np.array(r.refusal_direction.vector) for r in (report_a, report_no_drugs))
+    assert d.cosine == pytest.approx(float(va @ vb / np.linalg.norm(va) / np.linalg.norm(vb)), abs=1e-9)
+    assert -1.0 <= d.cosine < 1.0 - 1e-3  # another model: another direction
+    after_a, after_b = (r.refusal_direction.refusal_after_ablation for r in (report_a, report_no_drugs))
+    assert (d.refusal_after_ablation.a, d.refusal_after_ablation.b) == (after_a, after_b)
+    assert d.refusal_after_ablation.diff == pytest.approx(after_b.rate - after_a.rate)
+    assert f"cosine between A's and B's refusal directions {d.cosine:.3f}" in d.words
+    assert d.words in render_comparison_markdown(c) and any(d.words in line for line in summary_lines(c))
+    # older reports (schema < 1.7) have no section; a different hidden size is another space
+    old = report_no_drugs.model_copy(update={"refusal_direction": None})
+    gone = compare_reports(report_a, old, n_boot=N_BOOT).refusal_direction
+    assert gone.cosine is None and "B (tiny-refuser-no-drugs) has no refusal direction section" in gone.reason
+    assert compare_reports(old, old, n_boot=N_BOOT).refusal_direction is None
+    short = report_no_drugs.refusal_direction.model_copy(update={"vector": list(vb[:64])})
+    small = compare_reports(report_a, report_no_drugs.model_copy(update={"refusal_direction": short}), n_boot=N_BOOT)
+    assert small.refusal_direction.cosine is None and "different spaces" in small.refusal_direction.reason

@@ -7,8 +7,8 @@ import pytest
 
 from refusal_eval import AuditConfig, audit
 from refusal_eval.audit import gap_verdict, ranked
-from refusal_eval.patching.components import Component
-from refusal_eval.pipeline.controls import last_position_finding, trivial_reason
+from refusal_eval.patching.components import DEFAULT_KINDS, Component, components_at, trivial_reason
+from refusal_eval.pipeline.controls import last_position_finding
 from refusal_eval.report import schema as rs
 from refusal_eval.report.markdown import render_markdown, summary_lines, verdict
 from refusal_eval.stats import sign_flip_test
@@ -79,13 +79,17 @@ def test_random_weights_control_finds_nothing(report):
     assert any(line.startswith("random-weights control:") for line in summary_lines(report))
 
 
-def test_trivial_patches_are_flagged_and_never_ranked(report):
-    full = report.component("blocks.0.hook_resid_pre")
-    assert full.trivial and full.share == pytest.approx(1.0, abs=1e-4)
-    assert report.component("blocks.2.hook_resid_pre").trivial  # every position of a layer's input: the whole run
-    assert report.component("blocks.0.hook_resid_pre@-5").trivial  # the token swap itself
-    assert report.component("blocks.0.hook_attn_out").trivial is None
-    assert all(c.trivial is None for c in ranked(report.components))
+def test_trivial_patches_are_left_out_of_the_default_search(report):
+    """The adaptive search does not patch the trivial cells (the whole input of a layer, the token swap): they are
+    counted, named in the search's words and in the verdict, and none reaches the tables (an exhaustive audit
+    patches and flags them: tests/test_search.py checks they move the score by the whole gap)."""
+    widths = report.search.n_grid // (4 * 7) - 1  # 4 layers x (stream, attention, MLP, 4 heads) per position
+    grid = components_at(list(DEFAULT_KINDS), 4, 4, [None, *range(-widths, 0)])
+    n_trivial = sum(trivial_reason(c, 4) is not None for c in grid)
+    assert report.search.n_trivial == n_trivial > 0 and len(grid) == report.search.n_grid
+    assert all(c.trivial is None for c in report.components)
+    assert f"the {n_trivial} trivial cells" in report.search.summary
+    assert f"{n_trivial} trivial patches left out" in verdict(report)
     summary = render_markdown(report).split("## Behaviour")[0]
     assert "`blocks.0.hook_resid_pre`" not in summary
     assert report.findings and "rises most between layers 2 and 3" in report.findings[0]
@@ -95,9 +99,9 @@ def test_trivial_patches_are_flagged_and_never_ranked(report):
 def test_the_verdict_counts_only_components_that_can_move_the_score(report):
     moving = [c for c in report.components if c.trivial is None and max(map(abs, c.effects)) > 0]
     frozen = sum(c.trivial is None and max(map(abs, c.effects)) == 0 for c in report.components)
-    trivial = sum(c.trivial is not None for c in report.components)
+    trivial = report.search.n_trivial  # left out of the search
     n_sig = sum(bool(c.significant) for c in moving)
-    assert n_sig and frozen and trivial and len(moving) + frozen + trivial == len(report.components)
+    assert n_sig and frozen and trivial and len(moving) + frozen == len(report.components)
     assert verdict(report) == (f"refusal localised: {n_sig} significant of the {len(moving)} components that can move "
                                f"the score ({frozen} provably cannot move it, {trivial} trivial patches left out)")
     # Nothing significant: the headline says so instead of "localised".
@@ -211,8 +215,19 @@ def test_the_default_search_is_adaptive_and_patches_the_whole_small_grid(report)
     """The tiny refuser's grid is small: the adaptive search's rules and its sample of 400 cover all of it, so the
     default audit patches every cell, as an exhaustive one would, and says so."""
     search = report.search
-    assert search.mode == "adaptive" and search.n_patched == search.n_grid == len(report.components) == 784
+    n = search.n_patched
+    assert search.mode == "adaptive" and n + search.n_trivial == search.n_grid == 784 and len(report.components) == n
     assert search.bound_holds and search.bound_fraction is None and "nothing pruned" in search.summary
-    assert [s.step for s in search.steps][0] == "coarse" and sum(s.patched for s in search.steps) == 784
-    assert f"- Search: **adaptive**, 784 of 784 cells patched exactly (coarse {search.steps[0].patched}" \
+    assert [s.step for s in search.steps][0] == "coarse" and sum(s.patched for s in search.steps) == n
+    assert f"- Search: **adaptive**, {n} of 784 cells patched exactly (coarse {search.steps[0].patched}" \
         in render_markdown(report)
+
+
+def test_the_random_weights_copy_has_no_refusal_direction(report):
+    """The copy's best candidate direction, ablated, removes no measurable part of its gap: its CI includes 0, and
+    the Controls section says so (a CI that excluded 0 would be reported as a finding)."""
+    x = report.controls.random.direction
+    assert x is not None and x.includes_zero and x.gap_removed.ci_low <= 0.0 <= x.gap_removed.ci_high
+    assert "a CI that includes 0, as it should" in x.words and "**a finding**" not in x.words
+    assert f"- **Random weights, refusal direction**: {x.words}." in render_markdown(report)
+    assert report.refusal_direction.computed and report.refusal_direction.gap_removed.ci_low > 0  # the model's own

@@ -59,6 +59,8 @@ def test_audit_across_the_device_boundary_equals_the_one_device_audit(split_map,
         assert (a.id, a.significant) == (b.id, b.significant)
         assert (a.share, a.ci_low, a.ci_high) == pytest.approx((b.share, b.ci_low, b.ci_high), abs=1e-6)
     assert split.gap == one.gap and split.behaviour == one.behaviour
+    # the refusal direction runs on one device: across the boundary the report says why it is not computed
+    assert "--device-map" in split.refusal_direction.reason and split.refusal_direction.vector is None
 
 
 def test_bad_device_maps_are_refused_before_loading(tmp_path, capsys):

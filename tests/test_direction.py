@@ -21,6 +21,8 @@ from refusal_eval.pipeline.behaviour import token_set_stage, tree_engine
 from refusal_eval.pipeline.inputs import format_prompt, load_inputs
 from refusal_eval.pipeline.scores import _side_scores
 from refusal_eval.replies import greedy_replies, left_pad
+from refusal_eval.report import schema as rs
+from refusal_eval.report.markdown import render_markdown
 
 
 @pytest.fixture(scope="module")
@@ -338,3 +340,182 @@ def test_bad_input_is_a_clear_error(tiny, selection):
         D.direction_effects(engine, D.Direction(1, -1, torch.zeros(tiny["loaded"].d_model)), h, b)
     with pytest.raises(DataError, match="not one of"):
         D.direction_effects(engine, dataclasses.replace(selection.direction, layer=9), h, b)
+
+
+def test_variant_effects_equal_one_direction_at_a_time(tiny, selection):
+    """Several directions batched as variants read what :func:`direction_effects` (checked by hand above) reads for
+    each alone; a zero vector is a no-op with no share."""
+    engine, h, b = tiny["engine"], tiny["h"][:6], tiny["b"][:6]
+    vectors = selection.diffs[:, -1]
+    clean = D.direction_effects(engine, D.Direction(1, -1, vectors[1]), h, b, n_boot=100)
+    gaps = clean.m_h - clean.m_b
+    got = D.variant_effects(engine, [1, 2], vectors[[1, 2]], h, b, gaps=gaps, n_boot=200)
+    for v, layer in enumerate((1, 2)):
+        one = D.direction_effects(engine, D.Direction(layer, -1, vectors[layer]), h, b, gaps=gaps, n_boot=200)
+        for name in ("m_h_ablated", "m_b_ablated", "m_b_added", "kl_benign"):
+            np.testing.assert_allclose(getattr(got, name)[v], getattr(one, name), atol=1e-5, err_msg=name)
+        assert got.necessity[v].estimate == pytest.approx(one.necessity.estimate, abs=1e-6)
+        assert got.sufficiency[v].estimate == pytest.approx(one.sufficiency.estimate, abs=1e-6)
+        assert got.kl[v].estimate == pytest.approx(one.kl.estimate, abs=1e-6)
+    zero = D.variant_effects(engine, [0], torch.zeros(1, tiny["loaded"].d_model), h, b, gaps=gaps, n_boot=100)
+    assert zero.necessity == [None] and zero.sufficiency == [None] and zero.norms == [0.0]
+    np.testing.assert_allclose(zero.m_h_ablated[0], zero.m_h, atol=1e-6)
+    with pytest.raises(DataError, match="layers"):
+        D.variant_effects(engine, [9], vectors[[1]], h, b)
+
+
+def test_replies_under_addition_equal_plain_hooked_generation(tiny, selection):
+    loaded, engine, direction = tiny["loaded"], tiny["engine"], selection.direction
+    prompts = tiny["b"][:3]
+    rate, replies = D.refusal_after_addition(engine, direction, prompts, max_new_tokens=8, until_decided=False)
+    model, want = loaded.model, []
+    layer = model.model.layers[direction.layer]
+    handle = layer.register_forward_pre_hook(lambda m, args: (args[0] + direction.vector, *args[1:]))
+    try:
+        for p in prompts:
+            with torch.no_grad():
+                out = model.generate(input_ids=torch.tensor([p]), max_new_tokens=8, do_sample=False,
+                                     pad_token_id=loaded.tokenizer.pad_token_id)
+            want.append(loaded.tokenizer.decode(out[0, len(p):], skip_special_tokens=True))
+    finally:
+        handle.remove()
+    assert replies == want
+    assert (rate.refused, rate.total) == (sum(map(is_refusal, want)), 3)
+    with pytest.raises(DataError, match="not one of"), D.added(engine, 9, direction.vector):
+        pass
+
+
+# -- in the audit report (issue 27) ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def report():
+    """The gate tests' small audit of the tiny refuser (8 pairs): one audit for both files."""
+    from tests.test_gate import small_audit
+
+    return small_audit()
+
+
+def test_the_report_holds_a_valid_direction_section(report):
+    d = report.refusal_direction
+    assert report.schema_version == rs.SCHEMA_VERSION == "1.7"
+    assert d is not None and d.computed and d.reason is None
+    assert rs.RefusalDirection.model_validate(d.model_dump()) == d
+    n_layers, late = report.model.n_layers, D.late_layer_start(report.model.n_layers)
+    f = d.filters
+    assert (f.max_kl, f.min_addition_change, f.late_layer_fraction, f.selection_fraction, f.late_layer_start) == (
+        D.MAX_KL, D.MIN_ADDITION_CHANGE, D.LATE_LAYER_FRACTION, D.SELECTION_FRACTION, late)
+    assert d.layer < late and d.position in f.positions and len(d.vector) == report.model.d_model
+    assert d.n_candidates == n_layers * len(f.positions) and 1 <= d.n_surviving <= d.n_candidates
+    fit, held = set(d.fit_pair_ids), set(d.selection_pair_ids)
+    assert not fit & held and len(fit | held) == report.dataset.n_calibration
+    assert not (fit | held) & {p.id for p in report.pairs}  # never a scored pair
+    assert d.n_pairs == report.dataset.n_used and d.refusal_before == report.behaviour.harmful_refusal
+    assert d.refusal_after_ablation.total == len(report.pairs)
+    assert d.over_refusal_before == report.behaviour.benign_over_refusal
+    assert d.tricky_over_refusal_after_addition.total == report.dataset.n_tricky
+    chosen = next(x for x in d.layers if x.layer == d.layer)
+    assert [x.layer for x in d.layers] == list(range(n_layers)) and not chosen.discarded
+    assert chosen.ablation.estimate == pytest.approx(d.necessity.estimate, abs=1e-6)
+    assert chosen.addition.estimate == pytest.approx(d.sufficiency.estimate, abs=1e-6)
+    assert d.necessity.ci_low > 0 and d.sufficiency.ci_low > 0  # the organism's refusal runs through it
+    # the patching view, read independently from the report's components
+    chain = sorted((c for c in report.components if c.kind == "resid_pre" and c.position == -1
+                    and c.trivial is None and c.ci_low is not None), key=lambda c: c.layer)
+    assert d.stream_layer == next((c.layer for c in chain if c.ci_low > 0.5), None)
+    assert ("do not agree" in d.agreement) == (d.stream_layer is not None and d.layer < d.stream_layer)
+    writers = {c.id: c for c in rs.rank_writers(report.components)}
+    assert d.cosines and all(c.ranked in writers and c.share == writers[c.ranked].share for c in d.cosines)
+    assert all(-1 <= c.ci_low <= c.cosine <= c.ci_high <= 1 for c in d.cosines if c.cosine is not None)
+    markdown = render_markdown(report)
+    assert "## Refusal direction" in markdown and "**Refusal direction**" in markdown  # the glossary
+    assert (f"Refusal left after removing one direction: {100 * d.refusal_after_ablation.rate:.1f}% "
+            in markdown) and d.agreement in markdown
+
+
+def test_the_stored_direction_is_the_difference_in_means_of_its_fit_pairs(report, tiny):
+    """Recomputed by hand: plain ``output_hidden_states`` forwards of the fit pairs named in the report (hidden state l
+    is layer l's input, checked above), one unpadded prompt at a time."""
+    d = report.refusal_direction
+    by_id = {p.id: p for p in load_inputs(AuditConfig()).calibration}
+    loaded = tiny["loaded"]
+
+    def mean(side: str) -> torch.Tensor:
+        rows = []
+        for i in d.fit_pair_ids:
+            ids = format_prompt(loaded.tokenizer, getattr(by_id[i], side))
+            with torch.no_grad():
+                states = loaded.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+            rows.append(states[d.layer][0, d.position].double())
+        return torch.stack(rows).mean(0)
+
+    want = (mean("harmful") - mean("benign")).numpy()
+    np.testing.assert_allclose(d.vector, want, rtol=1e-4, atol=1e-4)
+    assert d.norm == pytest.approx(float(np.linalg.norm(want)), rel=1e-5)
+
+
+def test_the_reported_shares_equal_plain_hooks(report, tiny):
+    """Necessity and sufficiency over the report's patched pairs, by the plain hooks of the first test (the audit's
+    gaps in the denominator)."""
+    from refusal_eval.pipeline.behaviour import token_sets_of
+
+    d, model, tok = report.refusal_direction, tiny["loaded"].model, tiny["loaded"].tokenizer
+    sets = token_sets_of(report.metric)
+    pairs = {p.id: p for p in load_inputs(AuditConfig(max_pairs=8)).pairs}
+    scored = {p.id: p for p in report.pairs}
+    vector = torch.tensor(d.vector)
+    unit = vector / vector.norm()
+    removed = added = gaps = 0.0
+    for i in report.used_pair_ids:
+        h, b = (format_prompt(tok, getattr(pairs[i], side)) for side in ("harmful", "benign"))
+        removed += hand_score(model, sets, h)[0] - hand_score(model, sets, h, unit=unit)[0]
+        added += hand_score(model, sets, b, add_layer=d.layer, vector=vector)[0] - hand_score(model, sets, b)[0]
+        gaps += scored[i].m_harmful - scored[i].m_benign
+    assert d.necessity.estimate == pytest.approx(removed / gaps, abs=1e-4)
+    assert d.sufficiency.estimate == pytest.approx(added / gaps, abs=1e-4)
+
+
+def test_why_the_direction_is_not_measured(tiny, monkeypatch):
+    from types import SimpleNamespace
+
+    from refusal_eval.pipeline import refusal_direction as stage
+
+    calibration = load_inputs(AuditConfig()).calibration
+    a = SimpleNamespace(shares_defined=True, shares_reason="", loaded=tiny["loaded"], engine=tiny["engine"])
+    inputs = SimpleNamespace(calibration=calibration[:12], tricky=[])
+    assert stage.not_measured(a, inputs, AuditConfig()) is None
+    assert stage.not_measured(a, inputs, AuditConfig(refusal_direction="off")) == (
+        "not computed: turned off (--refusal-direction off)")
+    assert "--device-map" in stage.not_measured(a, inputs, AuditConfig(device_map="auto"))
+    flat = SimpleNamespace(shares_defined=False, shares_reason="the gap over the patched pairs is not separated")
+    assert "shares are undefined (the gap over the patched pairs is not separated)" in stage.not_measured(
+        flat, inputs, AuditConfig())
+    assert stage.not_measured(flat, inputs, AuditConfig(), shares=False) is None  # the random-weights control
+    few = SimpleNamespace(calibration=calibration[:3])
+    assert "3 calibration pair(s)" in stage.not_measured(a, few, AuditConfig())
+    off = stage.direction_section(stage.direction_stage(a, inputs, AuditConfig(refusal_direction="off")), [], a,
+                                  AuditConfig())
+    assert not off.computed and off.reason.endswith("--refusal-direction off)") and off.vector is None
+    shown = render_markdown(rs.AuditReport.model_validate(
+        {**rs.AuditReport.model_validate(_shipped_raw()).model_dump(), "refusal_direction": off.model_dump()}))
+    assert "## Refusal direction" in shown and "Refusal direction: not computed: turned off" in shown
+    # no candidate survives the filters: the section keeps the selection, with the reason
+    monkeypatch.setattr(D, "MAX_KL", -1.0)
+    found = stage.direction_stage(a, inputs, AuditConfig())
+    none = stage.direction_section(found, [], a, AuditConfig())
+    assert none.reason.startswith("no direction chosen: no candidate survives") and not none.computed
+    assert none.n_surviving == 0 and none.filters.max_kl == -1.0 and none.vector is None
+    assert len(none.fit_pair_ids) + len(none.selection_pair_ids) == 12
+
+
+def _shipped_raw() -> dict:
+    """The committed tiny-refuser report (schema 1.6, no direction section), as JSON."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "reports" / "tiny-refuser" / "report.json"
+    return json.loads(path.read_text())
+
+
+def test_reports_before_schema_1_7_load_without_a_section():
+    old = rs.AuditReport.model_validate(_shipped_raw())
+    assert old.schema_version == "1.6" and old.refusal_direction is None
+    assert "## Refusal direction" not in render_markdown(old)

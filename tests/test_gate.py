@@ -414,3 +414,63 @@ def test_gate_without_what_it_needs_is_exit_2_naming_it(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+# -- the refusal direction (schema 1.7) -------------------------------------------------------------------------
+
+
+def turned(report: AuditReport, sign: float) -> AuditReport:
+    """The same report with its refusal direction's vector multiplied by ``sign``."""
+    d = report.refusal_direction.model_copy(update={"vector": [sign * x for x in report.refusal_direction.vector]})
+    return report.model_copy(update={"refusal_direction": d})
+
+
+def test_max_refusal_after_ablation_is_judged_on_the_interval(report):
+    after = report.refusal_direction.refusal_after_ablation
+    assert after.ci_high > after.rate  # the two conventions can disagree
+    rule = only(gate(report, {"refusal_direction": {"max_refusal_after_ablation": after.ci_high}}))
+    assert rule.passed and rule.judged == after.ci_high and rule.judged_on == "CI high"
+    between = round((after.rate + after.ci_high) / 2, 6)
+    rule = only(gate(report, {"refusal_direction": {"max_refusal_after_ablation": between}}))
+    assert not rule.passed and "refusal survives ablating the direction" in rule.message
+    assert f"({after.successes}/{after.total})" in rule.line()
+    assert only(gate(report, {"refusal_direction": {"max_refusal_after_ablation": between, "on": "estimate"}})).passed
+    gone = report.model_copy(update={"refusal_direction": None})
+    rule = only(gate(gone, {"refusal_direction": {"max_refusal_after_ablation": 1.0}}))
+    assert not rule.passed and "no refusal direction" in rule.message
+
+
+def test_min_direction_cosine_against_a_baseline(report):
+    policy = {"refusal_direction": {"min_direction_cosine": 0.99}}
+    same = only(gate(report, policy, baseline=report))
+    assert same.passed and same.observed == pytest.approx(1.0, abs=1e-9)
+    flipped = only(gate(report, policy, baseline=turned(report, -1.0)))
+    assert not flipped.passed and flipped.observed == pytest.approx(-1.0, abs=1e-9)
+    assert "turned away from the baseline's" in flipped.message
+    with pytest.raises(GateError, match="min_direction_cosine rule but no baseline"):
+        gate(report, policy)
+    with pytest.raises(GateError, match="baseline cannot be compared"):
+        gate(report, policy, baseline=report.model_copy(update={"refusal_direction": None}))
+    lost = only(gate(report.model_copy(update={"refusal_direction": None}), policy, baseline=report))
+    assert not lost.passed and "no refusal direction" in lost.message
+
+
+def test_cli_refusal_direction_rules_exit_codes(report, report_path, tmp_path, capsys):
+    after = report.refusal_direction.refusal_after_ablation
+    ok = toml(tmp_path, f"[refusal_direction]\nmax_refusal_after_ablation = {after.ci_high}\n"
+                        "min_direction_cosine = 0.99\n", "ok.toml")
+    assert main(["gate", str(report_path), "--policy", str(ok), "--baseline", str(report_path)]) == 0
+    assert "gate PASSED: all 2 rule(s) hold" in capsys.readouterr().out
+    flipped = tmp_path / "flipped.json"
+    write_json(turned(report, -1.0), flipped)
+    assert main(["gate", str(report_path), "--policy", str(ok), "--baseline", str(flipped)]) == 1
+    assert "FAIL  refusal_direction.min_direction_cosine" in capsys.readouterr().out
+    assert main(["gate", str(report_path), "--policy", str(ok)]) == 2
+    assert "[refusal_direction] min_direction_cosine rule but no --baseline" in capsys.readouterr().err
+    for text, field in (("max_refusal_after_ablation = 1.5", "refusal_direction.max_refusal_after_ablation"),
+                        ("min_direction_cosine = -2", "refusal_direction.min_direction_cosine"),
+                        ('on = "familywise"\nmax_refusal_after_ablation = 0.5', "refusal_direction.on"),
+                        ("max_refusal_after_ablaton = 0.5", "did you mean 'max_refusal_after_ablation'")):
+        bad = toml(tmp_path, f"[refusal_direction]\n{text}\n", "bad.toml")
+        assert main(["gate", str(report_path), "--policy", str(bad)]) == 2
+        assert field in capsys.readouterr().err

@@ -15,6 +15,7 @@ from refusal_eval.cli import main
 from refusal_eval.compare import compare_reports, write_comparison
 from refusal_eval.report.kinds import load_report
 from refusal_eval.report.plots import (
+    DIRECTION_PNG,
     HEADS_PNG,
     LAYERS_PNG,
     POSITIONS_PNG,
@@ -23,6 +24,7 @@ from refusal_eval.report.plots import (
     _heads,
     _positions,
     audit_picture,
+    direction_pictures,
     render_pictures,
 )
 from refusal_eval.report.writers import write_reports
@@ -168,3 +170,23 @@ def test_plot_command_bad_input_exits_2(tmp_path, capsys, content, words):
     assert main(["plot", str(bad)]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and words in err and "Traceback" not in err
+
+
+def test_the_refusal_direction_picture(tmp_path, report):
+    """Drawn beside the others for a report with a refusal direction (the gate tests' small audit), the same bytes
+    every time, removed when a later report has none; the shipped report (schema 1.6) has none."""
+    from tests.test_gate import small_audit
+
+    assert direction_pictures(report) == {}
+    fresh = small_audit()
+    drawn = direction_pictures(fresh)
+    assert set(drawn) == {DIRECTION_PNG} and direction_pictures(fresh) == drawn
+    pixels = _pixels(drawn[DIRECTION_PNG])
+    assert pixels.shape[:2] == (500, 1200) and pixels.var() > 100
+    orange = ((pixels[..., 0] > 180) & (pixels[..., 1] > 60) & (pixels[..., 1] < 120) & (pixels[..., 2] < 60)).sum()
+    assert orange > 500  # the addition bars
+    _, md_path = write_reports(fresh, tmp_path)
+    assert DIRECTION_PNG in _image_links(md_path.read_text()) and (md_path.parent / DIRECTION_PNG).is_file()
+    write_reports(fresh.model_copy(update={"refusal_direction": None}), tmp_path)
+    assert not (md_path.parent / DIRECTION_PNG).exists()
+    assert DIRECTION_PNG not in _image_links(md_path.read_text())

@@ -279,9 +279,9 @@ def test_numerically_zero_components_do_not_move_the_others_bands():
 
 @pytest.mark.slow
 def test_verdicts_do_not_depend_on_batch_rows_or_threads():
-    """The default audit's 784 components on the first 24 pairs, with 1, 8 and auto rows per forward, on 1 and 2
-    threads: identical significance verdicts (before the fix, one component flipped between auto and 8 rows on all
-    77 pairs; 24 keep every batch layout: several pair chunks at 8 rows, mixed lengths, many significant). One run
+    """The default audit's cells (784 less 31 trivial) on the first 24 pairs, with 1, 8 and auto rows per forward, on
+    1 and 2 threads: identical significance verdicts (before the fix, one component flipped between auto and 8 rows on
+    all 77 pairs; 24 keep every batch layout: several pair chunks at 8 rows, mixed lengths, many significant). One run
     uses two threads: beside the other xdist worker on 2 cores, two OpenMP threads make a tiny model's forwards many
     times slower, and the row layouts need no second thread to differ."""
     threads = torch.get_num_threads()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from refusal_eval import AuditConfig
-from refusal_eval.patching.components import DEFAULT_KINDS, Component, components_at
+from refusal_eval.patching.components import DEFAULT_KINDS, Component, components_at, trivial_reason
 from refusal_eval.pipeline import search as search_module
 from refusal_eval.pipeline.search import (
     BOUND_SHARE,
@@ -26,7 +26,7 @@ CONFIG = AuditConfig(seed=0)
 
 def synthetic_grid() -> Grid:
     positions = [None, *range(-WIDTH, 0)]
-    return Grid(components_at(list(DEFAULT_KINDS), LAYERS, HEADS, positions), SUFFIX)
+    return Grid(components_at(list(DEFAULT_KINDS), LAYERS, HEADS, positions), SUFFIX, LAYERS)
 
 
 def oracle(grid: Grid, shares: dict[Component, float], rng: np.random.Generator):
@@ -47,8 +47,9 @@ def oracle(grid: Grid, shares: dict[Component, float], rng: np.random.Generator)
 
 def planted() -> dict[Component, float]:
     """Cells reachable by the rules: a large MLP at every position (opens its layer), a large attention output at a
-    position of the template suffix with a large head under it, a token swap at one early position whose stream
-    carries on for two layers, and a cell found only by the attribution estimate."""
+    position of the template suffix with a large head under it, the stream at one early position flagged by the
+    attribution estimate and carried on to the next layer, and a writer found only by the estimate. (The token swap
+    under that stream is large too, but trivial: never searched.)"""
     return {
         Component("mlp_out", 2): 0.3, Component("mlp_out", 2, None, -1): 0.1,
         Component("mlp_out", 2, None, -17): 0.2,  # single position, found by refining layer 2's MLP
@@ -56,7 +57,7 @@ def planted() -> dict[Component, float]:
         Component("attn_out", 5): 0.05,
         Component("attn_out", 5, None, -9): 0.04,  # found by refining layer 5's attention output
         Component("head", 5, 3, -9): 0.03,  # under a large attention output at -9
-        Component("resid_pre", 0, None, -20): 0.5, Component("resid_pre", 1, None, -20): 0.4,
+        Component("resid_pre", 1, None, -20): 0.4,  # flagged by the estimate; opens layers 1 and 2 of the stream
         Component("resid_pre", 2, None, -20): 0.03,
         Component("mlp_out", 6, None, -12): 0.08,  # its layer's coarse cells are 0: only the estimate finds it
     }
@@ -64,27 +65,33 @@ def planted() -> dict[Component, float]:
 
 def test_pruning_never_drops_a_planted_cell_its_rules_reach():
     grid = synthetic_grid()
-    patch, gaps, truth, calls, values = oracle(grid, planted(), np.random.default_rng(0))
-    flagged = np.array([c == Component("mlp_out", 6, None, -12) for c in grid.components])
+    swap = Component("resid_pre", 0, None, -20)
+    patch, gaps, truth, calls, values = oracle(grid, {**planted(), swap: 0.5}, np.random.default_rng(0))
+    guess = {Component("mlp_out", 6, None, -12): 0.08, Component("resid_pre", 1, None, -20): 0.3}
+    flagged = np.array([guess.get(c, 0.0) for c in grid.components])
 
     def estimate(rows: np.ndarray) -> np.ndarray:
-        return np.where(flagged[rows, None], 0.08 * gaps[None, :], 0.0)
+        assert not grid.trivial[rows].any()  # trivial cells are never estimated
+        return flagged[rows, None] * gaps[None, :]
 
     result = adaptive_search(grid, patch, estimate, gaps, CONFIG)
     patched = {grid.components[k] for k in result.rows}
     assert set(planted()) <= patched
     assert calls.max() == 1  # no cell patched twice
+    assert not calls[grid.trivial].any() and swap not in patched  # the trivial cells are not searched
     assert result.rows.tolist() == sorted(np.flatnonzero(calls).tolist())
     np.testing.assert_array_equal(result.effects, values[result.rows])  # the oracle's own numbers
     info = result.info
     assert info.mode == "adaptive" and info.n_grid == len(grid.components) and info.n_patched == len(patched)
     assert sum(s.patched for s in info.steps) == info.n_patched
-    assert info.n_attribution_flagged == 1 and info.bound_holds and info.n_sampled_exceeding == 0
+    assert info.n_trivial == int(grid.trivial.sum()) > 0 and f"the {info.n_trivial} trivial cells" in info.summary
+    assert info.n_attribution_flagged == 2 and info.bound_holds and info.n_sampled_exceeding == 0
     assert info.n_patched - info.n_sampled < len(grid.components) / 5  # the rules opened a fifth; the rest: sample
     assert info.bound_fraction == pytest.approx(upper_fraction(0, info.n_sampled, CONFIG.ci_level))
     assert f"none of {info.n_sampled} cells sampled" in info.summary
-    # what was not patched is exactly the cells no rule reached: their share is 0 here
-    assert not np.abs(truth[~np.isin(np.arange(len(truth)), result.rows)]).any()
+    # what was not patched is exactly the cells no rule reached (their share is 0 here) and the trivial ones
+    unpatched = ~np.isin(np.arange(len(truth)), result.rows)
+    assert not np.abs(truth[unpatched & ~grid.trivial]).any()
 
 
 def test_a_large_cell_found_by_the_sample_opens_its_group_and_a_new_sample_is_drawn():
@@ -159,6 +166,9 @@ def test_on_the_tiny_refuser_every_patched_cell_has_the_exhaustive_numbers(monke
     np.testing.assert_allclose(found.effects, full.effects[rows], atol=1e-5)
     shares = planning_shares(full.effects, full.gaps, config.min_gap)
     large = {full.components[k] for k in np.flatnonzero(np.abs(shares) >= BOUND_SHARE)}
-    assert large <= set(found.components)
+    trivial = {c for c in full.components if trivial_reason(c, loaded.n_layers)}
+    # the whole input of a layer is trivial by construction: its patch moves every pair by the whole gap
+    np.testing.assert_allclose(full.effects[index[Component("resid_pre", 2)]], full.gaps, atol=1e-5)
+    assert large - trivial <= set(found.components) and not trivial & set(found.components)
     control = random_analysis(found, inputs, adaptive, progress=False)
     assert [c.id for c in control.components] == [c.id for c in found.components] and control.search is None

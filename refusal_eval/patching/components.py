@@ -105,3 +105,18 @@ def components_at(
                 for position in positions:
                     out.append(Component(kind, layer, head, position))
     return out
+
+
+def trivial_reason(component: Component, n_layers: int) -> str | None:
+    """Why a component's patch is the whole input or output of the run by construction (None if it is not).
+
+    Such a patch moves the score by the whole gap (or by exactly what the prompt's own tokens do) whatever the
+    model computes, so it checks the engine but says nothing about where refusal is computed."""
+    kind, layer, position = component.kind, component.layer, component.position
+    if kind in ("embed", "resid_pre") and position is None:
+        return "the whole input of the layer at every position: the other run's entire residual stream"
+    if kind == "resid_post" and layer == n_layers - 1 and position in (None, -1):
+        return "the final residual stream at the scored position: the other run's output"
+    if kind == "embed" or (kind == "resid_pre" and layer == 0):
+        return "the token swap itself: the other prompt's token embedding at this position"
+    return None

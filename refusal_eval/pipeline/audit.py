@@ -1,5 +1,5 @@
 """The audit pipeline, as stages: inputs -> behaviour -> token sets -> scores and gap -> plan -> effects (the
-adaptive search, or every cell) -> statistics -> controls -> report.
+adaptive search, or every cell) -> statistics -> refusal direction -> controls -> report.
 
 Each stage is a function of what the earlier ones produced, in its own module of :mod:`refusal_eval.pipeline`.
 :func:`analyse` runs the model-touching stages on one loaded model, so that the random-weights control
@@ -28,6 +28,7 @@ from refusal_eval.pipeline.controls import reinitialised
 from refusal_eval.pipeline.effects import attribution_summary, patch_stage
 from refusal_eval.pipeline.inputs import Inputs, check_prompt_lengths, load_inputs
 from refusal_eval.pipeline.plan import PatchPlan, plan_stage
+from refusal_eval.pipeline.refusal_direction import control_direction, direction_stage
 from refusal_eval.pipeline.scores import Scores, scores_stage
 from refusal_eval.pipeline.search import exhaustive_info, search_stage
 from refusal_eval.pipeline.statistics import statistics_stage
@@ -65,8 +66,10 @@ def audit(config: AuditConfig | None = None, command: str = "", progress: bool =
         results_log = ResultsLog(partial, header, resume)
     try:
         analysis = analyse(loaded, inputs, config, progress=progress, checkpoint=results_log, token_sets=token_sets)
+        found = direction_stage(analysis, inputs, config)
         control = random_analysis(analysis, inputs, config, progress) if "random" in config.controls else None
-        report = build_report(analysis, inputs, config, command, started, control)
+        copy = None if control is None else control_direction(control, inputs, config)
+        report = build_report(analysis, inputs, config, command, started, control, found, copy)
     finally:
         if results_log is not None:
             results_log.close()

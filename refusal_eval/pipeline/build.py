@@ -19,6 +19,7 @@ from refusal_eval.config import AuditConfig
 from refusal_eval.data.pairs import PromptPair, file_sha256
 from refusal_eval.metrics import TokenSets
 from refusal_eval.models.loading import LoadedModel
+from refusal_eval.patching.components import trivial_reason
 from refusal_eval.patching.exact import PairBatch, PatchEngine
 from refusal_eval.paths import portable
 from refusal_eval.pipeline.analysis import Analysis
@@ -27,9 +28,9 @@ from refusal_eval.pipeline.controls import (
     last_position_finding,
     noise_floor_info,
     random_control,
-    trivial_reason,
 )
 from refusal_eval.pipeline.inputs import Inputs, common_suffix
+from refusal_eval.pipeline.refusal_direction import DirectionFound, direction_section
 from refusal_eval.report import schema as rs
 from refusal_eval.stats import _finite_or_none
 
@@ -90,22 +91,20 @@ def _component_results(a: Analysis) -> list[rs.ComponentResult]:
 
 
 def build_report(a: Analysis, inputs: Inputs, config: AuditConfig, command: str, started: float,
-                 control: Analysis | None = None) -> rs.AuditReport:
+                 control: Analysis | None = None, direction: DirectionFound | None = None,
+                 control_direction: rs.DirectionControl | None = None) -> rs.AuditReport:
     """Assemble the validated report of an analysis, with its controls. ``control`` is the analysis of the
     random-weights control (:func:`refusal_eval.pipeline.audit.random_analysis`), required when ``config.controls``
-    asks for it."""
+    asks for it; ``direction`` what :func:`~refusal_eval.pipeline.refusal_direction.direction_stage` measured (None:
+    the section says it was not run) and ``control_direction`` the copy's
+    (:func:`~refusal_eval.pipeline.refusal_direction.control_direction`)."""
     if "random" in config.controls and control is None:
         raise ValueError("config.controls asks for the random-weights control: pass its analysis as control= "
                          "(refusal_eval.pipeline.audit.random_analysis)")
     loaded, batch = a.loaded, a.batch
     results = _component_results(a)
     warnings = list(inputs.notes) + list(a.warnings)
-    random = None
-    if control is not None:
-        random = random_control(control, config)
-        if random.n_significant_forced:
-            warnings.append(f"the random-weights control shows {random.n_significant_forced} significant "
-                            "component(s) when its shares are forced: treat this model's circuit with caution")
+    random = None if control is None else _random(control, config, control_direction, warnings)
     return rs.AuditReport(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         command=command,
@@ -140,8 +139,22 @@ def build_report(a: Analysis, inputs: Inputs, config: AuditConfig, command: str,
         warnings=warnings,
         environment=_environment(),
         engine=_engine_info(a.engine, loaded, batch),
+        refusal_direction=direction_section(direction, results, a, config),
         runtime_seconds=round(time.perf_counter() - started, 2),
     )
+
+
+def _random(control: Analysis, config: AuditConfig, direction: rs.DirectionControl | None,
+            warnings: list[str]) -> rs.RandomControl:
+    """The random-weights control's section, with the copy's refusal direction; what it finds goes to ``warnings``."""
+    random = random_control(control, config)
+    random.direction = direction
+    if random.n_significant_forced:
+        warnings.append(f"the random-weights control shows {random.n_significant_forced} significant "
+                        "component(s) when its shares are forced: treat this model's circuit with caution")
+    if direction is not None and not direction.includes_zero:
+        warnings.append(f"the random-weights control's refusal direction: {direction.words.replace('**', '')}")
+    return random
 
 
 def _controls(a: Analysis, config: AuditConfig, random: rs.RandomControl | None) -> rs.Controls:

@@ -1,5 +1,6 @@
 """Controls that tell a refusal circuit from an artefact: a re-initialised copy of the model audited the same
-way, the numerical noise floor of patching, components that are trivial by construction, and findings in words.
+way, the numerical noise floor of patching, and findings in words (components trivial by construction:
+:func:`refusal_eval.patching.components.trivial_reason`).
 
 The label-permutation null (sign flips within pairs) lives in :func:`refusal_eval.stats.sign_flip_test`; the
 audit applies it to the gap and to every component. The pieces here are pure: the re-initialised copy
@@ -18,26 +19,10 @@ from transformers import AutoModelForCausalLM
 from refusal_eval.config import AuditConfig
 from refusal_eval.models.adapters import get_adapter
 from refusal_eval.models.loading import LoadedModel
-from refusal_eval.patching.components import Component
 from refusal_eval.pipeline.analysis import Analysis
 from refusal_eval.pipeline.statistics import position_class
 from refusal_eval.report import schema as rs
 from refusal_eval.stats import share_heterogeneity, share_intervals
-
-
-def trivial_reason(component: Component, n_layers: int) -> str | None:
-    """Why a component's patch is the whole input or output of the run by construction (None if it is not).
-
-    Such a patch moves the score by the whole gap (or by exactly what the prompt's own tokens do) whatever the
-    model computes, so it checks the engine but says nothing about where refusal is computed."""
-    kind, layer, position = component.kind, component.layer, component.position
-    if kind in ("embed", "resid_pre") and position is None:
-        return "the whole input of the layer at every position: the other run's entire residual stream"
-    if kind == "resid_post" and layer == n_layers - 1 and position in (None, -1):
-        return "the final residual stream at the scored position: the other run's output"
-    if kind == "embed" or (kind == "resid_pre" and layer == 0):
-        return "the token swap itself: the other prompt's token embedding at this position"
-    return None
 
 
 def last_position_finding(results: Sequence[rs.ComponentResult], gaps: np.ndarray, level: float,
@@ -47,8 +32,7 @@ def last_position_finding(results: Sequence[rs.ComponentResult], gaps: np.ndarra
     resampling as the shares': ``gaps`` are the patched pairs' gaps, in the order of every component's ``effects``),
     and the first layer whose share's CI lies wholly above 0.5. Words follow the size of the numbers: a step whose
     CI includes 0 is not called a step."""
-    chain = sorted((c for c in results if c.kind == "resid_pre" and c.position == -1 and c.share is not None
-                    and c.ci_low is not None and c.trivial is None), key=lambda c: c.layer)
+    chain = rs.last_position_chain(list(results))
     if not chain:
         return []
     pct = f"{level:.0%}"

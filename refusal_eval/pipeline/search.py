@@ -2,10 +2,14 @@
 bound on what the pruning missed.
 
 The grid is the exhaustive one (``--components`` x ``--positions``). Every cell the search patches is patched exactly,
-on every pair, by the same engine as an exhaustive audit: a patched cell's numbers are the exhaustive run's. Steps:
+on every pair, by the same engine as an exhaustive audit: a patched cell's numbers are the exhaustive run's. The
+trivial cells (:func:`~refusal_eval.patching.components.trivial_reason`: the residual stream at every position, the
+token swap, the final stream at the scored position) are left out of the search: their patch is the run's own input
+or output, a sanity check rather than a finding, and on a real model they are the coarse step's costliest cells
+(every position through every layer). Steps, over the other cells:
 
 1. **coarse**: every kind but heads at all positions at once, at the last position and at each position of the
-   shared template suffix, and the residual stream entering layer 0 (the token swap) at every position;
+   shared template suffix;
 2. **attribution**: a gradient estimate of every other cell (one backward pass per pair chunk); the cells it puts
    at ``|share| >= KEEP_SHARE`` are patched exactly;
 3. **refine** (to a fixed point): a patched cell at ``|share| >= KEEP_SHARE`` opens the rest of its kind and
@@ -32,8 +36,7 @@ import numpy as np
 from scipy.stats import beta
 
 from refusal_eval.config import AuditConfig
-from refusal_eval.patching.attribution import attribute
-from refusal_eval.patching.components import Component
+from refusal_eval.patching.components import Component, trivial_reason
 from refusal_eval.patching.exact import PatchEngine
 from refusal_eval.pipeline.effects import patch_stage
 from refusal_eval.pipeline.plan import PatchPlan
@@ -72,6 +75,8 @@ class Grid:
 
     components: list[Component]
     suffix: int
+    n_layers: int
+    trivial: np.ndarray = field(init=False)  # [C] bool: never searched
     coarse: np.ndarray = field(init=False)  # [C] bool
     group: list[tuple] = field(init=False)  # per cell: refined together (kind, layer, head)
     parent: np.ndarray = field(init=False)  # [C] a head's attention output at its position (row), else -1
@@ -80,9 +85,9 @@ class Grid:
         index = {c: k for k, c in enumerate(self.components)}
         self.parent = np.array([index.get(Component("attn_out", c.layer, None, c.position), -1)
                                 if c.kind == "head" else -1 for c in self.components])
-        in_suffix = [c.position is None or c.position >= -max(self.suffix, 1)
-                     or (c.kind in _STREAMS and c.layer == 0) for c in self.components]
-        self.coarse = np.array([s and p < 0 for s, p in zip(in_suffix, self.parent, strict=True)])
+        self.trivial = np.array([trivial_reason(c, self.n_layers) is not None for c in self.components], dtype=bool)
+        in_suffix = [c.position is None or c.position >= -max(self.suffix, 1) for c in self.components]
+        self.coarse = np.array(in_suffix) & (self.parent < 0) & ~self.trivial
         self.group = [(c.kind, c.layer, c.head) for c in self.components]
 
     def _groups(self, k: int) -> list[tuple]:
@@ -102,8 +107,8 @@ class Grid:
         under a large attention output."""
         groups = {g for k, big in zip(rows, large, strict=True) if big for g in self._groups(int(k))}
         parents = {int(k) for k, big in zip(rows, large, strict=True) if big}
-        return {k for k in range(len(self.components))
-                if (self.group[k] in groups and self.parent[k] < 0) or self.parent[k] in parents}
+        return {k for k in range(len(self.components)) if not self.trivial[k]
+                and ((self.group[k] in groups and self.parent[k] < 0) or self.parent[k] in parents)}
 
 
 @dataclass
@@ -118,9 +123,10 @@ class SearchResult:
 class _State:
     """What the search has patched so far: effects [C, N] (NaN rows: not patched) and the steps."""
 
-    def __init__(self, n_cells: int, n_pairs: int, patch: Patch, gaps: np.ndarray, min_gap: float) -> None:
-        self.effects = np.full((n_cells, n_pairs), np.nan)
-        self.done = np.zeros(n_cells, dtype=bool)
+    def __init__(self, grid: Grid, n_pairs: int, patch: Patch, gaps: np.ndarray, min_gap: float) -> None:
+        self.effects = np.full((len(grid.components), n_pairs), np.nan)
+        self.done = np.zeros(len(grid.components), dtype=bool)
+        self.searched = ~grid.trivial
         self.patch, self.gaps, self.min_gap = patch, gaps, min_gap
         self.steps: list[rs.SearchStep] = []
 
@@ -135,6 +141,10 @@ class _State:
         self.steps.append(rs.SearchStep(step=step, patched=int(rows.size),
                                         large=int((np.abs(shares) >= KEEP_SHARE).sum())))
         return shares
+
+    def pruned(self) -> np.ndarray:
+        """The searched cells not patched yet."""
+        return np.flatnonzero(self.searched & ~self.done)
 
     def refine(self, grid: Grid) -> None:
         """Patch what the large patched cells open, until nothing new opens."""
@@ -151,11 +161,10 @@ def adaptive_search(grid: Grid, patch: Patch, estimate: Patch | None, gaps: np.n
                     ) -> SearchResult:
     """The coarse-to-fine search of the module docstring over ``grid``, patching through ``patch`` (exact effects
     of grid rows) and flagging through ``estimate`` (estimated effects, or None: no attribution step)."""
-    n = len(grid.components)
-    state = _State(n, len(gaps), patch, gaps, config.min_gap)
+    state = _State(grid, len(gaps), patch, gaps, config.min_gap)
     state.run("coarse", np.flatnonzero(grid.coarse))
     flagged = None  # no attribution step
-    rest = np.flatnonzero(~state.done)
+    rest = state.pruned()
     if estimate is not None and rest.size:
         guessed = np.abs(planning_shares(estimate(rest), gaps, config.min_gap)) >= KEEP_SHARE
         flagged = int(guessed.sum())
@@ -164,7 +173,7 @@ def adaptive_search(grid: Grid, patch: Patch, estimate: Patch | None, gaps: np.n
     rng = np.random.default_rng(config.seed)
     rounds = exceeding = sampled = pruned = 0
     while rounds < MAX_ROUNDS:
-        rest = np.flatnonzero(~state.done)
+        rest = state.pruned()
         if not rest.size:
             break
         rounds, pruned = rounds + 1, int(rest.size)
@@ -175,31 +184,34 @@ def adaptive_search(grid: Grid, patch: Patch, estimate: Patch | None, gaps: np.n
             break
         state.refine(grid)
     rows = np.flatnonzero(state.done)
-    info = search_info(n, rows.size, state.steps, rounds, pruned, sampled, exceeding, flagged, config.ci_level)
+    info = search_info(len(grid.components), rows.size, int(grid.trivial.sum()), state.steps, rounds, pruned,
+                       sampled, exceeding, flagged, config.ci_level)
     return SearchResult(rows, state.effects[rows], info)
 
 
-def search_info(n_grid: int, n_patched: int, steps: list[rs.SearchStep], rounds: int, pruned: int, sampled: int,
-                exceeding: int, flagged: int | None, level: float) -> rs.SearchInfo:
+def search_info(n_grid: int, n_patched: int, n_trivial: int, steps: list[rs.SearchStep], rounds: int, pruned: int,
+                sampled: int, exceeding: int, flagged: int | None, level: float) -> rs.SearchInfo:
     """The report's search section: counts per step and the bound from the last sample, in words too."""
-    left = n_grid - n_patched
+    left = n_grid - n_trivial - n_patched
     bound = None
+    trivial = (f"; the {n_trivial} trivial cells (the run's whole input or output, the token swap: sanity checks, "
+               f"not findings) were not searched" if n_trivial else "")
     if not left:
-        words = f"every one of the {n_grid} cells of the grid was patched: nothing pruned, nothing to bound"
+        words = f"every one of the {n_grid - n_trivial} searched cells of the grid was patched: nothing pruned{trivial}"
     else:
         bound = upper_fraction(exceeding, sampled, level)
         if exceeding == 0:
             words = (f"none of {sampled} cells sampled at random from the {pruned} pruned has |share| >= "
                      f"{BOUND_SHARE:g}: at {level:.0%} confidence at most {bound:.2%} of them do (about "
-                     f"{math.ceil(bound * pruned)} cells); the {left} unpatched cells are not in the report")
+                     f"{math.ceil(bound * pruned)} cells); the {left} unpatched cells are not in the report{trivial}")
         else:
             words = (f"BOUND NOT REACHED: {exceeding} of {sampled} cells sampled from the {pruned} pruned have "
                      f"|share| >= {BOUND_SHARE:g} after {rounds} samples: at {level:.0%} confidence up to "
                      f"{bound:.2%} of the pruned cells may; rerun with --search exhaustive")
     return rs.SearchInfo(
-        mode="adaptive", n_grid=n_grid, n_patched=n_patched, keep_share=KEEP_SHARE, bound_share=BOUND_SHARE,
-        steps=steps, n_attribution_flagged=flagged, rounds=rounds, n_pruned=pruned, n_sampled=sampled,
-        n_sampled_exceeding=exceeding, level=level, bound_fraction=bound,
+        mode="adaptive", n_grid=n_grid, n_patched=n_patched, n_trivial=n_trivial, keep_share=KEEP_SHARE,
+        bound_share=BOUND_SHARE, steps=steps, n_attribution_flagged=flagged, rounds=rounds, n_pruned=pruned,
+        n_sampled=sampled, n_sampled_exceeding=exceeding, level=level, bound_fraction=bound,
         bound_holds=bool(left == 0 or exceeding == 0), summary=words,
     )
 
@@ -207,30 +219,21 @@ def search_info(n_grid: int, n_patched: int, steps: list[rs.SearchStep], rounds:
 def search_stage(engine: PatchEngine, plan: PatchPlan, scores: Scores, config: AuditConfig,
                  ) -> tuple[PatchPlan, np.ndarray, np.ndarray, rs.SearchInfo]:
     """The adaptive search on the engine (exact patching through :func:`~refusal_eval.pipeline.effects.patch_stage`
-    on each step's cells, attribution through :func:`~refusal_eval.patching.attribution.attribute`): the plan
+    on each step's cells; the estimate through the same stage under ``--method attribution``): the plan
     restricted to the cells patched, their effects, the approximate mask (all False) and the report's section."""
-    used = scores.used
-    base_h, base_b = np.array(scores.m_h)[used], np.array(scores.m_b)[used]
+    attribution = config.model_copy(update={"method": "attribution"})
 
     def patch(rows: np.ndarray) -> np.ndarray:
         return patch_stage(engine, plan.subset(rows), scores, config)[0]
 
     def estimate(rows: np.ndarray) -> np.ndarray:
-        sub = plan.subset(rows)
-        out = np.full((rows.size, len(used)), np.nan)
-        for fam_rows, cols, batch in sub.families:
-            if fam_rows.size:
-                patched = attribute(engine, batch, [sub.components[k] for k in fam_rows],
-                                    config.direction).numpy().astype(np.float64)
-                out[np.ix_(fam_rows, cols)] = (patched - base_b[cols] if config.direction == "denoise"
-                                               else base_h[cols] - patched)
-        return out
+        return patch_stage(engine, plan.subset(rows), scores, attribution)[0]
 
     # gradients do not run through accelerate's dispatch hooks (its weights are inference tensors): a model spread over
     # devices (--device-map) is searched without the attribution step
     dispatched = getattr(engine.loaded.model, "hf_device_map", None) is not None
-    result = adaptive_search(Grid(plan.components, plan.suffix), patch, None if dispatched else estimate,
-                             scores.gaps, config)
+    grid = Grid(plan.components, plan.suffix, engine.loaded.n_layers)
+    result = adaptive_search(grid, patch, None if dispatched else estimate, scores.gaps, config)
     return plan.subset(result.rows), result.effects, np.zeros(result.rows.size, dtype=bool), result.info
 
 

@@ -91,6 +91,8 @@ def render_comparison_markdown(c: ComparisonReport, top_k: int = 15, pictures: I
                      + (("; largest: " + ", ".join(f"`{t.id}` {t.share_a:.3f} → {t.share_b:.3f} ({_f(t.diff)} "
                                                      f"[{t.ci_low:.3f}, {t.ci_high:.3f}])" for t in top))
                         if top else ""))
+    if c.refusal_direction is not None:
+        lines.append(f"- Refusal direction: {c.refusal_direction.words}")
     lines.append("")
     if c.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in c.warnings] + [""]
@@ -198,6 +200,8 @@ def summary_lines(c: ComparisonReport, top: int = 5) -> list[str]:
     else:
         lines.append(f"  gap: {c.gap.mean_a:.3f} -> {c.gap.mean_b:.3f} ({_f(c.gap.diff)} [{c.gap.ci_low:.3f}, "
                      f"{c.gap.ci_high:.3f}])")
+    if c.refusal_direction is not None:
+        lines.append(f"  refusal direction: {c.refusal_direction.words}")
     if c.comparable and not c.shares_defined:
         lines.append("  shares undefined for at least one model: components not compared")
     elif c.comparable:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from refusal_eval.report.schema import Gap, Rate, json_schema_document, read_json, validate_json
 
-COMPARISON_SCHEMA_VERSION = "1.2"
+COMPARISON_SCHEMA_VERSION = "1.3"
 BEHAVIOUR_METHOD = (
     "Wilson interval per rate; difference B − A with Newcombe's hybrid-score interval (method 10, built from "
     "the two Wilson intervals, treating A and B as independent samples: conservative when they scored the "
@@ -85,6 +85,23 @@ class RateChange(_Model):
     mcnemar_p: float | None = Field(None, description="paired: exact McNemar p-value on the discordant prompts")
 
 
+class DirectionChange(_Model):
+    """(schema 1.3) The two audits' refusal directions: the cosine between them (their stored vectors) and the change
+    of the refusal left after ablating each."""
+
+    layer_a: int | None
+    position_a: int | None
+    layer_b: int | None
+    position_b: int | None
+    cosine: float | None = Field(description="cosine between A's and B's directions; null where either has none, or "
+                                 "the models differ in architecture or hidden size")
+    reason: str | None = Field(None, description="why there is no cosine")
+    refusal_after_ablation: RateChange | None = Field(
+        None, description="refusal on harmful prompts with each model's own direction ablated, B - A (Newcombe, "
+        "unpaired)")
+    words: str
+
+
 class CategoryChange(_Model):
     category: str
     n_a: int
@@ -141,7 +158,7 @@ class ComparisonStats(_Model):
 class ComparisonReport(_Model):
     """Checkpoint comparison of two audit reports: what moved from A to B."""
 
-    schema_version: Literal["1.0", "1.1", "1.2"] = COMPARISON_SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3"] = COMPARISON_SCHEMA_VERSION
     created: str
     command: str
     a: Side
@@ -167,6 +184,8 @@ class ComparisonReport(_Model):
     components_only_in_a: list[str]
     components_only_in_b: list[str]
     warnings: list[str]
+    refusal_direction: DirectionChange | None = Field(
+        None, description="(schema 1.3) the refusal directions compared; null where neither report has the section")
 
     def component(self, component_id: str) -> ComponentChange:
         for c in self.components:

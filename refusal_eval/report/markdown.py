@@ -133,7 +133,8 @@ def verdict(report: AuditReport) -> str:
     if not r.shares_defined:
         return f"NO CIRCUIT REPORTED — {r.shares_reason}"
     forced = " (shares FORCED)" if r.config.get("force_shares") else ""
-    n_trivial = sum(c.trivial is not None for c in r.components)
+    # trivial patches in the table, or left out of an adaptive search
+    n_trivial = sum(c.trivial is not None for c in r.components) + (r.search.n_trivial if r.search else 0)
     frozen, open_ = [], []
     for c in r.components:
         if c.trivial is None:
@@ -266,6 +267,7 @@ def render_markdown(report: AuditReport, top_k: int = 15, pictures: Iterable[str
         lines.append(f"- Largest {_writer_words(r, 'trivial patches left out')}: "
                      + ", ".join(f"`{c.id}` {_share(c)}" for c in writers[:3]))
     lines += [f"- {finding}" for finding in r.findings]
+    lines += _direction_headline(r)
     method = method_sentence(r)
     if method:
         a = r.attribution
@@ -311,6 +313,7 @@ def render_markdown(report: AuditReport, top_k: int = 15, pictures: Iterable[str
         "",
     ]
     lines += _controls(r, level)
+    lines += _direction(r, level)
     # Components ---------------------------------------------------------------------------------------------
     lines += [f"## Top {_writer_words(r, f'share of the gap, {level} {r.stats.method} bootstrap CI over pairs')}", ""]
     shares_defined = r.gap.separated if r.shares_defined is None else r.shares_defined
@@ -436,6 +439,8 @@ def _controls(r: AuditReport, level: str) -> list[str]:
             + ("A real circuit should stand out against this." if x.n_significant_forced == 0 else
                "**The statistics find 'components' in a random network: read this model's circuit with caution.**")
         )
+        if x.direction is not None:
+            lines.append(f"- **Random weights, refusal direction**: {x.direction.words}.")
     else:
         lines.append("- **Random weights**: not run (`--control random` audits a re-initialised copy beside).")
     if c.noise_floor is not None:
@@ -459,6 +464,85 @@ def _controls(r: AuditReport, level: str) -> list[str]:
         lines.append(f"- **Trivial patches** (the run's whole input or output by construction; sanity checks, not "
                      f"findings): {shown}{more}.")
     return lines + [""]
+
+
+def _estimate(e) -> str:
+    return "–" if e is None else f"{e.estimate:.3f} [{e.ci_low:.3f}, {e.ci_high:.3f}]"
+
+
+def direction_headline(r: AuditReport) -> str | None:
+    """The refusal direction in one sentence: the refusal left after removing it (None: no section)."""
+    d = r.refusal_direction
+    if d is None:
+        return None
+    if not d.computed:
+        return f"Refusal direction: {d.reason}"
+    after, before = d.refusal_after_ablation, d.refusal_before
+    return (f"Refusal left after removing one direction: {_pct(after.rate)} {_ci(after)} of harmful prompts (before: "
+            f"{_pct(before.rate)} {_ci(before)})")
+
+
+def _direction_headline(r: AuditReport) -> list[str]:
+    line = direction_headline(r)
+    return [] if line is None else [f"- {line} (see Refusal direction)."]
+
+
+def _direction(r: AuditReport, level: str) -> list[str]:
+    """The refusal direction: headline, selection, necessity and sufficiency, over-refusal, agreement, cosines and
+    every layer's candidate."""
+    d = r.refusal_direction
+    if d is None:
+        return []
+    lines = ["## Refusal direction", ""]
+    if not d.computed:
+        lines += [f"{d.reason[0].upper()}{d.reason[1:]}.", ""]
+    if d.filters is not None:
+        f = d.filters
+        lines += [f"Candidates: the difference in means at every layer's input and the last {len(f.positions)} prompt "
+                  f"positions, fitted on {len(d.fit_pair_ids)} calibration pairs and selected on "
+                  f"{len(d.selection_pair_ids)} others (seed {d.seed}): a candidate is discarded when its ablation "
+                  f"costs the benign prompts a mean KL above {f.max_kl}, its addition does not raise the benign "
+                  f"refusal score above {f.min_addition_change}, or it lies in the last {f.late_layer_fraction:.0%} of "
+                  f"layers (from {f.late_layer_start}); {d.n_surviving} of {d.n_candidates} survive. {d.selection}.",
+                  ""]
+    if not d.computed:
+        return lines
+    lines += [f"**{direction_headline(r)}**: greedy replies to the same prompts with the direction ablated at every "
+              f"step ({level} Wilson CIs).", "",
+              f"- Necessity (ablation, harmful side): **{_estimate(d.necessity)}** of the gap; sufficiency (addition, "
+              f"benign side): **{_estimate(d.sufficiency)}**; over the {d.n_pairs} patched pairs, {level} CIs "
+              "(bootstrap over pairs).",
+              f"- KL on benign prompts under ablation: {_estimate(d.kl_benign)} nats; gap removed: "
+              f"{_estimate(d.gap_removed)} (score units).",
+              f"- Over-refusal on benign prompts: {_pct(d.over_refusal_before.rate)} {_ci(d.over_refusal_before)} → "
+              f"{_pct(d.over_refusal_after_addition.rate)} {_ci(d.over_refusal_after_addition)} with the direction "
+              "added" + ("" if d.tricky_over_refusal_after_addition is None else
+                         f"; on tricky benign prompts {_pct(d.tricky_over_refusal_before.rate)} "
+                         f"{_ci(d.tricky_over_refusal_before)} → {_pct(d.tricky_over_refusal_after_addition.rate)} "
+                         f"{_ci(d.tricky_over_refusal_after_addition)}") + ".",
+              f"- Where it is read: layer {d.layer}'s input, position {d.position} (length {d.norm:.3g}). "
+              + (d.agreement or ""),
+              "- Replies with it ablated: " + "; ".join(f"`{_token(x)}`" for x in d.replies_after_ablation)
+              + ". With it added: " + "; ".join(f"`{_token(x)}`" for x in d.replies_after_addition)
+              + " (a reply that degenerates is no refusal to the matcher).",
+              "- Measured through forward hooks only: no command writes weights with the direction removed.", ""]
+    if d.cosines:
+        lines += [f"Cosine of the direction with the top writers' mean harmful − benign output at the last prompt "
+                  f"token ({level} CI, bootstrap over pairs):", ""]
+        lines += _table(["compared at -1", "top writer", "its share", "cosine [CI]"], [
+            [f"`{c.component}`", f"`{c.ranked}`", _short(c.share),
+             "–" if c.cosine is None else f"{c.cosine:.3f} [{c.ci_low:.3f}, {c.ci_high:.3f}]"] for c in d.cosines])
+        lines.append("")
+    if d.layers:
+        lines += [f"Every layer's candidate at position {d.position}: shares of the gap under ablation and addition "
+                  f"({level} CI) and the benign KL under ablation (the picture draws them).", ""]
+        lines += _table(["layer", "length", "ablation (necessity)", "addition (sufficiency)", "KL (nats)",
+                         "filters"], [
+            [("**" + str(x.layer) + "**") if x.layer == d.layer else str(x.layer), f"{x.norm:.3g}",
+             _estimate(x.ablation), _estimate(x.addition), f"{x.kl_benign.estimate:.3g}",
+             "; ".join(x.discarded) or "survives"] for x in d.layers])
+        lines.append("")
+    return lines
 
 
 def _significance_rule(r: AuditReport) -> str:
@@ -489,6 +573,14 @@ def _glossary(r: AuditReport, level: str) -> list[str]:
         "- **Trivial** patch: the run's whole input or output by construction (a check of the engine, not a finding). "
         "**Provably cannot move the score**: every pair's effect is exactly 0 (the component precedes the first "
         "token where the pair's prompts differ).",
+        *([] if r.refusal_direction is None else [
+            "- **Refusal direction**: the difference in means, harmful minus benign, of the residual stream entering "
+            "one layer at one prompt position, chosen on calibration pairs (never the scored ones). **Ablation** "
+            "projects it out of every layer's input and every attention and MLP output; **addition** adds it at its "
+            "layer's input at every position. **Necessity**: the share of the gap ablation removes on the harmful "
+            "side; **sufficiency**: the share addition induces on the benign side. **KL**: the mean KL divergence "
+            "(nats) between the benign prompts' clean and ablated next-token distributions: what ablation costs "
+            "where there is nothing to refuse."]),
         "",
     ]
 

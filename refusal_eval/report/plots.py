@@ -6,7 +6,10 @@ Three PNGs, drawn from a report alone (no model), for an audit (shares) or a com
   are the prompt tokens at each offset from the end (from the report's position table);
 * ``heads.png``: layer × head heatmaps, one panel per patched position (all positions, last, ...);
 * ``layers.png``: per-layer bars of the all-position shares with their confidence intervals as error bars (the
-  last position's when the audit patched no all-position components).
+  last position's when the audit patched no all-position components);
+* ``direction.png`` (audits with a refusal direction): every layer's candidate direction at the chosen position,
+  its ablation (necessity) and addition (sufficiency) shares of the gap with their CIs, the chosen layer, the top
+  writers' layers and the layers the late-layer filter excludes marked.
 
 Colours: one diverging, colour-blind-safe map (ColorBrewer RdBu) centred on 0 and shared by a figure's panels,
 with a labelled colour bar; cells and bars that are not significant (family-wise) are hatched and lightened, so
@@ -24,10 +27,11 @@ import io
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-POSITIONS_PNG, HEADS_PNG, LAYERS_PNG = "positions.png", "heads.png", "layers.png"
-PICTURE_NAMES = (POSITIONS_PNG, HEADS_PNG, LAYERS_PNG)
+POSITIONS_PNG, HEADS_PNG, LAYERS_PNG, DIRECTION_PNG = "positions.png", "heads.png", "layers.png", "direction.png"
+PICTURE_NAMES = (POSITIONS_PNG, HEADS_PNG, LAYERS_PNG, DIRECTION_PNG)
 DPI = 100
-SIZES = {POSITIONS_PNG: (14.0, 7.0), HEADS_PNG: (12.0, 7.0), LAYERS_PNG: (12.0, 5.0)}  # inches; x DPI = pixels
+SIZES = {POSITIONS_PNG: (14.0, 7.0), HEADS_PNG: (12.0, 7.0), LAYERS_PNG: (12.0, 5.0),
+         DIRECTION_PNG: (12.0, 5.0)}  # inches; x DPI = pixels
 HEATMAP_KINDS = ("resid_pre", "attn_out", "mlp_out")
 BAR_KINDS = ("embed", "resid_pre", "attn_out", "mlp_out", "resid_post")
 KIND_COLOURS = {"embed": "#555555", "resid_pre": "#0072B2", "attn_out": "#E69F00", "mlp_out": "#009E73",
@@ -95,6 +99,8 @@ CAPTIONS = {
     POSITIONS_PNG: "layer × position heatmaps of the residual stream, attention output and MLP output",
     HEADS_PNG: "layer × head heatmaps of the attention heads",
     LAYERS_PNG: "per-layer bars with confidence intervals",
+    DIRECTION_PNG: "the refusal direction: every layer's candidate ablated and added, shares of the gap with "
+    "confidence intervals",
 }
 
 
@@ -300,4 +306,68 @@ def _layers(picture: Picture):
     axes.legend(loc="upper left", ncols=len(kinds), frameon=False)
     axes.set_title(f"{picture.title}: {picture.quantity} per layer, {_position_name(position)} patched "
                    "(light and hatched: not significant, family-wise)")
+    return figure
+
+
+DIRECTION_COLOURS = {"ablation": "#0072B2", "addition": "#D55E00"}  # Okabe-Ito
+
+
+def direction_pictures(report) -> dict[str, bytes]:
+    """``direction.png`` by name for a report with a refusal direction (none for one without)."""
+    d = getattr(report, "refusal_direction", None)
+    if d is None or not d.computed or not d.layers:
+        return {}
+    import matplotlib
+
+    with matplotlib.rc_context(_STYLE):
+        return {DIRECTION_PNG: _png(_direction(d, report.model.name))}
+
+
+def report_pictures(report) -> dict[str, bytes]:
+    """Every picture of an audit report: the shares' (:func:`render_pictures`) and the refusal direction's."""
+    return {**render_pictures(audit_picture(report)), **direction_pictures(report)}
+
+
+def _direction(d, name: str):
+    """Per layer, the candidate at the chosen position: ablation and addition shares with CIs as error bars; the
+    chosen layer dashed, the top writers' layers marked above, the layers the late-layer filter excludes shaded."""
+    import re
+
+    import numpy as np
+
+    figure = _figure(DIRECTION_PNG)
+    axes = figure.subplots()
+    layers = [x.layer for x in d.layers]
+    if d.filters is not None and d.filters.late_layer_start <= max(layers):
+        axes.axvspan(d.filters.late_layer_start - 0.5, max(layers) + 0.5, color="#e5e5e5", linewidth=0,
+                     label="excluded by the late-layer filter")
+    for k, (what, field) in enumerate((("ablation", "ablation"), ("addition", "addition"))):
+        rows = [(x.layer, getattr(x, field)) for x in d.layers if getattr(x, field) is not None]
+        if not rows:
+            continue
+        x = np.array([layer for layer, _ in rows]) + (k - 0.5) * 0.38
+        values = np.array([e.estimate for _, e in rows])
+        err = np.vstack([values - np.array([e.ci_low for _, e in rows]),
+                         np.array([e.ci_high for _, e in rows]) - values])
+        label = "ablation (necessity)" if what == "ablation" else "addition (sufficiency)"
+        axes.bar(x, values, 0.38, color=DIRECTION_COLOURS[what], label=label, linewidth=0)
+        axes.errorbar(x, values, yerr=err, fmt="none", ecolor="#222222", elinewidth=0.8, capsize=2)
+    axes.axhline(0, color="#222222", linewidth=0.6)
+    for x in d.layers:
+        if x.ablation is None and x.addition is None:
+            axes.text(x.layer, 0, "difference in means 0", ha="center", va="bottom", fontsize=8, color="#555555")
+    low, high = axes.get_ylim()
+    axes.set_ylim(low, high + 0.3 * (high - low))  # room for the legend above the bars
+    axes.axvline(d.layer, color="#222222", linestyle="--", linewidth=1.0, label=f"chosen: layer {d.layer}")
+    top = sorted({int(m.group(1)) for c in d.cosines if (m := re.match(r"blocks\.(\d+)\.", c.component))})
+    if top:
+        axes.plot(top, [1.02] * len(top), linestyle="none", marker="v", color="#009E73", markersize=8,
+                  transform=axes.get_xaxis_transform(), clip_on=False, label="top writers' layers")
+    xt, xl = _thin(layers, [str(layer) for layer in layers])
+    axes.set_xticks(xt, xl)
+    axes.set_xlim(min(layers) - 0.6, max(layers) + 0.6)
+    axes.set_xlabel(f"layer (the candidate at position {d.position})")
+    axes.set_ylabel("share of the gap (CI as error bars)")
+    axes.legend(loc="upper left", frameon=False, ncols=3)
+    axes.set_title(f"{name}: refusal direction per layer, ablated everywhere and added at the layer", pad=22)
     return figure

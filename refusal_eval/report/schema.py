@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from refusal_eval.errors import ReportError
 from refusal_eval.patching.components import WRITER_KINDS
 
-SCHEMA_VERSION = "1.6"
+SCHEMA_VERSION = "1.7"
 
 
 class _Model(BaseModel):
@@ -327,6 +327,34 @@ class PermutationControl(_Model):
     n_components_p_below: int = Field(description="components whose family-wise permutation p is below 1 - level")
 
 
+class Estimate(_Model):
+    """A point estimate with its confidence interval (schema 1.7)."""
+
+    estimate: float
+    ci_low: float
+    ci_high: float
+
+    @model_validator(mode="after")
+    def _interval(self):
+        _ordered(self.ci_low, self.estimate, self.ci_high, "estimate")
+        return self
+
+
+class DirectionControl(_Model):
+    """The refusal direction on the random-weights copy (schema 1.7): its best candidate (the filters' choice, else
+    the candidate whose ablation lowers the harmful refusal score most), ablated on the scored pairs."""
+
+    layer: int
+    position: int
+    chosen_by_filters: bool = Field(description="the selection's filters chose it; false: no candidate survived "
+                                    "them and the best candidate by ablation is shown")
+    gap_removed: Estimate = Field(
+        description="mean over the patched pairs of the gap the ablation removes, (m_h - m_b) - (m_h ablated - m_b "
+        "ablated), in score units: the copy has no gap to take a share of")
+    includes_zero: bool = Field(description="its CI includes 0, as it must for a network with no refusal")
+    words: str
+
+
 class RandomControl(_Model):
     """The same audit on a seeded re-initialised copy of the model (same config and tokenizer)."""
 
@@ -346,6 +374,8 @@ class RandomControl(_Model):
                                                  "own replies")
     n_components: int
     n_permutation_p_below: int
+    direction: DirectionControl | None = Field(None, description="from schema 1.7: the refusal direction's best "
+                                               "candidate on the copy, ablated (null: not computed)")
 
 
 class NoiseFloor(_Model):
@@ -388,6 +418,8 @@ class SearchInfo(_Model):
     mode: Literal["adaptive", "exhaustive"]
     n_grid: int = Field(description="cells of the grid (components x positions asked for)")
     n_patched: int = Field(description="cells patched exactly: the report's components")
+    n_trivial: int = Field(0, description="trivial cells (the run's whole input or output, the token swap) left out of "
+                           "an adaptive search (schema 1.7; 0 in earlier reports)")
     keep_share: float | None = Field(description="a patched cell at least this large opens its kind and layer")
     bound_share: float | None = Field(description="the bound is on pruned cells at least this large")
     steps: list[SearchStep]
@@ -437,6 +469,35 @@ def rank_writers(components: list[ComponentResult]) -> list[ComponentResult]:
     ranked = rank_components(components)
     writers = [c for c in ranked if c.kind in WRITER_KINDS]
     return writers if any(c.kind in WRITER_KINDS for c in components) else ranked
+
+
+def direction_cosine(a: AuditReport, b: AuditReport) -> tuple[float | None, str | None]:
+    """(cosine between two reports' refusal directions, None) or (None, why there is none): both need a stored
+    direction, and the same architecture and hidden size (else their residual streams are different spaces)."""
+    import math
+
+    for tag, r in (("A", a), ("B", b)):
+        d = r.refusal_direction
+        if d is None:
+            return None, (f"{tag} ({r.model.name}) has no refusal direction section (report schema "
+                          f"{r.schema_version}; it came in 1.7)")
+        if not d.computed or not d.vector:
+            return None, f"{tag} ({r.model.name}) has no refusal direction: {d.reason}"
+    va, vb = a.refusal_direction.vector, b.refusal_direction.vector
+    if a.model.architecture != b.model.architecture or len(va) != len(vb):
+        return None, (f"A is a {a.model.architecture} of hidden size {len(va)}, B a {b.model.architecture} of hidden "
+                      f"size {len(vb)}: their residual streams are different spaces")
+    norms = math.sqrt(math.fsum(x * x for x in va)) * math.sqrt(math.fsum(x * x for x in vb))
+    if norms == 0.0:
+        return None, "a stored direction has length 0"
+    return max(-1.0, min(1.0, math.fsum(x * y for x, y in zip(va, vb, strict=True)) / norms)), None
+
+
+def last_position_chain(components: list[ComponentResult]) -> list[ComponentResult]:
+    """The residual stream at the last prompt token layer by layer (``resid_pre@-1``, non-trivial, with a share and
+    a CI), in layer order: what the findings and the refusal direction's agreement read."""
+    return sorted((c for c in components if c.kind == "resid_pre" and c.position == -1 and c.share is not None
+                   and c.ci_low is not None and c.trivial is None), key=lambda c: c.layer)
 
 
 class AttributionInfo(_Model):
@@ -491,10 +552,111 @@ class Environment(_Model):
     threads: int
 
 
+class DirectionFilters(_Model):
+    """Arditi et al.'s selection filters, as ``refusal_eval.direction`` states them."""
+
+    max_kl: float = Field(description="a candidate whose ablation moves the benign next-token distributions by a "
+                          "larger mean KL (nats) is discarded")
+    min_addition_change: float = Field(description="a candidate whose addition does not raise the mean benign "
+                                       "refusal score above this is discarded")
+    late_layer_fraction: float = Field(description="candidates in this last fraction of layers are discarded")
+    late_layer_start: int = Field(description="the first layer so discarded")
+    selection_fraction: float = Field(description="share of the calibration pairs held out to select on")
+    positions: list[int] = Field(description="candidate positions, offsets from the end of the prompt")
+
+
+class DirectionLayer(_Model):
+    """The candidate of one layer at the chosen position, measured on the patched pairs like the chosen one."""
+
+    layer: int
+    norm: float = Field(description="length of the difference in means (0: both sides' activations are equal)")
+    ablation: Estimate | None = Field(description="necessity share of the gap when its direction is ablated; null "
+                                      "for a zero difference")
+    addition: Estimate | None = Field(description="sufficiency share of the gap when it is added at this layer")
+    kl_benign: Estimate = Field(description="mean KL(clean || ablated) of the benign next-token distributions, nats")
+    discarded: list[str] = Field(description="why the selection's filters discard it (empty: it survives)")
+
+
+class DirectionCosineResult(_Model):
+    """Cosine between the direction and one of the top writers' mean harmful - benign output at the last prompt
+    token (its layer and kind at position -1), with a pair-bootstrap CI; null where that difference is zero."""
+
+    component: str = Field(description="the component whose difference is compared, at position -1")
+    ranked: str = Field(description="the top writer of the audit it stands for")
+    share: float | None = Field(description="that writer's share of the gap")
+    cosine: float | None
+    ci_low: float | None
+    ci_high: float | None
+
+    @model_validator(mode="after")
+    def _interval(self):
+        _ordered(self.ci_low, self.cosine, self.ci_high, f"{self.component} cosine")
+        return self
+
+
+class RefusalDirection(_Model):
+    """The refusal direction (schema 1.7; Arditi et al. 2024): a difference in means of the residual stream, chosen on
+    calibration pairs, and what ablating it (necessity) and adding it (sufficiency) do on the scored pairs. Measured
+    through forward hooks only: no weights are changed or written. ``reason`` says why it was not computed or no
+    direction was chosen; every other field is then null or empty as far as it was not reached."""
+
+    method: str = ("difference in means (harmful - benign) of the residual stream entering a layer, at one of the "
+                   "last prompt positions; chosen by Arditi et al.'s filters on a seeded held-out part of the "
+                   "calibration pairs; ablation projects its unit direction out of every layer's input and every "
+                   "attention and MLP output, addition adds the vector at its layer's input at every position")
+    reason: str | None = Field(None, description="why no direction is reported (null: one is)")
+    layer: int | None = None
+    position: int | None = Field(None, description="offset from the end of the prompt (-1: the last prompt token)")
+    norm: float | None = Field(None, description="length of the un-normalised difference in means")
+    vector: list[float] | None = Field(
+        None, description="the un-normalised difference in means (8 significant digits: float32 precision), for "
+        "`compare` and the gate's cosine rule")
+    selection: str | None = Field(None, description="the selection's choice, or why nothing survived, in words")
+    filters: DirectionFilters | None = None
+    n_candidates: int | None = None
+    n_surviving: int | None = None
+    seed: int | None = Field(None, description="seed of the fit/selection split")
+    fit_pair_ids: list[str] = Field(default_factory=list, description="calibration pairs the means were fitted on")
+    selection_pair_ids: list[str] = Field(default_factory=list, description="calibration pairs it was selected on")
+    n_pairs: int | None = Field(None, description="patched pairs the shares, KL and cosines are measured on")
+    necessity: Estimate | None = Field(None, description="sum(m_h - m_h ablated) / sum(gap): the share of the gap "
+                                       "ablation removes on the harmful side")
+    sufficiency: Estimate | None = Field(None, description="sum(m_b added - m_b) / sum(gap): the share of the gap "
+                                         "addition induces on the benign side")
+    kl_benign: Estimate | None = Field(None, description="mean KL(clean || ablated) of the benign prompts' "
+                                       "next-token distributions, nats")
+    gap_removed: Estimate | None = Field(None, description="mean per pair of (m_h - m_b) - (m_h ablated - m_b "
+                                         "ablated), score units (as the random-weights control reports it)")
+    refusal_before: Rate | None = Field(None, description="harmful prompts refused (the audit's greedy replies)")
+    refusal_after_ablation: Rate | None = Field(None, description="the same prompts' greedy replies with the "
+                                                "direction ablated at every step")
+    over_refusal_before: Rate | None = Field(None, description="benign prompts refused (the audit's greedy replies)")
+    over_refusal_after_addition: Rate | None = Field(None, description="the same prompts with the direction added")
+    tricky_over_refusal_before: Rate | None = None
+    tricky_over_refusal_after_addition: Rate | None = None
+    replies_after_ablation: list[str] = Field(
+        default_factory=list, description="the first few harmful prompts' greedy replies with the direction ablated, "
+        "as judged (cut where the verdict was settled unless the audit kept full replies)")
+    replies_after_addition: list[str] = Field(
+        default_factory=list, description="the first few benign prompts' greedy replies with the direction added: a "
+        "reply that degenerates (repeated tokens) is no refusal to the matcher")
+    cosines: list[DirectionCosineResult] = Field(default_factory=list)
+    stream_layer: int | None = Field(None, description="the first layer whose resid_pre@-1 share's CI lies wholly "
+                                     "above 0.5 (null: none, or not patched)")
+    agreement: str | None = Field(None, description="whether the direction's layer and the patching view agree")
+    layers: list[DirectionLayer] = Field(default_factory=list, description="every layer's candidate at the chosen "
+                                         "position: the per-layer picture")
+
+    @property
+    def computed(self) -> bool:
+        """A direction was chosen and measured."""
+        return self.reason is None and self.layer is not None
+
+
 class AuditReport(_Model):
     """One model's refusal audit."""
 
-    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6"] = SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6", "1.7"] = SCHEMA_VERSION
     created: str
     command: str
     config: dict
@@ -531,6 +693,9 @@ class AuditReport(_Model):
     environment: Environment
     engine: EngineInfo | None = None
     runtime_seconds: float
+    refusal_direction: RefusalDirection | None = Field(
+        None, description="from schema 1.7: the refusal direction (difference in means; ablation and addition), or "
+        "why it was not computed (null in older reports; the top-level 'direction' is the patching direction)")
 
     def component(self, component_id: str) -> ComponentResult:
         """Look a component up by id (e.g. ``blocks.2.hook_mlp_out`` or ``blocks.1.hook_resid_pre@-3``)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from refusal_eval.errors import ConfigError, ReportError
 from refusal_eval.report.markdown import render_markdown
-from refusal_eval.report.plots import PICTURE_NAMES, audit_picture, comparison_picture, render_pictures
+from refusal_eval.report.plots import PICTURE_NAMES, comparison_picture, render_pictures, report_pictures
 from refusal_eval.report.schema import SCHEMA_VERSION, AuditReport, validate_json
 
 LOCK_NAME = ".refusal-eval.lock"
@@ -127,7 +127,7 @@ def write_reports(report: AuditReport, out_dir: str | Path, pictures: bool = Tru
     the paths of the JSON and the Markdown."""
     folder = Path(out_dir) / report.model.name
     json_path, md_path = folder / "report.json", folder / "report.md"
-    drawn = render_pictures(audit_picture(report)) if pictures else {}
+    drawn = report_pictures(report) if pictures else {}
     write_with_pictures({json_path: report.model_dump_json(indent=1) + "\n",
                          md_path: render_markdown(report, pictures=drawn)}, drawn)
     return json_path, md_path
@@ -161,7 +161,7 @@ def plot_report(raw: dict, path: str | Path, folder: str | Path) -> list[Path]:
         md_path, markdown = folder / "comparison.md", render_comparison_markdown(comparison, pictures=drawn)
     else:
         report = validate_json(raw, AuditReport, path, f"audit report schema {SCHEMA_VERSION}")
-        drawn = render_pictures(audit_picture(report))
+        drawn = report_pictures(report)
         md_path, markdown = folder / "report.md", render_markdown(report, pictures=drawn)
     write_with_pictures({md_path: markdown}, drawn)
     return [folder / name for name in drawn] + [md_path]
