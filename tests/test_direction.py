@@ -23,6 +23,7 @@ from refusal_eval.pipeline.scores import _side_scores
 from refusal_eval.replies import greedy_replies, left_pad
 from refusal_eval.report import schema as rs
 from refusal_eval.report.markdown import render_markdown
+from refusal_eval.stats import sign_flip_test
 
 
 @pytest.fixture(scope="module")
@@ -463,14 +464,19 @@ def test_the_reported_shares_equal_plain_hooks(report, tiny):
     scored = {p.id: p for p in report.pairs}
     vector = torch.tensor(d.vector)
     unit = vector / vector.norm()
-    removed = added = gaps = 0.0
+    removed, added, gaps = [], [], []
     for i in report.used_pair_ids:
         h, b = (format_prompt(tok, getattr(pairs[i], side)) for side in ("harmful", "benign"))
-        removed += hand_score(model, sets, h)[0] - hand_score(model, sets, h, unit=unit)[0]
-        added += hand_score(model, sets, b, add_layer=d.layer, vector=vector)[0] - hand_score(model, sets, b)[0]
-        gaps += scored[i].m_harmful - scored[i].m_benign
-    assert d.necessity.estimate == pytest.approx(removed / gaps, abs=1e-4)
-    assert d.sufficiency.estimate == pytest.approx(added / gaps, abs=1e-4)
+        removed.append(hand_score(model, sets, h)[0] - hand_score(model, sets, h, unit=unit)[0])
+        added.append(hand_score(model, sets, b, add_layer=d.layer, vector=vector)[0] - hand_score(model, sets, b)[0])
+        gaps.append(scored[i].m_harmful - scored[i].m_benign)
+    assert d.necessity.estimate == pytest.approx(sum(removed) / sum(gaps), abs=1e-4)
+    assert d.sufficiency.estimate == pytest.approx(sum(added) / sum(gaps), abs=1e-4)
+    # the permutation null of the components on these per-pair effects (8 pairs: every sign vector, exact p)
+    perm = report.controls.permutation
+    p = sign_flip_test(np.array([removed, added]), perm.n_permutations, perm.seed).p
+    assert d.p_necessity == pytest.approx(p[0], abs=1 / 2 ** len(removed)) and d.p_necessity < 0.05
+    assert d.p_sufficiency == pytest.approx(p[1], abs=1 / 2 ** len(added))
 
 
 def test_why_the_direction_is_not_measured(tiny, monkeypatch):

@@ -23,7 +23,7 @@ from refusal_eval.patching.components import Component
 from refusal_eval.pipeline.analysis import Analysis
 from refusal_eval.pipeline.inputs import Inputs, format_prompt
 from refusal_eval.report import schema as rs
-from refusal_eval.stats import mean_interval
+from refusal_eval.stats import mean_interval, sign_flip_test
 
 MIN_CALIBRATION = 4  # pairs select_direction needs: 2 to fit the means, 2 to select on
 N_COSINES = 5  # top writers whose last-position harmful - benign output is compared with the direction
@@ -236,11 +236,15 @@ def direction_section(found: DirectionFound | None, results: list[rs.ComponentRe
     s, fx, d = found.selection, found.layers, found.selection.direction
     v = fx.layers.index(d.layer)
     stream = next((c.layer for c in rs.last_position_chain(results) if c.ci_low > 0.5), None)
+    # the label-permutation null of the components, on the direction's per-pair effects
+    p = sign_flip_test(np.stack([fx.m_h - fx.m_h_ablated[v], fx.m_b_added[v] - fx.m_b]), config.n_permutations,
+                       config.seed).p
     b = a.behaviour
     return rs.RefusalDirection(
         layer=d.layer, position=d.position, norm=float(d.vector.norm()),
         vector=[float(f"{x:.{VECTOR_DIGITS}g}") for x in d.vector.tolist()], **fields, n_pairs=len(a.used),
-        necessity=_estimate(fx.necessity[v]), sufficiency=_estimate(fx.sufficiency[v]), kl_benign=_estimate(fx.kl[v]),
+        necessity=_estimate(fx.necessity[v]), sufficiency=_estimate(fx.sufficiency[v]), p_necessity=float(p[0]),
+        p_sufficiency=float(p[1]), kl_benign=_estimate(fx.kl[v]),
         gap_removed=_gap_removed(fx.m_h, fx.m_b, fx.m_h_ablated[v], fx.m_b_ablated[v], config),
         refusal_before=b.harmful_refusal, refusal_after_ablation=found.after_ablation,
         over_refusal_before=b.benign_over_refusal, over_refusal_after_addition=found.over_refusal_added,

@@ -511,7 +511,8 @@ def _direction(r: AuditReport, level: str) -> list[str]:
               f"step ({level} Wilson CIs).", "",
               f"- Necessity (ablation, harmful side): **{_estimate(d.necessity)}** of the gap; sufficiency (addition, "
               f"benign side): **{_estimate(d.sufficiency)}**; over the {d.n_pairs} patched pairs, {level} CIs "
-              "(bootstrap over pairs).",
+              "(bootstrap over pairs)" + ("" if d.p_necessity is None else
+                                          f"; label-permutation p {d.p_necessity:.1e} and {d.p_sufficiency:.1e}") + ".",
               f"- KL on benign prompts under ablation: {_estimate(d.kl_benign)} nats; gap removed: "
               f"{_estimate(d.gap_removed)} (score units).",
               f"- Over-refusal on benign prompts: {_pct(d.over_refusal_before.rate)} {_ci(d.over_refusal_before)} → "

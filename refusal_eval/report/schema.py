@@ -623,6 +623,9 @@ class RefusalDirection(_Model):
                                        "ablation removes on the harmful side")
     sufficiency: Estimate | None = Field(None, description="sum(m_b added - m_b) / sum(gap): the share of the gap "
                                          "addition induces on the benign side")
+    p_necessity: float | None = Field(None, description="label-permutation p of the ablation's per-pair effects "
+                                      "(harmful/benign swapped within pairs: sign flips), as every component's")
+    p_sufficiency: float | None = Field(None, description="the same for the addition's per-pair effects")
     kl_benign: Estimate | None = Field(None, description="mean KL(clean || ablated) of the benign prompts' "
                                        "next-token distributions, nats")
     gap_removed: Estimate | None = Field(None, description="mean per pair of (m_h - m_b) - (m_h ablated - m_b "
