@@ -513,15 +513,16 @@ def test_why_the_direction_is_not_measured(tiny, monkeypatch):
 
 
 def _shipped_raw() -> dict:
-    """The committed tiny-refuser report (schema 1.6, no direction section), as JSON."""
+    """The committed SmolLM2 refuser report (schema 1.5, no direction section), as JSON."""
     import json
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "reports" / "tiny-refuser" / "report.json"
+    reports = Path(__file__).resolve().parents[1] / "examples" / "reports"
+    path = reports / "SmolLM2-135M-Instruct.Q4_1+smollm2-refuser-lora" / "report.json"
     return json.loads(path.read_text())
 
 
 def test_reports_before_schema_1_7_load_without_a_section():
     old = rs.AuditReport.model_validate(_shipped_raw())
-    assert old.schema_version == "1.6" and old.refusal_direction is None
+    assert old.schema_version in ("1.5", "1.6") and old.refusal_direction is None
     assert "## Refusal direction" not in render_markdown(old)

@@ -32,6 +32,8 @@ from refusal_eval.report.writers import write_reports
 SHIPPED = Path(__file__).resolve().parent.parent / "examples" / "reports" / "tiny-refuser" / "report.json"
 # Pixel sizes written down here, not read from the module: a change of size is a visible change.
 EXPECTED_PIXELS = {POSITIONS_PNG: (1400, 700), HEADS_PNG: (1200, 700), LAYERS_PNG: (1200, 500)}
+LINKED = sorted([*EXPECTED_PIXELS, DIRECTION_PNG])  # the shipped report (schema 1.7) has a refusal direction
+OLD = SHIPPED.parent.parent / "SmolLM2-135M-Instruct.Q4_1+smollm2-refuser-lora" / "report.json"  # schema 1.5
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +120,11 @@ def test_position_ticks_are_the_prompt_tokens(report):
 def test_reports_embed_their_pictures_and_every_link_resolves(tmp_path, report):
     json_path, md_path = write_reports(report, tmp_path)
     links = _image_links(md_path.read_text())
-    assert sorted(links) == sorted(EXPECTED_PIXELS)
+    assert sorted(links) == LINKED
     for link in links:
         assert (md_path.parent / link).is_file()
     # a later run whose shares are undefined leaves no stale picture and no link
-    undefined = report.model_copy(deep=True, update={"shares_defined": False})
+    undefined = report.model_copy(deep=True, update={"shares_defined": False, "refusal_direction": None})
     write_reports(undefined, tmp_path)
     assert _image_links(md_path.read_text()) == []
     assert not any((md_path.parent / name).exists() for name in EXPECTED_PIXELS)
@@ -157,7 +159,7 @@ def test_plot_command_redraws_an_existing_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert all(f"wrote {folder / name}" in out for name in EXPECTED_PIXELS)
     links = _image_links((folder / "report.md").read_text())
-    assert sorted(links) == sorted(EXPECTED_PIXELS)
+    assert sorted(links) == LINKED
     assert (folder / POSITIONS_PNG).read_bytes() == render_pictures(audit_picture(load_report(SHIPPED)))[
         POSITIONS_PNG]
 
@@ -174,10 +176,10 @@ def test_plot_command_bad_input_exits_2(tmp_path, capsys, content, words):
 
 def test_the_refusal_direction_picture(tmp_path, report):
     """Drawn beside the others for a report with a refusal direction (the gate tests' small audit), the same bytes
-    every time, removed when a later report has none; the shipped report (schema 1.6) has none."""
+    every time, removed when a later report has none; a report of schema 1.5 has none."""
     from tests.test_gate import small_audit
 
-    assert direction_pictures(report) == {}
+    assert direction_pictures(load_report(OLD)) == {}
     fresh = small_audit()
     drawn = direction_pictures(fresh)
     assert set(drawn) == {DIRECTION_PNG} and direction_pictures(fresh) == drawn

@@ -32,6 +32,7 @@ def test_head_level_audit_of_smollm2():
     config = AuditConfig(
         model=smollm2_gguf(), max_pairs=4, n_boot=200, components=["head", "resid_post"], positions=["last"],
         tricky="", max_new_tokens=12, force_shares=True, min_gap=0.0, max_calibration_pairs=8,
+        refusal_direction="off", search="exhaustive",  # the final stream at -1 is trivial: checked below, not searched
     )
     report = audit(config, progress=False)
     assert (report.model.n_layers, report.model.n_heads, report.model.n_kv_heads) == (30, 9, 3)
@@ -68,7 +69,7 @@ def test_shipped_lora_refuser_separates_harmful_from_benign_and_its_base_does_no
     gguf = smollm2_gguf()
     options = dict(model=gguf, dataset=str(dataset), calibration=str(shipped_dataset()), n_boot=300,
                    n_permutations=2000, components=["mlp_out"], positions=["last"], tricky="", max_new_tokens=12,
-                   max_calibration_pairs=24)
+                   max_calibration_pairs=24, refusal_direction="off")  # the direction is tested on tiny models
     tuned = audit(AuditConfig(adapter=_refuser_adapter(), **options), progress=False)
     assert tuned.model.name.endswith("+smollm2-refuser-lora")
     b = tuned.behaviour
