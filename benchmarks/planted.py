@@ -51,8 +51,9 @@ def tiny_organisms(root: Path) -> tuple[Path, dict[str, Path]]:
 def audit_config(model: str, adapter: str | None = None, method: str = "exact", positions=("all",), **extra):
     from refusal_eval import AuditConfig
 
+    # the refusal direction is not part of recovery (its layer beside the plants: benchmarks/direction_planted.py)
     return AuditConfig(model=model, adapter=adapter, direction="noise", positions=list(positions), components=KINDS,
-                       method=method, seed=0, **extra)
+                       method=method, seed=0, refusal_direction="off", **extra)
 
 
 def circuit_has_plant(circuit, planted) -> dict[str, bool]:

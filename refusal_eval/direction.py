@@ -8,9 +8,11 @@ forward hook held in memory for one call (the patch engine's transforms), and no
 
 1. :func:`candidate_directions`: the difference in means at every layer and each of the last k prompt positions.
 2. :func:`select_direction`: the calibration pairs split (seeded) into a fit part (the means) and a selection part,
-   where every candidate's ablation, addition and KL are measured and Arditi's filters applied (:data:`MAX_KL`,
+   where candidates' ablation, addition and KL are measured and Arditi's filters applied (:data:`MAX_KL`,
    :data:`MIN_ADDITION_CHANGE`, :data:`LATE_LAYER_FRACTION`); the survivor whose ablation lowers the harmful refusal
-   score most is chosen.
+   score most is chosen. To keep it cheap every candidate is first ranked on a few harmful prompts
+   (:data:`RANK_PAIRS`) and only the best ranked are measured in full (:data:`CHECK_BATCH` at a time, until one
+   survives); the prompts' shared opening (chat template, system prompt) runs once per candidate.
 3. :func:`direction_effects`: on the scored pairs, the direction's share of the gap under ablation (necessity) and
    under addition (sufficiency), and the KL divergence ablation costs on benign prompts, with pair-bootstrap CIs;
    :func:`variant_effects` the same for several directions at once (e.g. every layer's candidate, for a picture).
@@ -42,7 +44,7 @@ from refusal_eval.metrics import is_refusal
 from refusal_eval.patching.components import Component
 from refusal_eval.patching.exact import PatchEngine, with_tail
 from refusal_eval.pipeline.inputs import common_suffix
-from refusal_eval.replies import greedy_replies, left_pad
+from refusal_eval.replies import _cache_key, _cache_of, greedy_replies, left_pad, shared_prefix_length
 from refusal_eval.stats import mean_interval, share_intervals, wilson_interval
 
 # Arditi et al.'s choices, fixed before any model was looked at with them.
@@ -51,6 +53,12 @@ SELECTION_FRACTION = 0.25  # share of the calibration pairs held out to select o
 MAX_KL = 0.1  # discard a candidate whose ablation moves benign next-token distributions by more (mean KL, nats)
 MIN_ADDITION_CHANGE = 0.0  # discard a candidate whose addition does not raise the benign refusal score above this
 LATE_LAYER_FRACTION = 0.2  # discard candidates in the last 20% of layers (too close to the unembedding)
+# Our cost cut (not Arditi's): every candidate is ranked by its ablation on the harmful prompts of the first RANK_PAIRS
+# selection pairs (all of them when fewer); then CHECK_BATCH candidates at a time, best ranked first, are measured on
+# every selection pair and filtered, until one survives; the survivor whose ablation lowers the harmful score most
+# on every selection pair is chosen. Late-layer and zero candidates are discarded without being measured.
+RANK_PAIRS = 8
+CHECK_BATCH = 8
 # What ablation projects the direction out of: every layer's input and everything attention and MLPs write.
 ABLATED_KINDS = ("resid_pre", "attn_out", "mlp_out")
 # Components whose last-position difference :func:`direction_cosines` compares with the direction.
@@ -256,21 +264,70 @@ def _clean(engine: PatchEngine, probe: PatchEngine, seqs: list[list[int]]) -> tu
     return _finite(torch.cat(scores), "a clean refusal score"), torch.cat(logp)
 
 
+def _prefixed_scores(probe: PatchEngine, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                     transforms: Transforms, c: int) -> torch.Tensor:
+    """``probe.scores(prefix + ids, ...)`` of the rows repeated for ``c`` variants (variant-major), the shared prefix
+    run once per variant under its steering and its keys and values reused by that variant's rows: the rows' own
+    columns follow the cached prefix, left-padded after it (position ids count real tokens only)."""
+    model, dev, m, p = probe.model, probe.device, ids.shape[0], prefix.shape[0]
+    rows_ids, rows_mask = ids.repeat(c, 1).to(dev), mask.repeat(c, 1).to(dev)
+    with probe._hooks(transforms):
+        cache = _cache_of(model(input_ids=prefix.to(dev)[None].expand(c, -1), use_cache=True))
+        cache.batch_repeat_interleave(m)
+        full_mask = torch.cat([torch.ones(c * m, p, dtype=rows_mask.dtype, device=dev), rows_mask], 1)
+        position_ids = p + (rows_mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=rows_ids, attention_mask=full_mask, position_ids=position_ids, logits_to_keep=1 +
+                    len(probe.tail), use_cache=True, **{_cache_key(model): cache})
+        return probe.score_fn(probe._score_logits(out.logits)).float().cpu()
+
+
+
+
+def _prefix_plan(engine: PatchEngine, probe: PatchEngine, seqs: list[list[int]]):
+    """(shared prefix ids or None, the prompts without it): the prefix is reused only where it is at least 2 tokens,
+    the score reads no more than one branch token (more need a 4D mask) and, checked here on the first rows, the
+    cached forward reproduces the full one's score and next-token distribution (a model whose positions do not follow
+    its position ids falls back to full forwards)."""
+    n = shared_prefix_length(seqs)
+    if n < 2 or len(engine.tail) > 1:
+        return None, seqs
+    prefix, rest = torch.tensor(seqs[0][:n]), [s[n:] for s in seqs]
+    _, ids, mask = next(_groups(engine, seqs[:8]))
+    _, ids_r, mask_r = next(_groups(engine, rest[:8]))
+    with torch.inference_mode():
+        full = probe.scores(ids, mask)
+        try:
+            cached = _prefixed_scores(probe, prefix, ids_r, mask_r, {}, 1)
+        except (TypeError, ValueError, RuntimeError, AttributeError):  # a forward that cannot take a cache so
+            return None, seqs
+    # within the dtype's rounding, as replies.py accepts its prefix cache for generation
+    tolerance = max(1e-3, 8 * torch.finfo(next(engine.model.parameters()).dtype).eps)
+    close = (float((full[:, 0] - cached[:, 0]).abs().max()) <= tolerance * max(1.0, float(full[:, 0].abs().max()))
+             and float((full[:, 1:].exp() - cached[:, 1:].exp()).abs().max()) <= tolerance)
+    return (prefix, rest) if close else (None, seqs)
+
+
 @torch.inference_mode()
 def _steered(engine: PatchEngine, probe: PatchEngine, seqs: list[list[int]], params: torch.Tensor,
              make: Callable[[torch.Tensor], Transforms], reference: torch.Tensor | None = None):
     """Refusal scores [V, n] of the prompts under each variant's steering (``make(params[chunk])``: transforms for
     variant-major rows), and KL(reference ‖ steered) [V, n] of the next-token distribution where ``reference``
-    (clean log-probabilities [n, vocab]) is given (else NaN). Variants share forwards within the row budget."""
+    (clean log-probabilities [n, vocab]) is given (else NaN). Variants share forwards within the row budget; the
+    prompts' shared prefix (the chat template's opening) runs once per variant (:func:`_prefix_plan`)."""
     n_var, n = params.shape[0], len(seqs)
     scores, kl = torch.empty(n_var, n), torch.full((n_var, n), float("nan"))
-    for rows, ids, mask in _groups(engine, seqs):
+    prefix, rest = _prefix_plan(engine, probe, seqs)
+    for rows, ids, mask in _groups(engine, rest):
         m = ids.shape[0]
-        per = max(1, engine.rows(ids.shape[1]) // m)
+        per = max(1, engine.rows(ids.shape[1] + (0 if prefix is None else prefix.shape[0])) // m)
         for v0 in range(0, n_var, per):
             chunk = params[v0 : v0 + per]
             c = chunk.shape[0]
-            out = probe.scores(ids.repeat(c, 1), mask.repeat(c, 1), make(chunk)).view(c, m, -1)
+            if prefix is None:
+                out = probe.scores(ids.repeat(c, 1), mask.repeat(c, 1), make(chunk))
+            else:
+                out = _prefixed_scores(probe, prefix, ids, mask, make(chunk), c)
+            out = out.view(c, m, -1)
             scores[v0 : v0 + c, rows] = out[..., 0]
             if reference is not None:
                 ref = reference[rows][None]
@@ -317,21 +374,31 @@ class Direction:
 
 @dataclass
 class CandidateScore:
-    """One candidate's numbers on the selection part of the calibration pairs (means over its prompts)."""
+    """One candidate's numbers on the selection part of the calibration pairs (means over its prompts; NaN where
+    not measured: a late-layer or zero candidate, or, beyond its rank, one never checked against the filters)."""
 
     layer: int
     position: int  # offset from the end of the prompt (-1: the last prompt token)
     norm: float  # length of the difference in means
+    ranked_change: float  # change of the harmful refusal score under ablation on the ranking pairs' prompts
     ablated_harmful: float  # mean refusal score of the harmful prompts under directional ablation
     ablation_change: float  # ablated_harmful minus their clean mean (negative: ablation lowers refusal)
     addition_change: float  # mean change of the benign refusal score under addition at ``layer``
     kl: float  # mean KL(clean || ablated) of the benign prompts' next-token distribution (nats)
-    discarded: list[str] = field(default_factory=list)  # why the filters discard it; empty: it survives
+    discarded: list[str] = field(default_factory=list)  # why the filters discard it
+    checked: bool = True  # measured on every selection pair and filtered (False: discarded unmeasured, or not reached)
 
     @property
     def survives(self) -> bool:
-        """Whether no filter discards it."""
-        return not self.discarded
+        """Whether it was checked and no filter discards it."""
+        return self.checked and not self.discarded
+
+    @property
+    def verdict(self) -> list[str]:
+        """The filters' reasons, or why it was never checked (empty: it survives)."""
+        if self.discarded or self.checked:
+            return self.discarded
+        return ["not checked against the filters: ranked below a candidate that survives them"]
 
 
 @dataclass
@@ -347,6 +414,7 @@ class DirectionSelection:
     positions: list[int]
     fit_pairs: list[int]  # indices into the calibration pairs given
     selection_pairs: list[int]
+    rank_pairs: list[int]  # the selection pairs whose harmful prompts rank every candidate (the first RANK_PAIRS)
     clean_harmful: float  # mean clean refusal score of the selection part's harmful prompts
     clean_benign: float
     seed: int
@@ -376,13 +444,17 @@ def late_layer_start(n_layers: int) -> int:
     return n_layers - max(1, math.ceil(round(LATE_LAYER_FRACTION * n_layers, 9)))
 
 
-def _discard_reasons(layer: int, norm: float, kl: float, addition: float, late: int) -> list[str]:
-    """Why Arditi's filters discard a candidate (NaN numbers fail their filter)."""
+def _discard_reasons(layer: int, norm: float, kl: float, addition: float, late: int,
+                     checked: bool = True) -> list[str]:
+    """Why Arditi's filters discard a candidate (NaN numbers fail their filter; an unchecked candidate is judged on its
+    layer and length only)."""
     reasons = []
     if norm == 0.0:
         reasons.append("the difference in means is zero (both sides' activations are equal there)")
     if layer >= late:
         reasons.append(f"layer {layer} is in the last {LATE_LAYER_FRACTION:.0%} of layers (from {late})")
+    if not checked:
+        return reasons
     if not kl <= MAX_KL:
         reasons.append(f"ablation costs benign prompts a KL of {kl:.3g} > {MAX_KL}")
     if not addition > MIN_ADDITION_CHANGE:
@@ -391,46 +463,66 @@ def _discard_reasons(layer: int, norm: float, kl: float, addition: float, late: 
 
 
 def _score_candidates(engine: PatchEngine, diffs: torch.Tensor, harmful: list, benign: list):
-    """(candidates without filters applied, clean harmful mean, clean benign mean): every candidate's ablation,
-    addition and KL on the selection prompts, all candidates batched as variants."""
+    """(candidates without filters applied, clean harmful mean, clean benign mean): every live candidate's ablation on
+    the ranking prompts (the first :data:`RANK_PAIRS` harmful ones), then, best ranked first, :data:`CHECK_BATCH`
+    candidates at a time measured on every selection prompt (ablation, KL, addition) until one survives the filters;
+    candidates are batched as variants."""
     n_layers, k, d = diffs.shape
     vectors = diffs.reshape(n_layers * k, d).float()
     norms = vectors.norm(dim=-1)
     units = torch.where(norms[:, None] > 0, vectors / norms.clamp_min(1e-30)[:, None], torch.zeros_like(vectors))
     probe = _probe(engine)
     clean, logp = _clean(engine, probe, harmful + benign)
-    nh = len(harmful)
-    ablated_scores, kl = _steered(engine, probe, harmful + benign, units,
-                                  lambda u: ablation_transforms(n_layers, u), logp)
-    adds = torch.zeros(n_layers * k, n_layers, d)
-    adds[torch.arange(n_layers * k), torch.arange(n_layers * k) // k] = vectors
-    added, _ = _steered(engine, probe, benign, adds, addition_transforms)
+    nh, late = len(harmful), late_layer_start(n_layers)
     clean_h, clean_b = float(clean[:nh].double().mean()), float(clean[nh:].double().mean())
+    live = [v for v in range(n_layers * k) if v // k < late and float(norms[v]) > 0]
+    ranked = torch.full((n_layers * k,), float("nan"), dtype=torch.float64)
+    r = min(RANK_PAIRS, nh)
+    if live:
+        scores, _ = _steered(engine, probe, harmful[:r], units[live], lambda u: ablation_transforms(n_layers, u))
+        ranked[live] = scores.double().mean(1) - clean[:r].double().mean()
+    order = sorted(live, key=lambda v: (float(ranked[v]), v))
+    measured: dict[int, tuple[float, float, float]] = {}  # candidate: (ablated harmful, addition change, KL)
+    for start in range(0, len(order), CHECK_BATCH):
+        batch = order[start : start + CHECK_BATCH]
+        ablated, kl = _steered(engine, probe, harmful + benign, units[batch],
+                               lambda u: ablation_transforms(n_layers, u), logp)
+        adds = torch.zeros(len(batch), n_layers, d)
+        adds[torch.arange(len(batch)), torch.tensor(batch) // k] = vectors[batch]
+        added, _ = _steered(engine, probe, benign, adds, addition_transforms)
+        for i, v in enumerate(batch):
+            measured[v] = (float(ablated[i, :nh].double().mean()), float((added[i] - clean[nh:]).double().mean()),
+                           float(kl[i, nh:].double().mean()))
+        if any(not _discard_reasons(v // k, 1.0, measured[v][2], measured[v][1], late) for v in batch):
+            break
     out = []
+    nan = float("nan")
     for v in range(n_layers * k):
-        ablated_h = float(ablated_scores[v, :nh].double().mean())
+        ablated_h, addition, kl_v = measured.get(v, (nan, nan, nan))
         out.append(CandidateScore(
-            layer=v // k, position=v % k - k, norm=float(norms[v]), ablated_harmful=ablated_h,
-            ablation_change=ablated_h - clean_h, addition_change=float((added[v] - clean[nh:]).double().mean()),
-            kl=float(kl[v, nh:].double().mean())))
+            layer=v // k, position=v % k - k, norm=float(norms[v]), ranked_change=float(ranked[v]),
+            ablated_harmful=ablated_h, ablation_change=ablated_h - clean_h, addition_change=addition, kl=kl_v,
+            checked=v in measured))
     return out, clean_h, clean_b
 
 
 def _choose(candidates: list[CandidateScore], n_layers: int) -> tuple[CandidateScore | None, str]:
-    """The surviving candidate whose ablation lowers the harmful refusal score most (first in layer-major order on a
-    tie), and the reason in words."""
+    """The surviving candidate whose ablation lowers the harmful refusal score most on every selection prompt (first
+    in layer-major order on a tie), and the reason in words."""
     survivors = [c for c in candidates if c.survives]
+    checked = [c for c in candidates if c.checked]
     if not survivors:
         late = sum(c.layer >= late_layer_start(n_layers) for c in candidates)
-        kl = sum(not c.kl <= MAX_KL for c in candidates)
-        add = sum(not c.addition_change > MIN_ADDITION_CHANGE for c in candidates)
+        kl = sum(not c.kl <= MAX_KL for c in checked)
+        add = sum(not c.addition_change > MIN_ADDITION_CHANGE for c in checked)
         return None, (f"no candidate survives the filters: of {len(candidates)}, {late} lie in the last "
-                      f"{LATE_LAYER_FRACTION:.0%} of layers, {kl} cost a KL above {MAX_KL} and {add} do not raise the "
-                      "benign refusal score by addition (a candidate may fail several)")
+                      f"{LATE_LAYER_FRACTION:.0%} of layers; of the {len(checked)} others measured, {kl} cost a KL "
+                      f"above {MAX_KL} and {add} do not raise the benign refusal score by addition (a candidate may "
+                      "fail several)")
     best = min(survivors, key=lambda c: c.ablated_harmful)
-    words = (f"layer {best.layer}, position {best.position}: of {len(survivors)} surviving candidates its ablation "
-             f"changes the harmful refusal score most ({best.ablation_change:+.3g}; KL {best.kl:.3g}, addition "
-             f"{best.addition_change:+.3g})")
+    words = (f"layer {best.layer}, position {best.position}: of the {len(checked)} best-ranked candidates measured on "
+             f"every selection pair, {len(survivors)} survive the filters and its ablation changes the harmful refusal "
+             f"score most ({best.ablation_change:+.3g}; KL {best.kl:.3g}, addition {best.addition_change:+.3g})")
     if best.ablation_change >= 0:
         words += "; but no surviving candidate's ablation lowers the harmful refusal score"
     return best, words
@@ -439,10 +531,10 @@ def _choose(candidates: list[CandidateScore], n_layers: int) -> tuple[CandidateS
 def select_direction(engine: PatchEngine, harmful_ids: Ids, benign_ids: Ids, seed: int = 0, k: int | None = None,
                      fraction: float = SELECTION_FRACTION) -> DirectionSelection:
     """Arditi et al.'s selection on calibration pairs (never the scored ones): the means fitted on a seeded part of the
-    pairs, every (layer, position) candidate measured on the rest (:class:`CandidateScore`), candidates discarded whose
-    ablation costs a KL above :data:`MAX_KL`, whose addition does not raise the benign refusal score, or whose layer
-    lies in the last :data:`LATE_LAYER_FRACTION` of layers, and the survivor whose ablation lowers the harmful refusal
-    score most chosen."""
+    pairs, the (layer, position) candidates measured on the rest (:class:`CandidateScore`; ranked first, see
+    :data:`RANK_PAIRS`), candidates discarded whose ablation costs a KL above :data:`MAX_KL`, whose addition does not
+    raise the benign refusal score, or whose layer lies in the last :data:`LATE_LAYER_FRACTION` of layers, and the
+    survivor whose ablation lowers the harmful refusal score most chosen."""
     harmful, benign = _paired(engine, harmful_ids, benign_ids, 4)
     fit, held = split_pairs(len(harmful), seed, fraction)
     if k is None:
@@ -453,12 +545,12 @@ def select_direction(engine: PatchEngine, harmful_ids: Ids, benign_ids: Ids, see
                                                      [benign[i] for i in held])
     late = late_layer_start(n_layers)
     for c in candidates:
-        c.discarded = _discard_reasons(c.layer, c.norm, c.kl, c.addition_change, late)
+        c.discarded = _discard_reasons(c.layer, c.norm, c.kl, c.addition_change, late, c.checked)
     chosen, reason = _choose(candidates, n_layers)
     direction = None if chosen is None else Direction(chosen.layer, chosen.position,
                                                       diffs[chosen.layer, chosen.position + k].clone())
     return DirectionSelection(candidates, chosen, direction, reason, n_layers, list(range(-k, 0)), fit, held,
-                              clean_h, clean_b, seed, diffs)
+                              held[:RANK_PAIRS], clean_h, clean_b, seed, diffs)
 
 
 # -- 3. effects on the scored pairs ------------------------------------------------------------------------------------
@@ -572,10 +664,11 @@ def _estimates(iv, rows: list[int], size: int) -> list[Estimate | None]:
 
 def variant_effects(engine: PatchEngine, layers: Sequence[int], vectors: torch.Tensor, harmful_ids: Ids,
                     benign_ids: Ids, gaps: Sequence[float] | None = None, level: float = 0.95, n_boot: int = 2000,
-                    method: str = "BCa", seed: int = 0) -> VariantEffects:
+                    method: str = "BCa", seed: int = 0, own_gaps: bool = False) -> VariantEffects:
     """:func:`direction_effects` for several directions at once (``vectors`` [V, d], un-normalised; variant v added at
     layer ``layers[v]``), batched as the selection batches its candidates: e.g. the candidate of every layer at one
-    position, for a per-layer picture. Shares only where ``gaps`` (m_h − m_b per pair, the denominators) are given."""
+    position, for a per-layer picture. Shares only where ``gaps`` (m_h − m_b per pair, the denominators) are given,
+    or with ``own_gaps`` of these pairs' own clean gaps."""
     harmful, benign = _paired(engine, harmful_ids, benign_ids, 2)
     n_layers, vectors = engine.loaded.n_layers, vectors.float()
     if vectors.dim() != 2 or vectors.shape[0] != len(layers) or not len(layers):
@@ -598,7 +691,7 @@ def variant_effects(engine: PatchEngine, layers: Sequence[int], vectors: torch.T
     live = [v for v in range(len(layers)) if float(norms[v]) > 0]
     necessity: list[Estimate | None] = [None] * len(layers)
     sufficiency = list(necessity)
-    if gaps is not None and live:
+    if (gaps is not None or own_gaps) and live:
         used = _gaps(gaps, m_h - m_b)
         necessity = _estimates(share_intervals(m_h - abl_h[live], used, level, n_boot, method, seed), live,
                                len(layers))

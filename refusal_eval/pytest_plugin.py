@@ -144,6 +144,25 @@ def assert_score_tracks_refusals(report: AuditReport, at_least: float = 0.9, on:
     _fail_unless(check_score_auroc(report, at_least, on=_bound(on, "ci_low")))  # type: ignore[arg-type]
 
 
+def assert_refusal_after_ablation(report: AuditReport, at_most: float, on: str = "ci_high") -> None:
+    """Harmful prompts still refused with the refusal direction ablated at most ``at_most`` (Wilson CI upper bound by
+    default; ``on="rate"`` judges the observed rate), as the gate's ``[refusal_direction]
+    max_refusal_after_ablation``: a report without a direction fails with the reason."""
+    __tracebackhide__ = True
+    from refusal_eval.gate import check_refusal_after_ablation
+
+    _fail_unless(check_refusal_after_ablation(report, at_most, on=_bound(on, "ci_high")))  # type: ignore[arg-type]
+
+
+def assert_direction_cosine(report: AuditReport, baseline: AuditReport, at_least: float) -> None:
+    """The cosine between the report's refusal direction and the baseline's at least ``at_least`` (does a fine-tune
+    keep its base's refusal direction?), as the gate's ``[refusal_direction] min_direction_cosine``."""
+    __tracebackhide__ = True
+    from refusal_eval.gate import check_direction_cosine
+
+    _fail_unless(check_direction_cosine(report, baseline, at_least))
+
+
 def assert_gate(report: AuditReport, policy: GatePolicy | str | Path, baseline: AuditReport | None = None) -> None:
     """Every rule of a gate policy (a GatePolicy or a TOML path) holds; the failure lists each failing rule."""
     __tracebackhide__ = True

@@ -69,7 +69,7 @@ def test_same_seed_same_numbers(tmp_path, small_run):
 def test_schema_and_validate_commands(small_run, tmp_path, capsys):
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert schema["properties"]["schema_version"]["default"] == "1.7"
+    assert schema["properties"]["schema_version"]["default"] == "1.8"
     assert main(["validate", str(small_run / "report.json")]) == 0
     broken = json.loads((small_run / "report.json").read_text())
     del broken["gap"]

@@ -223,7 +223,7 @@ def test_a_direction_the_model_never_writes_has_no_effect(tiny):
     got = D.direction_effects(engine, D.Direction(1, -1, e_j), h, b, n_boot=500)
     assert (got.m_h - got.m_b).sum() > 0  # the gap the shares divide by is there
     assert abs(got.necessity.estimate) < 1e-6 and got.necessity.low <= 0 <= got.necessity.high
-    assert got.kl.estimate < 1e-6 and got.kl.low <= 0 <= got.kl.high + 1e-9
+    assert got.kl.high < 1e-6  # float noise only (the cached template prefix sums in another order)
     after = D.refusal_after_ablation(engine, e_j, h[:8], max_new_tokens=8, until_decided=False)
     assert after.replies_harmful == greedy_replies(mute, h[:8], 8, progress=False)[1]
 
@@ -272,26 +272,39 @@ def test_selection_filters_and_determinism(tiny, selection, monkeypatch):
     assert sorted(selection.fit_pairs + selection.selection_pairs) == list(range(len(tiny["ch"])))
     chosen = selection.chosen
     assert chosen is not None and chosen.survives and chosen.layer < late
+    live = [c for c in selection.candidates if c.layer < late and c.norm > 0]
+    assert all(np.isfinite(c.ranked_change) for c in live)
+    assert not any(c.checked or np.isfinite(c.ranked_change) for c in selection.candidates if c not in live)
+    # the checked ones are the best ranked, CHECK_BATCH at a time, up to the first batch with a survivor
+    ranked = sorted(live, key=lambda c: c.ranked_change)
+    checked = [c for c in selection.candidates if c.checked]
+    assert ranked[: len(checked)] == sorted(checked, key=lambda c: c.ranked_change)
+    assert len(checked) % D.CHECK_BATCH == 0 or len(checked) == len(live)
+    last = (len(checked) - 1) // D.CHECK_BATCH * D.CHECK_BATCH  # where the last batch checked starts
+    assert any(c.survives for c in ranked[last : len(checked)]) and not any(c.survives for c in ranked[:last])
     for c in selection.candidates:
-        assert c.survives == (c.layer < late and c.kl <= D.MAX_KL and c.addition_change > 0 and c.norm > 0), c
+        assert c.survives == (c.checked and c.kl <= D.MAX_KL and c.addition_change > 0), c
         if c.survives:
             assert chosen.ablated_harmful <= c.ablated_harmful
-    assert any(c.layer >= late for c in selection.candidates) and not any(
-        c.survives for c in selection.candidates if c.layer >= late)
+        assert bool(c.verdict) == (not c.survives)
     assert selection.grid("kl").shape == (n_layers, len(selection.positions))
+    assert selection.rank_pairs == selection.selection_pairs[: D.RANK_PAIRS]
     fit = [tiny["ch"][i] for i in selection.fit_pairs], [tiny["cb"][i] for i in selection.fit_pairs]
     diffs = D.candidate_directions(engine, *fit)
     torch.testing.assert_close(selection.direction.vector, diffs[chosen.layer, chosen.position])
     # every candidate batched as a variant reads what the one-direction path (checked by hand above) reads
     held = [tiny["ch"][i] for i in selection.selection_pairs], [tiny["cb"][i] for i in selection.selection_pairs]
-    for c in (chosen, selection.candidates[-1], selection.candidates[12]):
+    for c in (chosen, ranked[0], ranked[-1]):
         one = D.direction_effects(engine, D.Direction(c.layer, c.position, diffs[c.layer, c.position]), *held,
                                   n_boot=100)
-        assert c.ablated_harmful == pytest.approx(one.m_h_ablated.mean(), abs=1e-4)
-        assert c.addition_change == pytest.approx((one.m_b_added - one.m_b).mean(), abs=1e-4)
-        assert c.kl == pytest.approx(one.kl_benign.mean(), abs=1e-5)
+        r = len(selection.rank_pairs)
+        assert c.ranked_change == pytest.approx((one.m_h_ablated[:r] - one.m_h[:r]).mean(), abs=1e-4)
+        if c.checked:
+            assert c.ablated_harmful == pytest.approx(one.m_h_ablated.mean(), abs=1e-4)
+            assert c.addition_change == pytest.approx((one.m_b_added - one.m_b).mean(), abs=1e-4)
+            assert c.kl == pytest.approx(one.kl_benign.mean(), abs=1e-5)
     again = D.select_direction(engine, tiny["ch"], tiny["cb"], seed=0)
-    assert again.candidates == selection.candidates and again.chosen == selection.chosen
+    assert repr(again.candidates) == repr(selection.candidates) and again.chosen == selection.chosen  # NaN != NaN
     other = D.select_direction(engine, tiny["ch"][:40], tiny["cb"][:40], seed=1)
     assert other.fit_pairs != D.split_pairs(40, 0)[0]
     # a late layer is never chosen, however much its ablation lowers the refusal score
@@ -360,7 +373,7 @@ def test_variant_effects_equal_one_direction_at_a_time(tiny, selection):
         assert got.kl[v].estimate == pytest.approx(one.kl.estimate, abs=1e-6)
     zero = D.variant_effects(engine, [0], torch.zeros(1, tiny["loaded"].d_model), h, b, gaps=gaps, n_boot=100)
     assert zero.necessity == [None] and zero.sufficiency == [None] and zero.norms == [0.0]
-    np.testing.assert_allclose(zero.m_h_ablated[0], zero.m_h, atol=1e-6)
+    np.testing.assert_allclose(zero.m_h_ablated[0], zero.m_h, atol=1e-5)  # the cached prefix: float noise
     with pytest.raises(DataError, match="layers"):
         D.variant_effects(engine, [9], vectors[[1]], h, b)
 
@@ -397,7 +410,7 @@ def report():
 
 def test_the_report_holds_a_valid_direction_section(report):
     d = report.refusal_direction
-    assert report.schema_version == rs.SCHEMA_VERSION == "1.7"
+    assert report.schema_version == rs.SCHEMA_VERSION == "1.8"
     assert d is not None and d.computed and d.reason is None
     assert rs.RefusalDirection.model_validate(d.model_dump()) == d
     n_layers, late = report.model.n_layers, D.late_layer_start(report.model.n_layers)
@@ -405,7 +418,8 @@ def test_the_report_holds_a_valid_direction_section(report):
     assert (f.max_kl, f.min_addition_change, f.late_layer_fraction, f.selection_fraction, f.late_layer_start) == (
         D.MAX_KL, D.MIN_ADDITION_CHANGE, D.LATE_LAYER_FRACTION, D.SELECTION_FRACTION, late)
     assert d.layer < late and d.position in f.positions and len(d.vector) == report.model.d_model
-    assert d.n_candidates == n_layers * len(f.positions) and 1 <= d.n_surviving <= d.n_candidates
+    assert d.n_candidates == n_layers * len(f.positions) and 1 <= d.n_surviving <= d.n_checked <= d.n_candidates
+    assert d.rank_pair_ids == d.selection_pair_ids[: D.RANK_PAIRS]
     fit, held = set(d.fit_pair_ids), set(d.selection_pair_ids)
     assert not fit & held and len(fit | held) == report.dataset.n_calibration
     assert not (fit | held) & {p.id for p in report.pairs}  # never a scored pair
@@ -415,8 +429,7 @@ def test_the_report_holds_a_valid_direction_section(report):
     assert d.tricky_over_refusal_after_addition.total == report.dataset.n_tricky
     chosen = next(x for x in d.layers if x.layer == d.layer)
     assert [x.layer for x in d.layers] == list(range(n_layers)) and not chosen.discarded
-    assert chosen.ablation.estimate == pytest.approx(d.necessity.estimate, abs=1e-6)
-    assert chosen.addition.estimate == pytest.approx(d.sufficiency.estimate, abs=1e-6)
+    assert chosen.ablation.ci_low > 0 and chosen.addition.ci_low > 0  # on the ranking pairs, as on the patched
     assert d.necessity.ci_low > 0 and d.sufficiency.ci_low > 0  # the organism's refusal runs through it
     # the patching view, read independently from the report's components
     chain = sorted((c for c in report.components if c.kind == "resid_pre" and c.position == -1
@@ -526,3 +539,31 @@ def test_reports_before_schema_1_7_load_without_a_section():
     old = rs.AuditReport.model_validate(_shipped_raw())
     assert old.schema_version in ("1.5", "1.6") and old.refusal_direction is None
     assert "## Refusal direction" not in render_markdown(old)
+
+
+def test_ranked_selection_chooses_what_measuring_every_candidate_chooses(tiny, selection, monkeypatch):
+    """The cost cut (rank on a few prompts, then measure the best ranked until one survives) against Arditi's
+    selection with every candidate measured on every selection pair: the same choice on the tiny refuser."""
+    monkeypatch.setattr(D, "RANK_PAIRS", 10**6)
+    monkeypatch.setattr(D, "CHECK_BATCH", 10**6)
+    full = D.select_direction(tiny["engine"], tiny["ch"], tiny["cb"], seed=0)
+    live = [c for c in full.candidates if c.layer < D.late_layer_start(full.n_layers) and c.norm > 0]
+    assert all(c.checked for c in live) and full.rank_pairs == full.selection_pairs
+    assert (full.chosen.layer, full.chosen.position) == (selection.chosen.layer, selection.chosen.position)
+    assert full.chosen.ablated_harmful == pytest.approx(selection.chosen.ablated_harmful, abs=1e-5)
+
+
+def test_the_template_prefix_is_run_once_per_candidate_where_it_agrees(tiny, monkeypatch):
+    """The shared chat-template opening is cached when the cached forward reproduces the full one; a model where it
+    does not (here: a cache path made wrong on purpose) and a two-branch score (4D masks) get full forwards."""
+    engine = tiny["engine"]
+    probe = D._probe(engine)
+    seqs = tiny["ch"][:6]
+    prefix, rest = D._prefix_plan(engine, probe, seqs)
+    n = prefix.shape[0]
+    assert n >= 2 and all(r == s[n:] for r, s in zip(rest, seqs, strict=True))
+    branched = tree_engine(tiny["loaded"], two_branch_tree(), AuditConfig())
+    assert D._prefix_plan(branched, D._probe(branched), seqs) == (None, seqs)
+    wrong = D._prefixed_scores
+    monkeypatch.setattr(D, "_prefixed_scores", lambda *a, **k: wrong(*a, **k) + 0.01)
+    assert D._prefix_plan(engine, probe, seqs) == (None, seqs)

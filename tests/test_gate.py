@@ -455,6 +455,21 @@ def test_min_direction_cosine_against_a_baseline(report):
     assert not lost.passed and "no refusal direction" in lost.message
 
 
+def test_pytest_helpers_for_the_refusal_direction(report):
+    """The plugin's helpers judge as the gate's [refusal_direction] rules, and fail with the rule's line."""
+    from refusal_eval.pytest_plugin import assert_direction_cosine, assert_refusal_after_ablation
+
+    after = report.refusal_direction.refusal_after_ablation
+    assert_refusal_after_ablation(report, at_most=after.ci_high)
+    between = round((after.rate + after.ci_high) / 2, 6)
+    assert_refusal_after_ablation(report, at_most=between, on="rate")
+    with pytest.raises(AssertionError, match="refusal survives ablating the direction"):
+        assert_refusal_after_ablation(report, at_most=between)
+    assert_direction_cosine(report, report, at_least=0.99)
+    with pytest.raises(AssertionError, match="turned away from the baseline's"):
+        assert_direction_cosine(report, turned(report, -1.0), at_least=0.99)
+
+
 def test_cli_refusal_direction_rules_exit_codes(report, report_path, tmp_path, capsys):
     after = report.refusal_direction.refusal_after_ablation
     ok = toml(tmp_path, f"[refusal_direction]\nmax_refusal_after_ablation = {after.ci_high}\n"

@@ -39,7 +39,9 @@ class DirectionFound:
     selection: D.DirectionSelection | None = None
     fit_ids: list[str] = field(default_factory=list)
     selection_ids: list[str] = field(default_factory=list)
-    layers: D.VariantEffects | None = None  # every layer's candidate at the chosen position, the chosen one included
+    rank_ids: list[str] = field(default_factory=list)
+    effects: D.VariantEffects | None = None  # the chosen direction on the patched pairs (one variant)
+    layers: D.VariantEffects | None = None  # every layer's candidate at the chosen position, on the ranking pairs
     after_ablation: rs.Rate | None = None
     over_refusal_added: rs.Rate | None = None
     tricky_added: rs.Rate | None = None
@@ -65,12 +67,16 @@ def not_measured(a: Analysis, inputs: Inputs, config: AuditConfig, shares: bool 
     return None
 
 
+def _calibration_ids(a: Analysis, inputs: Inputs) -> tuple[list[list[int]], list[list[int]]]:
+    """Both sides' token ids of the calibration pairs."""
+    tok = a.loaded.tokenizer
+    return ([format_prompt(tok, p.harmful) for p in inputs.calibration],
+            [format_prompt(tok, p.benign) for p in inputs.calibration])
+
+
 def _select(a: Analysis, inputs: Inputs, config: AuditConfig) -> tuple[D.DirectionSelection, list[str], list[str]]:
     """Arditi et al.'s selection on the calibration pairs (seeded split), and the ids of its fit and selection pairs."""
-    tok = a.loaded.tokenizer
-    harmful = [format_prompt(tok, p.harmful) for p in inputs.calibration]
-    benign = [format_prompt(tok, p.benign) for p in inputs.calibration]
-    selection = D.select_direction(a.engine, harmful, benign, seed=config.seed)
+    selection = D.select_direction(a.engine, *_calibration_ids(a, inputs), seed=config.seed)
     ids = [p.id for p in inputs.calibration]
     return selection, [ids[i] for i in selection.fit_pairs], [ids[i] for i in selection.selection_pairs]
 
@@ -98,16 +104,20 @@ def direction_stage(a: Analysis, inputs: Inputs, config: AuditConfig) -> Directi
 
 
 def _measure(found: DirectionFound, a: Analysis, inputs: Inputs, config: AuditConfig) -> None:
-    """Every layer's candidate at the chosen position on the patched pairs (the chosen direction is its layer's row:
-    :func:`~refusal_eval.direction.direction_effects` batched), greedy replies under ablation (harmful) and addition
-    (benign, tricky benign), and cosines with the components' outputs."""
+    """The chosen direction on the patched pairs (shares of the audit's gaps), every layer's candidate at the chosen
+    position on the ranking pairs (shares of their own gap: the picture), greedy replies under ablation (harmful) and
+    addition (benign, tricky benign), and cosines with the components' outputs."""
     engine, selection, direction = a.engine, found.selection, found.selection.direction
     stats = dict(level=config.ci_level, n_boot=config.n_boot, method=config.ci_method, seed=config.seed)
     harmful, benign = _patched(a)
+    found.effects = D.variant_effects(engine, [direction.layer], direction.vector[None], harmful, benign,
+                                      gaps=a.gaps, **stats)
     column = direction.position + len(selection.positions)
-    layers = list(range(selection.n_layers))
-    found.layers = D.variant_effects(engine, layers, selection.diffs[:, column], harmful, benign, gaps=a.gaps,
-                                     **stats)
+    cal_h, cal_b = _calibration_ids(a, inputs)
+    found.rank_ids = [inputs.calibration[i].id for i in selection.rank_pairs]
+    found.layers = D.variant_effects(engine, list(range(selection.n_layers)), selection.diffs[:, column],
+                                     [cal_h[i] for i in selection.rank_pairs], [cal_b[i] for i in selection.rank_pairs],
+                                     own_gaps=True, **stats)
     found.cosines = D.direction_cosines(engine, direction, harmful, benign, **stats)
     replies = dict(max_new_tokens=config.max_new_tokens, level=config.ci_level,
                    until_decided=not config.full_replies)
@@ -165,8 +175,9 @@ def _selection_fields(found: DirectionFound) -> dict:
     """The section's fields about the selection: filters, candidates, split."""
     s = found.selection
     return dict(
-        selection=s.reason, n_candidates=len(s.candidates), n_surviving=sum(c.survives for c in s.candidates),
-        seed=s.seed, fit_pair_ids=found.fit_ids, selection_pair_ids=found.selection_ids,
+        selection=s.reason, n_candidates=len(s.candidates), n_checked=sum(c.checked for c in s.candidates),
+        n_surviving=sum(c.survives for c in s.candidates), seed=s.seed, fit_pair_ids=found.fit_ids,
+        selection_pair_ids=found.selection_ids, rank_pair_ids=found.rank_ids,
         filters=rs.DirectionFilters(max_kl=D.MAX_KL, min_addition_change=D.MIN_ADDITION_CHANGE,
                                     late_layer_fraction=D.LATE_LAYER_FRACTION,
                                     late_layer_start=D.late_layer_start(s.n_layers),
@@ -174,12 +185,12 @@ def _selection_fields(found: DirectionFound) -> dict:
 
 
 def _layer_rows(found: DirectionFound) -> list[rs.DirectionLayer]:
-    """Every layer's candidate at the chosen position: its effects on the patched pairs and the filters' verdict."""
+    """Every layer's candidate at the chosen position: its effects on the ranking pairs and the filters' verdict."""
     s, fx = found.selection, found.layers
     at = {(c.layer, c.position): c for c in s.candidates}
     return [rs.DirectionLayer(layer=layer, norm=fx.norms[v], ablation=_estimate(fx.necessity[v]),
                               addition=_estimate(fx.sufficiency[v]), kl_benign=_estimate(fx.kl[v]),
-                              discarded=at[(layer, s.direction.position)].discarded)
+                              discarded=at[(layer, s.direction.position)].verdict)
             for v, layer in enumerate(fx.layers)]
 
 
@@ -231,10 +242,10 @@ def direction_section(found: DirectionFound | None, results: list[rs.ComponentRe
     if found.selection is None:
         return rs.RefusalDirection(reason=found.reason)
     fields = _selection_fields(found)
-    if found.reason is not None or found.layers is None:
+    if found.reason is not None or found.effects is None:
         return rs.RefusalDirection(reason=found.reason, **fields)
-    s, fx, d = found.selection, found.layers, found.selection.direction
-    v = fx.layers.index(d.layer)
+    s, fx, d = found.selection, found.effects, found.selection.direction
+    v = 0
     stream = next((c.layer for c in rs.last_position_chain(results) if c.ci_low > 0.5), None)
     # the label-permutation null of the components, on the direction's per-pair effects
     p = sign_flip_test(np.stack([fx.m_h - fx.m_h_ablated[v], fx.m_b_added[v] - fx.m_b]), config.n_permutations,

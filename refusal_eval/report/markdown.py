@@ -180,6 +180,11 @@ def summary_lines(report: AuditReport) -> list[str]:
         lines.append(f"random-weights control: gap {c.gap.mean:.3f} [{c.gap.ci_low:.3f}, {c.gap.ci_high:.3f}] "
                      f"({(c.gap.verdict or '').replace('_', ' ')}), {c.n_significant} significant component(s) "
                      f"({c.n_significant_forced} with shares forced)")
+    d = r.refusal_direction
+    if d is not None and d.computed:
+        after = d.refusal_after_ablation
+        lines.append(f"refusal direction (layer {d.layer}, position {d.position}): refusal left after ablating it "
+                     f"{_pct(after.rate)} {_ci(after)}, necessity {_estimate(d.necessity)} of the gap")
     return lines
 
 
@@ -503,8 +508,12 @@ def _direction(r: AuditReport, level: str) -> list[str]:
                   f"{len(d.selection_pair_ids)} others (seed {d.seed}): a candidate is discarded when its ablation "
                   f"costs the benign prompts a mean KL above {f.max_kl}, its addition does not raise the benign "
                   f"refusal score above {f.min_addition_change}, or it lies in the last {f.late_layer_fraction:.0%} of "
-                  f"layers (from {f.late_layer_start}); {d.n_surviving} of {d.n_candidates} survive. {d.selection}.",
-                  ""]
+                  f"layers (from {f.late_layer_start}); " + (
+                      f"{d.n_surviving} of {d.n_candidates} survive" if d.n_checked is None else
+                      f"every candidate outside the late layers is ranked by its ablation on the harmful prompts of "
+                      f"{len(d.rank_pair_ids)} selection pairs, and the best ranked are measured on all of them and "
+                      f"filtered until one survives: {d.n_surviving} of the {d.n_checked} measured survive") +
+                  f". {d.selection}.", ""]
     if not d.computed:
         return lines
     lines += [f"**{direction_headline(r)}**: greedy replies to the same prompts with the direction ablated at every "
@@ -535,8 +544,10 @@ def _direction(r: AuditReport, level: str) -> list[str]:
              "–" if c.cosine is None else f"{c.cosine:.3f} [{c.ci_low:.3f}, {c.ci_high:.3f}]"] for c in d.cosines])
         lines.append("")
     if d.layers:
-        lines += [f"Every layer's candidate at position {d.position}: shares of the gap under ablation and addition "
-                  f"({level} CI) and the benign KL under ablation (the picture draws them).", ""]
+        on = (f"on the {len(d.rank_pair_ids)} ranking pairs, shares of their own gap" if d.rank_pair_ids else
+              "on the patched pairs, shares of the gap")
+        lines += [f"Every layer's candidate at position {d.position} ({on}): ablation and addition ({level} CI) and "
+                  "the benign KL under ablation (the picture draws them).", ""]
         lines += _table(["layer", "length", "ablation (necessity)", "addition (sufficiency)", "KL (nats)",
                          "filters"], [
             [("**" + str(x.layer) + "**") if x.layer == d.layer else str(x.layer), f"{x.norm:.3g}",

@@ -367,7 +367,8 @@ def _direction(d, name: str):
     axes.set_xticks(xt, xl)
     axes.set_xlim(min(layers) - 0.6, max(layers) + 0.6)
     axes.set_xlabel(f"layer (the candidate at position {d.position})")
-    axes.set_ylabel("share of the gap (CI as error bars)")
+    axes.set_ylabel(f"share of the gap on the {len(d.rank_pair_ids)} ranking pairs" if d.rank_pair_ids else
+                    "share of the gap (CI as error bars)")
     axes.legend(loc="upper left", frameon=False, ncols=3)
     axes.set_title(f"{name}: refusal direction per layer, ablated everywhere and added at the layer", pad=22)
     return figure

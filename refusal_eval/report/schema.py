@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from refusal_eval.errors import ReportError
 from refusal_eval.patching.components import WRITER_KINDS
 
-SCHEMA_VERSION = "1.7"
+SCHEMA_VERSION = "1.8"
 
 
 class _Model(BaseModel):
@@ -566,7 +566,8 @@ class DirectionFilters(_Model):
 
 
 class DirectionLayer(_Model):
-    """The candidate of one layer at the chosen position, measured on the patched pairs like the chosen one."""
+    """The candidate of one layer at the chosen position, measured on the selection's ranking pairs (from schema 1.8;
+    1.7: on the patched pairs): shares of those pairs' own gap."""
 
     layer: int
     norm: float = Field(description="length of the difference in means (0: both sides' activations are equal)")
@@ -614,10 +615,15 @@ class RefusalDirection(_Model):
     selection: str | None = Field(None, description="the selection's choice, or why nothing survived, in words")
     filters: DirectionFilters | None = None
     n_candidates: int | None = None
-    n_surviving: int | None = None
+    n_checked: int | None = Field(None, description="from schema 1.8: candidates measured on every selection pair and "
+                                  "filtered, best ranked first (the others were ranked only, or are late or zero)")
+    n_surviving: int | None = Field(None, description="of the candidates checked, those no filter discards")
     seed: int | None = Field(None, description="seed of the fit/selection split")
     fit_pair_ids: list[str] = Field(default_factory=list, description="calibration pairs the means were fitted on")
     selection_pair_ids: list[str] = Field(default_factory=list, description="calibration pairs it was selected on")
+    rank_pair_ids: list[str] = Field(default_factory=list, description="from schema 1.8: the selection pairs whose "
+                                     "harmful prompts rank every candidate by its ablation, and on which the per-layer "
+                                     "candidates (layers) are measured")
     n_pairs: int | None = Field(None, description="patched pairs the shares, KL and cosines are measured on")
     necessity: Estimate | None = Field(None, description="sum(m_h - m_h ablated) / sum(gap): the share of the gap "
                                        "ablation removes on the harmful side")
@@ -648,7 +654,7 @@ class RefusalDirection(_Model):
                                      "above 0.5 (null: none, or not patched)")
     agreement: str | None = Field(None, description="whether the direction's layer and the patching view agree")
     layers: list[DirectionLayer] = Field(default_factory=list, description="every layer's candidate at the chosen "
-                                         "position: the per-layer picture")
+                                         "position, on the ranking pairs: the per-layer picture")
 
     @property
     def computed(self) -> bool:
@@ -659,7 +665,7 @@ class RefusalDirection(_Model):
 class AuditReport(_Model):
     """One model's refusal audit."""
 
-    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6", "1.7"] = SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6", "1.7", "1.8"] = SCHEMA_VERSION
     created: str
     command: str
     config: dict
