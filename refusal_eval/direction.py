@@ -281,8 +281,6 @@ def _prefixed_scores(probe: PatchEngine, prefix: torch.Tensor, ids: torch.Tensor
         return probe.score_fn(probe._score_logits(out.logits)).float().cpu()
 
 
-
-
 def _prefix_plan(engine: PatchEngine, probe: PatchEngine, seqs: list[list[int]]):
     """(shared prefix ids or None, the prompts without it): the prefix is reused only where it is at least 2 tokens,
     the score reads no more than one branch token (more need a 4D mask) and, checked here on the first rows, the
@@ -298,7 +296,7 @@ def _prefix_plan(engine: PatchEngine, probe: PatchEngine, seqs: list[list[int]])
         full = probe.scores(ids, mask)
         try:
             cached = _prefixed_scores(probe, prefix, ids_r, mask_r, {}, 1)
-        except (TypeError, ValueError, RuntimeError, AttributeError):  # a forward that cannot take a cache so
+        except (TypeError, ValueError, RuntimeError, AttributeError):  # a forward that takes no cache this way
             return None, seqs
     # within the dtype's rounding, as replies.py accepts its prefix cache for generation
     tolerance = max(1e-3, 8 * torch.finfo(next(engine.model.parameters()).dtype).eps)
