@@ -379,7 +379,7 @@ class CandidateScore:
     position: int  # offset from the end of the prompt (-1: the last prompt token)
     norm: float  # length of the difference in means
     ranked_change: float  # change of the harmful refusal score under ablation on the ranking pairs' prompts
-    ablated_harmful: float  # mean refusal score of the harmful prompts under directional ablation
+    ablated_harmful: float  # mean refusal score of the harmful prompts under directional ablation (survivors only)
     ablation_change: float  # ablated_harmful minus their clean mean (negative: ablation lowers refusal)
     addition_change: float  # mean change of the benign refusal score under addition at ``layer``
     kl: float  # mean KL(clean || ablated) of the benign prompts' next-token distribution (nats)
@@ -463,8 +463,9 @@ def _discard_reasons(layer: int, norm: float, kl: float, addition: float, late: 
 def _score_candidates(engine: PatchEngine, diffs: torch.Tensor, harmful: list, benign: list):
     """(candidates without filters applied, clean harmful mean, clean benign mean): every live candidate's ablation on
     the ranking prompts (the first :data:`RANK_PAIRS` harmful ones), then, best ranked first, :data:`CHECK_BATCH`
-    candidates at a time measured on every selection prompt (ablation, KL, addition) until one survives the filters;
-    candidates are batched as variants."""
+    candidates at a time measured on every selection prompt until one survives the filters: KL and addition on the
+    benign prompts, and the harmful prompts' score under ablation for the survivors (NaN for the rest, which the
+    filters discard whatever it is); candidates are batched as variants."""
     n_layers, k, d = diffs.shape
     vectors = diffs.reshape(n_layers * k, d).float()
     norms = vectors.norm(dim=-1)
@@ -483,15 +484,18 @@ def _score_candidates(engine: PatchEngine, diffs: torch.Tensor, harmful: list, b
     measured: dict[int, tuple[float, float, float]] = {}  # candidate: (ablated harmful, addition change, KL)
     for start in range(0, len(order), CHECK_BATCH):
         batch = order[start : start + CHECK_BATCH]
-        ablated, kl = _steered(engine, probe, harmful + benign, units[batch],
-                               lambda u: ablation_transforms(n_layers, u), logp)
+        # the filters first (benign prompts: KL under ablation, addition); the harmful side only for survivors
+        _, kl = _steered(engine, probe, benign, units[batch], lambda u: ablation_transforms(n_layers, u), logp[nh:])
         adds = torch.zeros(len(batch), n_layers, d)
         adds[torch.arange(len(batch)), torch.tensor(batch) // k] = vectors[batch]
         added, _ = _steered(engine, probe, benign, adds, addition_transforms)
         for i, v in enumerate(batch):
-            measured[v] = (float(ablated[i, :nh].double().mean()), float((added[i] - clean[nh:]).double().mean()),
-                           float(kl[i, nh:].double().mean()))
-        if any(not _discard_reasons(v // k, 1.0, measured[v][2], measured[v][1], late) for v in batch):
+            measured[v] = (float("nan"), float((added[i] - clean[nh:]).double().mean()), float(kl[i].double().mean()))
+        passed = [v for v in batch if not _discard_reasons(v // k, 1.0, measured[v][2], measured[v][1], late)]
+        if passed:
+            ablated, _ = _steered(engine, probe, harmful, units[passed], lambda u: ablation_transforms(n_layers, u))
+            for i, v in enumerate(passed):
+                measured[v] = (float(ablated[i].double().mean()), *measured[v][1:])
             break
     out = []
     nan = float("nan")

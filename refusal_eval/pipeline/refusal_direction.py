@@ -141,14 +141,14 @@ def _gap_removed(m_h, m_b, m_h_ablated, m_b_ablated, config: AuditConfig) -> rs.
 
 def control_direction(control: Analysis, inputs: Inputs, config: AuditConfig) -> rs.DirectionControl | None:
     """The random-weights copy's best candidate (the filters' choice, else the one whose ablation lowers the harmful
-    refusal score most), ablated on the patched pairs: the gap it removes, in score units, must have a CI that
-    includes 0. None where the direction is not measured."""
+    refusal score most on the ranking prompts), ablated on the patched pairs: the gap it removes, in score units, must
+    have a CI that includes 0. None where the direction is not measured."""
     if not_measured(control, inputs, config, shares=False) is not None:
         return None
     try:
         selection = _select(control, inputs, config)[0]
-        best = selection.chosen or min((c for c in selection.candidates if c.norm > 0),
-                                       key=lambda c: c.ablated_harmful, default=None)
+        best = selection.chosen or min((c for c in selection.candidates if np.isfinite(c.ranked_change)),
+                                       key=lambda c: c.ranked_change, default=None)
         if best is None:
             return None
         vector = selection.diffs[best.layer, best.position + len(selection.positions)]
@@ -157,7 +157,8 @@ def control_direction(control: Analysis, inputs: Inputs, config: AuditConfig) ->
         return None
     removed = _gap_removed(fx.m_h, fx.m_b, fx.m_h_ablated[0], fx.m_b_ablated[0], config)
     inside = removed.ci_low <= 0.0 <= removed.ci_high
-    how = "chosen by the filters" if selection.chosen else "the best by ablation (no candidate survives the filters)"
+    how = ("chosen by the filters" if selection.chosen else
+           "the best ranked by ablation (no candidate survives the filters)")
     words = (f"its best candidate (layer {best.layer}, position {best.position}: {how}) removes "
              f"{removed.estimate:+.3f} of the gap in score units ({config.ci_level:.0%} CI [{removed.ci_low:.3f}, "
              f"{removed.ci_high:.3f}])" + (", a CI that includes 0, as it should" if inside else
